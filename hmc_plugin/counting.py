@@ -1,0 +1,79 @@
+"""Parameters, FLOPs and CPU latency of any model: the one place every report counts from.
+
+FLOPs are multiply-accumulates (MACs) counted exactly as torch-pruning's
+``tp.utils.count_ops_and_params`` counts them: conv and linear MACs plus bias adds, and one op
+per element for BN (two with affine), ReLU and pooling. 1 MAC = 1 FLOP in every figure we print.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+__all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'as_input_tuple']
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """Normalise a dummy input (tensor, tuple or list) to the tuple a forward call takes."""
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """MACs of one forward pass on ``example_inputs`` (batch included: pass batch 1 for per-image)."""
+    flops, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(flops)
+
+
+def count_layer_flops(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs per named module (leaf modules only) for one forward pass on ``example_inputs``."""
+    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    names = {module: name for name, module in model.named_modules()}
+    return {names[module]: int(flops) for module, flops in layer_flops.items()
+            if flops is not None and module in names and not list(module.children())}
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repeats: int = 10,
+                    num_threads: int = 2) -> float:
+    """Median wall time of one forward pass in milliseconds, on CPU, in eval mode.
+
+    ``warmup`` untimed runs first; ``num_threads`` is fixed for the measurement and restored after.
+    The model's train/eval mode is restored too.
+    """
+    inputs = as_input_tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with _torch_threads(num_threads):
+            for _ in range(warmup):
+                model(*inputs)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(*inputs)
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times) * 1000.0
