@@ -1,0 +1,493 @@
+"""Channel pruning: torch-pruning groups -> NNI masks -> smaller dense modules.
+
+The flow is ``find_pruning_groups`` (which layers share out channels), ``channel_masks`` (which
+channels to drop, scored on the whole group; the model is never touched) and then one of two
+ways to apply the masks: ``speedup_with_nni`` (NNI's ``ModelSpeedup`` on a ``torch.fx`` graph) or
+``prune_physically`` (torch-pruning's ``group.prune()``, the fast path). Both give the same
+architecture and the same outputs for the same masks.
+
+Dependencies are never re-derived here: a torch-pruning ``DependencyGraph`` says which layers are
+coupled (a residual addition ties the out channels of every conv that feeds it), so coupled layers
+always get identical masks and NNI's mask-conflict repair has nothing to do.
+
+Example
+-------
+>>> from hmc_plugin.models import resnet20
+>>> model, dummy = resnet20(), torch.randn(1, 3, 32, 32)
+>>> groups = find_pruning_groups(model, dummy)
+>>> masks = channel_masks(model, dummy, {'layer1.0.conv1': 0.5})
+>>> model = prune_physically(model, dummy, masks)
+>>> model.layer1[0].conv1.out_channels
+8
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .counting import as_input_tuple
+from .errors import HMCConfigError, UntraceableModelError
+
+__all__ = ['IMPORTANCES', 'PruningGroup', 'find_pruning_groups', 'kept_channels', 'group_channel_masks', 'channel_masks',
+           'trace_model', 'speedup_with_nni', 'prune_physically']
+
+_logger = logging.getLogger(__name__)
+
+IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')
+_ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MASKED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class PruningGroup:
+    """Layers whose out channels must be pruned together (one torch-pruning group).
+
+    Attributes
+    ----------
+    name : str
+        The leader: the first member in ``named_modules`` order; ratios are keyed by it.
+    members : tuple of str
+        Every Conv/Linear whose out channels this group prunes (leader included).
+    consumers : tuple of str
+        Every Conv/Linear whose in channels shrink with the group.
+    channels : int
+        Number of coupled channels (out channels of the leader).
+    """
+
+    name: str
+    members: tuple[str, ...]
+    consumers: tuple[str, ...]
+    channels: int
+
+
+def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
+    """Channels kept when pruning ``ratio`` of ``channels``, by torch-pruning's rule.
+
+    ``kept = int(channels * (1 - ratio))`` rounded down to a multiple of ``round_to``, but never
+    below 1, nor below ``round_to`` when ``round_to <= channels``.
+    """
+    kept = int(channels * (1.0 - ratio))
+    kept -= kept % max(round_to, 1)
+    floor = round_to if 1 <= round_to <= channels else 1
+    return min(channels, max(kept, floor))
+
+
+# ----------------------------------------------------------------------------- graph helpers
+
+@contextlib.contextmanager
+def _preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag (by name) on exit, also for replaced modules."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    try:
+        yield
+    finally:
+        for name, module in model.named_modules():
+            if name in modes:
+                module.training = modes[name]
+
+
+@contextlib.contextmanager
+def _quiet_nni() -> Iterator[logging.Logger]:
+    """Yield a WARNING-level logger for ``ModelSpeedup`` (its own one logs every node at INFO).
+
+    NNI's other loggers go to WARNING too, and a stray ``print`` in its mask-conflict code is
+    captured and logged at DEBUG.
+    """
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == 'nni' or name.startswith('nni.')]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.WARNING))
+    speedup_logger = logging.getLogger(f'{__name__}.model_speedup')
+    speedup_logger.setLevel(logging.WARNING)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield speedup_logger
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if printed.getvalue():
+            _logger.debug('NNI printed: %s', printed.getvalue().strip())
+
+
+def _build_graph(model: nn.Module, dummy_input: Any) -> tp.DependencyGraph:
+    """torch-pruning graph of ``model``, built in eval mode so BN running stats do not move."""
+    with _preserved_modes(model), torch.enable_grad():
+        model.eval()
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=as_input_tuple(dummy_input))
+        except Exception as error:
+            raise UntraceableModelError(
+                f'torch-pruning could not build the dependency graph of {type(model).__name__}: {error}. '
+                f'Make sure the model runs on the given dummy input with autograd enabled.') from error
+
+
+def _is_out_fn(graph: tp.DependencyGraph, item: Any) -> bool:
+    return graph.is_out_channel_pruning_fn(item.dep.handler)
+
+
+def _channel_groups(group: Any) -> int:
+    """How many equal slices a group's channels form (grouped convs); depthwise convs do not count."""
+    counts = [1]
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups != module.out_channels:
+            counts.append(module.groups)
+    return max(counts)
+
+
+def _head_layers(model: nn.Module) -> list[nn.Module]:
+    """The last Conv/Linear in ``named_modules`` order: its outputs are the model's outputs."""
+    layers = [module for module in model.modules() if isinstance(module, _ROOT_TYPES)]
+    return layers[-1:]
+
+
+def _resolve_names(model: nn.Module, names: Iterable[str], what: str) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        example = next((n for n, m in modules.items() if isinstance(m, _ROOT_TYPES)), '')
+        raise HMCConfigError(f'Got {what}={unknown} but {type(model).__name__} has no such module; '
+                             f'expected names from model.named_modules(), e.g. {example!r}')
+    return [modules[name] for name in names]
+
+
+def _groups(model: nn.Module, dummy_input: Any, ignored_layers: Iterable[str] = ()
+            ) -> tuple[tp.DependencyGraph, list[tuple[PruningGroup, Any]]]:
+    """Graph plus ``(PruningGroup, tp group over all channels)`` pairs in ``named_modules`` order."""
+    ignored = []
+    for module in _resolve_names(model, list(ignored_layers), 'ignored_layers') + _head_layers(model):
+        ignored.extend(module.modules())
+    graph = _build_graph(model, dummy_input)
+    order = {module: index for index, (_, module) in enumerate(model.named_modules())}
+    names = {module: name for name, module in model.named_modules()}
+    found = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
+        members, consumers = [], []
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, _ROOT_TYPES) and module in names:
+                (members if _is_out_fn(graph, item) else consumers).append(module)
+        if not members or not consumers:  # no consumer: these channels are model outputs
+            continue
+        members = sorted(set(members), key=order.get)
+        consumers = sorted(set(consumers), key=order.get)
+        found.append((order[members[0]], PruningGroup(
+            name=names[members[0]], members=tuple(names[m] for m in members),
+            consumers=tuple(names[m] for m in consumers), channels=graph.get_out_channels(members[0])), group))
+    found.sort(key=lambda entry: entry[0])  # tp yields groups from the output backwards
+    return graph, [(pruning_group, group) for _, pruning_group, group in found]
+
+
+def find_pruning_groups(model: nn.Module, dummy_input: Any, ignored_layers: Iterable[str] = ()) -> list[PruningGroup]:
+    """Every set of Conv/Linear layers whose out channels must be pruned together.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified (the graph is traced in eval mode; the train/eval flags are restored).
+    dummy_input : Tensor or tuple of Tensor
+        Example input, e.g. ``(1, 3, 32, 32)``.
+    ignored_layers : iterable of str
+        Module names never pruned on their outputs; a group holding one of them is dropped.
+        The head (last Conv/Linear) and any group whose channels reach the output unconsumed are
+        always left out.
+
+    Returns
+    -------
+    list of PruningGroup
+        Ordered by the leader's position in ``model.named_modules()``. In a CIFAR ResNet the stem
+        conv and every ``conv2`` of stage 1 form one group; each block's ``conv1`` is its own.
+
+    Raises
+    ------
+    HMCConfigError
+        An ignored layer name is not a module of ``model``.
+    UntraceableModelError
+        torch-pruning cannot build the dependency graph.
+    """
+    _, found = _groups(model, dummy_input, ignored_layers)
+    return [pruning_group for pruning_group, _ in found]
+
+
+# ----------------------------------------------------------------------------- masks
+
+def _importance(name: str) -> tp.importance.Importance:
+    if name == 'l1':
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == 'l2':
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == 'fpgm':
+        return tp.importance.FPGMImportance()
+    if name == 'bn_scale':
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupTaylorImportance()
+
+
+def _check_ratio(key: str, ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise HMCConfigError(f'Got ratio={ratio!r} for {key!r} but expected a float in [0, 1)')
+    return float(ratio)
+
+
+def _out_dim(module: nn.Module) -> int:
+    return 1 if getattr(module, 'transposed', False) else 0
+
+
+def _row_mask(param: Tensor, keep: Tensor, dim: int) -> Tensor:
+    """0/1 mask of ``param``'s shape that zeroes the slices ``keep == 0`` along ``dim``."""
+    shape = [1] * param.dim()
+    shape[dim] = -1
+    return keep.to(param.dtype).view(shape).expand_as(param).clone()
+
+
+def _pruned_channels(scores: Tensor, ratio: float, round_to: int, slices: int) -> Tensor:
+    """Root indices to prune: the lowest scores, the same positions in each of ``slices`` slices."""
+    slice_size = scores.numel() // slices
+    slice_scores = scores.view(slices, slice_size).mean(0) if slices > 1 else scores
+    n_pruned = slice_size - kept_channels(slice_size, ratio, round_to)
+    lowest = torch.argsort(slice_scores.float().cpu(), stable=True)[:n_pruned]
+    return torch.cat([lowest + index * slice_size for index in range(slices)])
+
+
+def _group_masks(graph: tp.DependencyGraph, group: Any, pruned: Tensor, names: dict) -> dict[str, dict[str, Tensor]]:
+    """NNI masks for the out-channel side of every Conv/Linear/BN item of a tp group."""
+    pruned_roots = set(pruned.tolist())
+    masks = {}
+    for item in group:
+        module = item.dep.target.module
+        if not _is_out_fn(graph, item) or not isinstance(module, _MASKED_TYPES) or module not in names:
+            continue
+        if getattr(module, 'weight', None) is None:  # BN without affine: nothing to mask
+            continue
+        dim = _out_dim(module)
+        keep = torch.ones(module.weight.shape[dim], device=module.weight.device)
+        for index, root in zip(item.idxs, item.root_idxs):
+            if root in pruned_roots:
+                keep[index] = 0
+        masks[names[module]] = {'weight': _row_mask(module.weight.detach(), keep, dim)}
+        if getattr(module, 'bias', None) is not None:
+            masks[names[module]]['bias'] = _row_mask(module.bias.detach(), keep, 0)
+    return masks
+
+
+def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, float], *, importance: str = 'l1',
+                        round_to: int = 1, ignored_layers: Iterable[str] = (),
+                        calibration: tuple[Tensor, Tensor] | None = None) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """Which channels to prune, as NNI masks per group ``{group_name: masks}``; ``model`` is left exactly as it was.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Scored on a deep copy: parameters, gradients, ``requires_grad`` and BN statistics stay.
+    dummy_input : Tensor or tuple of Tensor
+        Example input for the dependency graph.
+    ratios : dict of str to float
+        Group name (or the name of any member of the group) -> fraction of its channels to prune,
+        in [0, 1). Kept channels follow :func:`kept_channels`.
+    importance : {'l1', 'l2', 'fpgm', 'bn_scale', 'taylor'}
+        torch-pruning scorer applied to the whole group (all members, BNs and consumers).
+    round_to : int
+        Keep a multiple of this many channels.
+    ignored_layers : iterable of str
+        As in :func:`find_pruning_groups`.
+    calibration : (inputs, targets), optional
+        A batch, inputs ``(N, ...)`` and class targets ``(N,)``, for the cross-entropy gradients
+        that ``'taylor'`` needs.
+
+    Returns
+    -------
+    dict
+        ``{group_name: {module_name: {'weight': mask, 'bias': mask}}}`` for every Conv/Linear/BatchNorm on the
+        out-channel side of each group in ``ratios``: 0/1 tensors of the parameter's shape and
+        dtype. Coupled layers get identical channel masks, and ``param * mask`` makes the pruned
+        channels exactly zero.
+
+    Raises
+    ------
+    HMCConfigError
+        Unknown importance, group name or ignored layer; ratio outside [0, 1); ``'taylor'``
+        without ``calibration``; two names of one group with different ratios.
+    """
+    if importance not in IMPORTANCES:
+        raise HMCConfigError(f'Got importance={importance!r} but expected one of {IMPORTANCES}')
+    if importance == 'taylor' and calibration is None:
+        raise HMCConfigError("Got importance='taylor' without calibration; pass calibration=(inputs, targets)")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise HMCConfigError(f'Got round_to={round_to!r} but expected an int >= 1')
+    checked = {key: _check_ratio(key, ratio) for key, ratio in ratios.items()}
+
+    # A copy keeps the caller's grads, BN statistics and requires_grad flags untouched.
+    scratch = copy.deepcopy(model)
+    graph, found = _groups(scratch, dummy_input, ignored_layers)
+    by_name = {}
+    for pruning_group, group in found:
+        for name in pruning_group.members:
+            by_name[name] = (pruning_group, group)
+    group_ratios: dict[str, tuple[float, Any]] = {}
+    for key, ratio in checked.items():
+        if key not in by_name:
+            valid = [pruning_group.name for pruning_group, _ in found]
+            raise HMCConfigError(f'Got ratio for {key!r} but it is not an out-channel member of any prunable '
+                                 f'group; expected a group name, one of {valid}, or a member of one')
+        pruning_group, group = by_name[key]
+        previous = group_ratios.get(pruning_group.name)
+        if previous is not None and previous[0] != ratio:
+            raise HMCConfigError(f'Got ratios {previous[0]} and {ratio} for group {pruning_group.name!r} '
+                                 f'(through {key!r}); give each group one ratio')
+        group_ratios[pruning_group.name] = (ratio, group)
+
+    if importance == 'taylor':
+        _accumulate_gradients(scratch, calibration)
+    scorer = _importance(importance)
+    names = {module: name for name, module in scratch.named_modules()}
+    masks_by_group: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for name, (ratio, group) in group_ratios.items():
+        scores = scorer(group)
+        if scores is None:  # e.g. bn_scale on a group without BatchNorm
+            _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, name)
+            scores = _importance('l1')(group)
+        pruned = _pruned_channels(scores, ratio, round_to, _channel_groups(group))
+        masks_by_group[name] = _group_masks(graph, group, pruned, names)  # the copy sits on the model's device
+    return masks_by_group
+
+
+def channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, float], **kwargs) -> dict[str, dict[str, Tensor]]:
+    """The masks of :func:`group_channel_masks` merged into one NNI mask dict (same arguments)."""
+    masks: dict[str, dict[str, Tensor]] = {}
+    for group_masks in group_channel_masks(model, dummy_input, ratios, **kwargs).values():
+        masks.update(group_masks)
+    return masks
+
+
+def _accumulate_gradients(model: nn.Module, calibration: tuple[Tensor, Tensor]) -> None:
+    """Cross-entropy gradients of one calibration batch in ``model``'s ``.grad`` (a scratch copy)."""
+    inputs, targets = calibration
+    for param in model.parameters():
+        param.requires_grad_(True)
+        param.grad = None
+    with torch.enable_grad():
+        outputs = model(*as_input_tuple(inputs))
+        nn.functional.cross_entropy(outputs, targets).backward()
+
+
+# ----------------------------------------------------------------------------- applying masks
+
+def trace_model(model: nn.Module, dummy_input: Any) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` of ``model``, or an error saying what to change.
+
+    ``dummy_input`` is accepted for symmetry with the other functions; symbolic tracing needs none.
+    The returned graph module shares its submodules with ``model``.
+
+    Raises
+    ------
+    UntraceableModelError
+        Tracing failed, e.g. on control flow that depends on tensor values.
+    """
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as error:
+        raise UntraceableModelError(
+            f'torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: {error}. '
+            f'Make its control flow static (no Python branches on tensor values), or wrap the untraceable '
+            f'part in a function decorated with torch.fx.wrap (or a leaf module).') from error
+
+
+def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[str, Tensor]]) -> nn.Module:
+    """Replace masked modules by smaller dense ones with NNI's ``ModelSpeedup``.
+
+    Works **in place**: ``model`` itself is changed and returned. It is traced first (with
+    ``torch.fx``), so an untraceable model raises before anything changes. Train/eval flags are
+    restored afterwards (NNI would otherwise set them all from the graph module's flag).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Plain (unwrapped) model.
+    dummy_input : Tensor or tuple of Tensor
+        Example input.
+    masks : dict
+        NNI masks ``{module_name: {'weight': mask, 'bias': mask}}``, e.g. from :func:`channel_masks`.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with pruned channels removed.
+    """
+    from nni.compression.speedup import ModelSpeedup
+
+    graph_module = trace_model(model, dummy_input)
+    graph_module.train(model.training)
+    _check_masks(model, masks)
+    with _preserved_modes(model), _quiet_nni() as speedup_logger:
+        return ModelSpeedup(model, dummy_input, masks, graph_module=graph_module,
+                            logger=speedup_logger).speedup_model()
+
+
+def _check_masks(model: nn.Module, masks: dict[str, dict[str, Tensor]]) -> None:
+    modules = dict(model.named_modules())
+    for name, module_masks in masks.items():
+        if name not in modules:
+            raise HMCConfigError(f'Got a mask for {name!r} but {type(model).__name__} has no such module')
+        for key, mask in module_masks.items():
+            param = getattr(modules[name], key, None)
+            if isinstance(param, Tensor) and param.shape != mask.shape:
+                raise HMCConfigError(f'Got a {key!r} mask of shape {tuple(mask.shape)} for {name!r} but the '
+                                     f'parameter has shape {tuple(param.shape)}')
+
+
+def prune_physically(model: nn.Module, dummy_input: Any, masks: dict[str, dict[str, Tensor]]) -> nn.Module:
+    """Remove masked channels with torch-pruning (the fast path), **in place**.
+
+    A group's channel is removed when its weight rows are all zero in any member's mask (masks
+    from :func:`channel_masks` agree across members). Train/eval flags, dtype and
+    ``requires_grad`` are kept.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Plain model; modified in place.
+    dummy_input : Tensor or tuple of Tensor
+        Example input for the dependency graph.
+    masks : dict
+        NNI masks ``{module_name: {'weight': mask, ...}}``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` with the same architecture :func:`speedup_with_nni` gives for these masks.
+    """
+    _check_masks(model, masks)
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    graph = _build_graph(model, dummy_input)
+    names = {module: name for name, module in model.named_modules()}
+    plans = []
+    for group in graph.get_all_groups(root_module_types=_ROOT_TYPES):
+        pruned_roots: set[int] = set()
+        for item in group:
+            module = item.dep.target.module
+            mask = masks.get(names.get(module, ''), {}).get('weight')
+            if mask is None or not _is_out_fn(graph, item) or not isinstance(module, _ROOT_TYPES):
+                continue
+            dropped = mask.transpose(0, _out_dim(module)).flatten(1).sum(1) == 0
+            pruned_roots.update(root for index, root in zip(item.idxs, item.root_idxs) if dropped[index])
+        if pruned_roots:
+            root = group[0].dep.target.module
+            plans.append((root, group[0].dep.handler, sorted(pruned_roots)))
+    # Indices were all read before any change, and pruning one group leaves the others' out channels alone.
+    with _preserved_modes(model), torch.enable_grad():
+        for root, handler, indices in plans:
+            _logger.debug('Pruning %d channels of group %r', len(indices), names[root])
+            graph.get_pruning_group(root, handler, indices).prune()
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
+    return model
