@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110']
+__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO',
+           'TORCHVISION_MODELS', 'build_model']
 
 
 class BasicBlock(nn.Module):
@@ -98,3 +99,53 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-110: 18 blocks per stage, about 1.7M parameters."""
     return CifarResNet(_depth_to_blocks(110), num_classes, in_channels)
+
+
+ZOO = {'resnet20': resnet20, 'resnet32': resnet32, 'resnet44': resnet44, 'resnet56': resnet56, 'resnet110': resnet110}
+TORCHVISION_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnext50_32x4d', 'wide_resnet50_2')
+
+
+def build_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Build a model from a spec: a zoo name (``'resnet56'``), ``'torchvision:NAME'`` or ``'package.module:callable'``.
+
+    torchvision models are built with random weights (``weights=None``: nothing is downloaded) and
+    ``num_classes``; their stem takes ``in_channels`` by replacing ``conv1`` when it is not 3.
+    ``package.module:callable`` is called with ``num_classes=`` and ``in_channels=`` when it accepts them.
+    """
+    import importlib
+    import inspect
+
+    from .errors import HMCConfigError
+
+    expected = (f"a zoo name ({', '.join(ZOO)}), 'torchvision:NAME' (e.g. torchvision:resnet50) "
+                f"or 'package.module:callable'")
+    if spec in ZOO:
+        return ZOO[spec](num_classes=num_classes, in_channels=in_channels)
+    if spec.startswith('torchvision:'):
+        name = spec.split(':', 1)[1]
+        try:
+            import torchvision
+        except ImportError as error:
+            raise HMCConfigError('torchvision models need torchvision: pip install "hmc_plugin[vision]"') from error
+        if not hasattr(torchvision.models, name):
+            raise HMCConfigError(f'Got model={spec!r} but torchvision.models has no {name!r}; '
+                                 f'tested ones are {TORCHVISION_MODELS}')
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        if in_channels != 3 and isinstance(getattr(model, 'conv1', None), nn.Conv2d):
+            old = model.conv1
+            model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        return model
+    if ':' in spec:
+        module_name, attribute = spec.split(':', 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise HMCConfigError(f'Got model={spec!r} but could not import it ({error}); expected {expected}') from error
+        parameters = inspect.signature(factory).parameters
+        kwargs = {key: value for key, value in (('num_classes', num_classes), ('in_channels', in_channels))
+                  if key in parameters}
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise HMCConfigError(f'Got model={spec!r} but it returned {type(model).__name__}, not an nn.Module')
+        return model
+    raise HMCConfigError(f'Got model={spec!r} but expected {expected}')

@@ -1,0 +1,119 @@
+"""Apply a ``CompressionPlan``: pruning masks -> speedup -> low-rank replacement, and plans that hit a target.
+
+Apply order is fixed: the pruning groups' channel masks are computed with torch-pruning, the model
+is shrunk (NNI ``ModelSpeedup`` by default, torch-pruning's physical pruning as the fast path),
+then the decomposed layers are replaced by their low-rank containers at the plan's ranks.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .counting import count_flops, count_layer_flops, count_params
+from .errors import HMCConfigError
+from .lowrank import decompose_layers, flops_ratio, replacement_params
+from .plan import CompressionPlan, CostModel, build_plan
+from .pruning import PruningGroup, channel_masks, prune_physically, speedup_with_nni
+
+__all__ = ['SPEEDUPS', 'plan_masks', 'apply_plan', 'measure_plan', 'plan_for_target']
+
+_logger = logging.getLogger(__name__)
+
+SPEEDUPS = ('nni', 'torch_pruning')
+
+
+def plan_masks(model: nn.Module, plan: CompressionPlan, dummy_input: Any,
+               calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """NNI-format masks ``{module_name: {'weight': mask, 'bias': mask}}`` of the plan's pruning; model untouched."""
+    if not plan.prune_ratios:
+        return {}
+    return channel_masks(model, dummy_input, plan.prune_ratios, importance=plan.importance,
+                         round_to=plan.round_to, calibration=calibration)
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, speedup: str = 'nni',
+               masks: dict | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """Compress ``model`` in place by ``plan`` and return it (the same object for both speedups).
+
+    ``masks`` may be given (e.g. from ``plan_masks``) to skip recomputing them. Applying the same plan
+    to a fresh copy of the same architecture with the same weights gives the same model.
+    """
+    if speedup not in SPEEDUPS:
+        raise HMCConfigError(f'Got speedup={speedup!r} but expected one of {SPEEDUPS}')
+    masks = plan_masks(model, plan, dummy_input, calibration) if masks is None else masks
+    if masks:
+        if speedup == 'nni':
+            model = speedup_with_nni(model, dummy_input, masks)
+        else:
+            model = prune_physically(model, dummy_input, masks)
+    if plan.ranks:
+        decompose_layers(model, plan.ranks, method=plan.methods)
+    return model
+
+
+def measure_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any) -> dict[str, int]:
+    """Exact MACs and parameters of ``model`` compressed by ``plan``, without computing low-rank factors.
+
+    Pruning is applied for real to a copy (torch-pruning fast path, same architecture as NNI's speedup);
+    each layer to decompose is then counted with lowrank's replacement formulas, which equal what
+    ``count_flops`` / ``count_params`` report for the built replacement (tested in test_lowrank).
+    """
+    pruned = copy.deepcopy(model)
+    masks = plan_masks(pruned, plan, dummy_input)
+    if masks:
+        pruned = prune_physically(pruned, dummy_input, masks)
+    layer_flops = count_layer_flops(pruned, dummy_input)
+    flops, params = count_flops(pruned, dummy_input), count_params(pruned)
+    modules = dict(pruned.named_modules())
+    for name, ranks in plan.ranks.items():
+        module = modules[name]
+        dense_macs, bias_adds = _split_bias(module, layer_flops[name])
+        method = plan.methods[name]
+        flops += round(dense_macs * flops_ratio(module, ranks, method)) - dense_macs
+        params += replacement_params(module, ranks, method) - sum(p.numel() for p in module.parameters())
+    return {'flops': int(flops), 'params': int(params)}
+
+
+def _split_bias(module: nn.Module, flops: int) -> tuple[int, int]:
+    """(weight MACs, bias adds) of a counted Conv2d/Linear, as torch-pruning's counter adds them."""
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        bias_adds = module.out_features if has_bias else 0
+        return flops - bias_adds, bias_adds
+    per_position = module.out_channels * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    positions = flops // (per_position + (module.out_channels if has_bias else 0))
+    return positions * per_position, positions * module.out_channels if has_bias else 0
+
+
+def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], *,
+                    rank_method: str = 'auto', tolerance: float = 0.01, max_rounds: int = 4,
+                    **plan_kwargs) -> tuple[CompressionPlan, float]:
+    """Build a plan whose *measured* kept fraction is within ``tolerance`` of the target.
+
+    The cost model ignores BN/ReLU/pooling; each plan is measured exactly (``measure_plan``) and the
+    internal target is shifted by the miss. Returns ``(plan, measured kept fraction)``.
+    """
+    cost = CostModel(model, dummy_input, groups, rank_method)
+    metric = 'flops' if plan_kwargs.get('target_flops') is not None else 'params'
+    target = plan_kwargs.pop(f'target_{metric}')
+    plan_kwargs.pop('target_params' if metric == 'flops' else 'target_flops', None)
+    full = count_flops(model, dummy_input) if metric == 'flops' else count_params(model)
+    internal_target = target
+    best = None
+    for _ in range(max_rounds):
+        plan = build_plan(table, cost, **{f'target_{metric}': internal_target}, **plan_kwargs)
+        measured = measure_plan(model, plan, dummy_input)[metric] / full
+        if best is None or abs(measured - target) < abs(best[1] - target):
+            best = (plan, measured)
+        if abs(measured - target) <= tolerance:
+            break
+        internal_target = min(1.0, max(1e-3, internal_target + (target - measured)))
+    plan, measured = best
+    plan.target = {metric: target}
+    plan.measured = {metric: measured}
+    _logger.info('Plan for target_%s=%.3f measures %.4f', metric, target, measured)
+    return plan, measured

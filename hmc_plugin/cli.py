@@ -1,0 +1,178 @@
+"""The ``hmc`` command: ``scan``, ``plan``, ``compress`` and ``report`` (the main job).
+
+Every subcommand takes ``--model`` (``resnet56``, ``torchvision:resnet50`` or ``package.module:callable``),
+``--data`` (``digits``, ``cifar10:DIR`` or ``imagefolder:DIR``), ``--out`` (output folder) and ``--config``
+(a YAML file of ``RunSettings`` fields; flags given on the command line win).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import HMCError
+
+__all__ = ['main', 'build_parser']
+
+_logger = logging.getLogger('hmc_plugin')
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--config', help='YAML file with run settings (keys as the long options, with _ for -)')
+    parser.add_argument('--model', help="zoo name (resnet20..resnet110), 'torchvision:NAME' or 'package.module:callable'"
+                                        ' (default resnet56)')
+    parser.add_argument('--data', help="'digits' (default), 'cifar10:DIR' or 'imagefolder:DIR'")
+    parser.add_argument('--image-size', type=int, help="input size (default: the loader's, 32 for digits/CIFAR)")
+    parser.add_argument('--out', default='hmc_output', help='output folder (default hmc_output)')
+    parser.add_argument('--checkpoint', help='state_dict of the trained model to compress (skips training)')
+    parser.add_argument('--train-epochs', type=int, help='epochs to train the baseline when no checkpoint (default 15)')
+    parser.add_argument('--seed', type=int)
+    parser.add_argument('--threads', type=int, help='torch threads for training and latency (default 2)')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def _add_budget(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--target-flops', type=float, help='fraction of FLOPs to keep (default 0.5)')
+    parser.add_argument('--target-params', type=float, help='fraction of parameters to keep (instead of FLOPs)')
+    parser.add_argument('--importance', choices=('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'))
+    parser.add_argument('--margin', type=float, help="HMC margin tau ('inf' = AHC)")
+    parser.add_argument('--finetune-epochs', type=int, help='fine-tuning epochs per method (default 3)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='hmc', description='HMC: hybrid model compression by layer sensitivity grouping')
+    commands = parser.add_subparsers(dest='command', required=True)
+    scan = commands.add_parser('scan', help='sensitivity scan: OUT/sensitivity.json and sensitivity.png')
+    _add_common(scan)
+    scan.add_argument('--sensitivity', choices=('proxy', 'evaluator'))
+    scan.add_argument('--levels', type=float, nargs='+', help='fractions of a layer FLOPs removed (default 0.2 0.4 0.6 0.8)')
+    plan = commands.add_parser('plan', help='build a CompressionPlan from OUT/sensitivity.json: OUT/plan.json')
+    _add_common(plan)
+    _add_budget(plan)
+    plan.add_argument('--mode', choices=('prune', 'decompose', 'ahc', 'nahc', 'hmc'), default='nahc')
+    compress = commands.add_parser('compress', help='compress with one method, fine-tune, save OUT/compressed.pt')
+    _add_common(compress)
+    _add_budget(compress)
+    compress.add_argument('--mode', choices=('prune', 'decompose', 'ahc', 'nahc', 'hmc'), default='nahc')
+    compress.add_argument('--plan', help='plan.json to apply (skips scan and planning)')
+    report = commands.add_parser('report', help='the main job: every method at one budget, report.json/md, PNGs')
+    _add_common(report)
+    _add_budget(report)
+    report.add_argument('--methods', help='comma-separated (default prune,decompose,ahc,nahc)')
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .workflow import RunSettings
+
+    fields = {field.name for field in dataclasses.fields(RunSettings)}
+    values = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = sorted(set(loaded) - fields)
+        if unknown:
+            raise HMCError(f'{args.config}: unknown keys {unknown}; allowed keys are {sorted(fields)}')
+        values.update(loaded)
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            values[key] = value
+    if getattr(args, 'methods', None):
+        values['methods'] = [method.strip() for method in args.methods.split(',')]
+    if getattr(args, 'mode', None):
+        values['methods'] = [args.mode]
+    if values.get('target_params') is not None and values.get('target_flops') == RunSettings.target_flops:
+        values['target_flops'] = None  # a parameter budget replaces the default FLOPs budget
+    return RunSettings(**values)
+
+
+def _load(args, settings):
+    import torch
+
+    from .data import parse_data_spec
+    from .models import build_model
+
+    torch.set_num_threads(settings.threads)
+    splits = parse_data_spec(settings.data, getattr(args, 'image_size', None))
+    model = build_model(settings.model, splits.num_classes, splits.in_channels)
+    return model, splits
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .apply import apply_plan
+    from .export import save_compressed
+    from .plan import CompressionPlan
+    from .report import format_table, write_report
+    from .sensitivity import SensitivityTable
+    from .workflow import compare_methods, compress_and_measure, make_compressor, scan, train_or_load_baseline, uncompressed_row
+
+    settings = _settings(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    model, splits = _load(args, settings)
+    command = 'hmc ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+    if args.command == 'report':
+        rows, _ = compare_methods(model, splits, settings, out, progress)
+        write_report(out, rows, settings.as_dict(), [command])
+        print(format_table(rows))
+        print(f'\nWrote {out}/report.json, report.md, plan.json, pareto.png, sensitivity.png and the compressed model.')
+        return
+    model = train_or_load_baseline(model, splits, settings, out, progress)
+    if args.command == 'scan':
+        table = scan(model, splits, settings, out, progress)
+        print(f'Scanned {len(table.prune)} pruning groups and {len(table.decompose)} layers at levels {table.levels} '
+              f'in {table.seconds:.1f} s ({table.evaluations} evaluations, mode {table.mode}).')
+        print(f'Wrote {out}/sensitivity.json and {out}/sensitivity.png')
+        return
+    if args.command == 'plan':
+        table_path = out / 'sensitivity.json'
+        if not table_path.exists():
+            raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
+        compressor = make_compressor(model, splits, settings, settings.methods[0],
+                                     table=SensitivityTable.from_json(table_path), progress=progress)
+        plan = compressor.make_plan()
+        plan.to_json(out / 'plan.json')
+        print(plan.table())
+        print(f'\nMeasured FLOPs kept by this plan: {compressor.measured_ratio:.4f}. Wrote {out}/plan.json')
+        return
+    if args.command == 'compress':
+        table_path = out / 'sensitivity.json'
+        table = SensitivityTable.from_json(table_path) if table_path.exists() else None
+        if args.plan:
+            plan = CompressionPlan.from_json(args.plan)
+            compressor = make_compressor(model, splits, settings, plan.mode, plan=plan, progress=progress)
+            compressed, _ = compressor.compress(max_epochs=settings.finetune_epochs or None)
+            save_compressed(compressed, out / 'compressed.pt', plan)
+            print(plan.table())
+        else:
+            table = table if table is not None else scan(model, splits, settings, out, progress)
+            row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress)
+            rows = [uncompressed_row(model, splits, settings), row]
+            write_report(out, rows, settings.as_dict(), [command])
+            plan.to_json(out / 'plan.json')
+            save_compressed(compressed, out / 'compressed.pt', plan)
+            print(format_table(rows))
+        print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format='%(message)s')
+    for noisy in ('nni', 'torch_pruning'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        _run(args)
+    except HMCError as error:
+        print(f'hmc {args.command}: error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

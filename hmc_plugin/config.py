@@ -1,0 +1,122 @@
+"""HMC's config keys on top of NNI's pruning ``config_list`` schema, validated before the model is touched.
+
+A ``config_list`` entry keeps NNI's selection keys (``op_types``, ``op_names``, ``op_names_re``,
+``exclude_op_names``, ``exclude_op_types``, ``exclude_op_names_re``) and NNI's ``max_sparse_ratio``
+(cap on the channel ratio pruned in the selected layers), and adds HMC's keys below. HMC's keys are
+global settings: entries that repeat one must agree.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Any
+
+from nni.compression.base.config import default_config_schema, trans_legacy_config_list
+from schema import SchemaError
+
+from .errors import HMCConfigError
+from .plan import MODES
+from .pruning import IMPORTANCES
+
+__all__ = ['HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'validate_config_list', 'hmc_settings']
+
+DECOMPOSITIONS = ('auto', 'tucker2', 'cp')
+
+HMC_DEFAULTS: dict[str, Any] = {
+    'mode': 'nahc', 'target_flops': None, 'target_params': None, 'levels': [0.2, 0.4, 0.6, 0.8],
+    'importance': 'l1', 'rank_method': 'auto', 'margin': None, 'sensitivity': 'proxy', 'round_to': 1,
+    'speedup': 'nni', 'distill': False, 'distill_alpha': 0.5, 'distill_temperature': 4.0,
+}
+
+
+def _fraction_open_closed(value):  # (0, 1]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _levels(value):
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, (int, float)) and 0 < v < 1 for v in value) and list(value) == sorted(set(value)))
+
+
+def _margin(value):
+    return value in ('inf', math.inf) or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+
+
+# key -> (check, what is allowed)
+HMC_KEYS: dict[str, tuple[Any, str]] = {
+    'mode': (lambda v: v in MODES, f'one of {MODES}'),
+    'target_flops': (_fraction_open_closed, 'a fraction of the FLOPs to keep in (0, 1]'),
+    'target_params': (_fraction_open_closed, 'a fraction of the parameters to keep in (0, 1]'),
+    'levels': (_levels, 'increasing fractions in (0, 1), e.g. [0.2, 0.4, 0.6, 0.8]'),
+    'importance': (lambda v: v in IMPORTANCES, f'one of {IMPORTANCES}'),
+    'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
+    'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC)"),
+    'sensitivity': (lambda v: v in ('evaluator', 'proxy'), "'evaluator' or 'proxy'"),
+    'round_to': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1'),
+    'speedup': (lambda v: v in ('nni', 'torch_pruning'), "'nni' or 'torch_pruning'"),
+    'distill': (lambda v: isinstance(v, bool), 'True or False'),
+    'distill_alpha': (_fraction_open_closed, 'a weight in (0, 1] of the distillation loss'),
+    'distill_temperature': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, 'a number > 0'),
+}
+
+NNI_KEYS = ('op_types', 'op_names', 'op_names_re', 'exclude_op_names', 'exclude_op_types', 'exclude_op_names_re',
+            'max_sparse_ratio')
+# NNI keys whose meaning HMC does not share: HMC allocates ratios from a budget instead.
+NNI_KEYS_NOT_USED = {
+    'sparse_ratio': "HMC allocates ratios from a budget: use 'target_flops' or 'target_params' instead",
+    'sparse_threshold': "HMC allocates ratios from a budget: use 'target_flops' or 'target_params' instead",
+}
+
+
+def validate_config_list(config_list: list[dict]) -> list[dict]:
+    """Check every entry; return NNI's normalised copy. Raises ``HMCConfigError`` naming key, value and allowed."""
+    if not isinstance(config_list, list) or not config_list or not all(isinstance(c, dict) for c in config_list):
+        raise HMCConfigError(f'Got config_list={config_list!r} but expected a non-empty list of dicts')
+    normalised = trans_legacy_config_list(deepcopy(config_list))
+    nni_schema = default_config_schema('pruning')
+    allowed = sorted(set(NNI_KEYS) | set(HMC_KEYS))
+    for index, entry in enumerate(normalised):
+        for key, value in entry.items():
+            if key in NNI_KEYS_NOT_USED:
+                raise HMCConfigError(f'config_list[{index}]: key {key!r} is not used by HMCCompressor: {NNI_KEYS_NOT_USED[key]}')
+            if key not in allowed:
+                raise HMCConfigError(f'config_list[{index}]: unknown key {key!r}; allowed keys are {allowed}')
+            if key in HMC_KEYS:
+                check, expected = HMC_KEYS[key]
+                if not check(value):
+                    raise HMCConfigError(f'config_list[{index}]: got {key}={value!r} but expected {expected}')
+        nni_part = {key: value for key, value in entry.items() if key not in HMC_KEYS}
+        try:
+            nni_schema.validate(nni_part)
+        except SchemaError as error:
+            raise HMCConfigError(f'config_list[{index}]: {error} (NNI config schema; selection keys need a list of '
+                                 f'str, max_sparse_ratio a float in (0, 1])') from None
+    return normalised
+
+
+def hmc_settings(config_list: list[dict], **overrides) -> dict[str, Any]:
+    """HMC's global settings: defaults, then keys set in the entries (which must agree), then ``overrides``."""
+    settings = dict(HMC_DEFAULTS)
+    seen: dict[str, Any] = {}
+    for index, entry in enumerate(config_list):
+        for key in HMC_KEYS:
+            if key in entry:
+                if key in seen and seen[key] != entry[key]:
+                    raise HMCConfigError(f'config_list[{index}]: {key}={entry[key]!r} conflicts with {key}={seen[key]!r} '
+                                         f'in an earlier entry; HMC keys are global, set each once')
+                seen[key] = entry[key]
+    settings.update(seen)
+    for key, value in overrides.items():
+        if value is not None:
+            check, expected = HMC_KEYS[key]
+            if not check(value):
+                raise HMCConfigError(f'Got {key}={value!r} but expected {expected}')
+            settings[key] = value
+    if settings['margin'] == 'inf':
+        settings['margin'] = math.inf
+    if settings['target_flops'] is None and settings['target_params'] is None:
+        raise HMCConfigError("config_list sets no budget: add 'target_flops' (fraction of FLOPs to keep, "
+                             "e.g. 0.5) or 'target_params' to an entry")
+    if settings['target_flops'] is not None and settings['target_params'] is not None:
+        raise HMCConfigError("config_list sets both 'target_flops' and 'target_params'; keep exactly one")
+    return settings

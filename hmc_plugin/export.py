@@ -1,0 +1,62 @@
+"""Save, load and export compressed models.
+
+The architecture of a compressed model differs from the original's (pruned channels, low-rank
+containers), so a bare ``state_dict`` is not enough: ``save_compressed`` stores the whole module
+together with its ``CompressionPlan``, and ``load_compressed`` gives both back in a fresh process.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .counting import as_input_tuple
+from .errors import HMCConfigError
+from .plan import CompressionPlan
+
+__all__ = ['save_compressed', 'load_compressed', 'export_onnx']
+
+FORMAT = 'hmc_plugin.compressed/1'
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, plan: CompressionPlan | None = None) -> None:
+    """Write ``model`` (module and weights) and ``plan`` to ``path`` (a ``torch.save`` file).
+
+    The module's classes must be importable where it is loaded (true for hmc_plugin's, torchvision's
+    and any model defined in an installed package).
+    """
+    torch.save({'format': FORMAT, 'hmc_plugin_version': __version__, 'model': model,
+                'plan': plan.to_dict() if plan is not None else None}, path)
+
+
+def load_compressed(path: str | os.PathLike, map_location: Any = 'cpu') -> tuple[nn.Module, CompressionPlan | None]:
+    """Load what ``save_compressed`` wrote: ``(model, plan)``. Only load files you trust (it unpickles)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(checkpoint, dict) or checkpoint.get('format') != FORMAT:
+        raise HMCConfigError(f'{os.fspath(path)} is not a file written by hmc_plugin.save_compressed '
+                             f'(expected format {FORMAT!r})')
+    plan = CompressionPlan.from_dict(checkpoint['plan']) if checkpoint['plan'] is not None else None
+    return checkpoint['model'], plan
+
+
+def export_onnx(model: nn.Module, dummy_input: Any, path: str | os.PathLike, opset_version: int = 17) -> None:
+    """Export to ONNX with a dynamic batch axis (TorchScript exporter: needs no extra package).
+
+    Input names are ``input``, ``input_1``, ...; the output is ``output``. The model is exported in eval mode.
+    """
+    inputs = as_input_tuple(dummy_input)
+    names = ['input'] + [f'input_{i}' for i in range(1, len(inputs))]
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            torch.onnx.export(model, inputs, os.fspath(path), dynamo=False, opset_version=opset_version,
+                              input_names=names, output_names=['output'],
+                              dynamic_axes={**{name: {0: 'batch'} for name in names}, 'output': {0: 'batch'}})
+    finally:
+        model.train(was_training)

@@ -1,0 +1,429 @@
+"""Sensitivity grouping and budget allocation: from a ``SensitivityTable`` to a ``CompressionPlan``.
+
+Grouping (per layer, from the mean drop of each operator over the scanned levels, in units of the
+median drop ``sigma`` over all units and both operators, margin ``tau``):
+
+- ``keep`` when even the better operator drops more than ``(keep_factor + tau) * sigma``;
+- ``both`` (prune then decompose) when the two drops differ by at most ``tau * sigma``;
+- otherwise ``prune`` or ``decompose``, whichever drops less.
+
+``tau = inf`` puts every layer in ``both``: that is AHC, and ``mode='hmc', margin=inf`` gives
+exactly AHC's plan. ``nahc`` is ``hmc`` with the default margin. ``prune`` and ``decompose`` allow
+one operator everywhere.
+
+Allocation: every allowed unit (a pruning group, or a layer to decompose) climbs its level in
+steps of ``step``; each step taken is the one with the least interpolated metric drop per FLOP
+(or parameter) saved, until the model's cost is at most the target fraction of the original.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .counting import as_input_tuple
+from .errors import HMCConfigError
+from .lowrank import flops_ratio, method_for, replacement_params, resolve_ranks
+from .pruning import PruningGroup, kept_channels
+
+__all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'LayerCost', 'CostModel', 'group_layers', 'build_plan']
+
+_logger = logging.getLogger(__name__)
+
+MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
+LAYER_GROUPS = ('prune', 'decompose', 'both', 'keep')
+DEFAULT_MARGIN = 0.5
+DEFAULT_KEEP_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer: its group, the prune ratio of its channel group, its low-rank ranks."""
+
+    name: str
+    group: str                      # 'prune' | 'decompose' | 'both' | 'keep' (what the plan does to it)
+    prune_ratio: float = 0.0        # fraction of its output channels removed (shared by its pruning group)
+    pruning_group: str | None = None  # leader name of the torch-pruning group its out channels belong to
+    method: str | None = None       # 'tucker2' | 'svd' | 'cp' when decomposed
+    ranks: tuple[int, ...] | None = None  # concrete ranks on the pruned layer, e.g. (r_out, r_in)
+
+
+@dataclass
+class CompressionPlan:
+    """Per-layer plan plus the settings that produced it. Plain data: JSON round-trip, readable table."""
+
+    layers: list[LayerPlan]
+    mode: str
+    target: dict[str, float]              # e.g. {'flops': 0.5} = keep half the FLOPs
+    importance: str = 'l1'
+    round_to: int = 1
+    margin: float | None = None
+    predicted: dict[str, float] = field(default_factory=dict)  # cost model's kept fractions {'flops', 'params'}
+    measured: dict[str, float] = field(default_factory=dict)   # kept fraction of the compressed model, when measured
+
+    @property
+    def prune_ratios(self) -> dict[str, float]:
+        """Pruning group leader -> fraction of its channels removed (groups with ratio 0 omitted)."""
+        return {layer.pruning_group: layer.prune_ratio for layer in self.layers
+                if layer.pruning_group is not None and layer.prune_ratio > 0}
+
+    @property
+    def ranks(self) -> dict[str, tuple[int, ...]]:
+        """Layer name -> ranks, for the layers to decompose."""
+        return {layer.name: layer.ranks for layer in self.layers if layer.ranks is not None}
+
+    @property
+    def methods(self) -> dict[str, str]:
+        return {layer.name: layer.method for layer in self.layers if layer.ranks is not None}
+
+    def group_counts(self) -> dict[str, int]:
+        return {group: sum(layer.group == group for layer in self.layers) for group in LAYER_GROUPS}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data['margin'] = _encode_float(self.margin)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> 'CompressionPlan':
+        data = dict(data)
+        data['layers'] = [LayerPlan(**{**layer, 'ranks': tuple(layer['ranks']) if layer['ranks'] is not None else None})
+                          for layer in data['layers']]
+        data['margin'] = _decode_float(data.get('margin'))
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> 'CompressionPlan':
+        text = str(text_or_path)
+        if not text.lstrip().startswith('{'):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def table(self) -> str:
+        """The plan as a fixed-width text table, one row per layer."""
+        rows = [('layer', 'group', 'prune_ratio', 'method', 'ranks')]
+        rows += [(layer.name, layer.group, f'{layer.prune_ratio:.3f}', layer.method or '-',
+                  'x'.join(map(str, layer.ranks)) if layer.ranks else '-') for layer in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+        counts = ', '.join(f'{group}: {count}' for group, count in self.group_counts().items())
+        target = ', '.join(f'{key}={value:g}' for key, value in self.target.items())
+        predicted = ', '.join(f'{key}={value:.3f}' for key, value in self.predicted.items())
+        header = f'CompressionPlan(mode={self.mode}, target {target}, predicted kept {predicted}; {counts})'
+        return '\n'.join([header, lines[0], '-' * len(lines[0])] + lines[1:])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _encode_float(value):
+    return 'inf' if value is not None and math.isinf(value) else value
+
+
+def _decode_float(value):
+    return math.inf if value == 'inf' else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost model: MACs and parameters of every Conv2d / Linear under a state of prune ratios and levels
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Shape facts of one Conv2d/Linear, enough to count its MACs and parameters after compression."""
+
+    name: str
+    kind: str                 # 'conv' | 'linear'
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    conv_groups: int
+    bias: bool
+    positions: int            # output positions per image (H_out * W_out, or 1 for Linear)
+
+
+class CostModel:
+    """MACs and parameters of the model's Conv2d/Linear layers after pruning and decomposition.
+
+    The rest of the model (BN, ReLU, pooling) is treated as constant; ``build_plan`` corrects the
+    small error by measuring the compressed model.
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], rank_method: str = 'auto'):
+        self.rank_method = rank_method
+        self.layers: dict[str, LayerCost] = {}
+        positions: dict[str, int] = {}
+        hooks = []
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                def record(mod, inputs, output, name=name):
+                    positions[name] = int(np.prod(output.shape[2:])) if output.dim() > 2 else int(np.prod(output.shape[1:-1]) or 1)
+                hooks.append(module.register_forward_hook(record))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(*as_input_tuple(dummy_input))
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        for name, module in model.named_modules():
+            if name not in positions:
+                continue
+            if isinstance(module, nn.Conv2d):
+                self.layers[name] = LayerCost(name, 'conv', module.in_channels, module.out_channels,
+                                              tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                                              tuple(module.dilation), module.groups, module.bias is not None,
+                                              positions[name])
+            else:
+                self.layers[name] = LayerCost(name, 'linear', module.in_features, module.out_features, (1, 1),
+                                              (1, 1), (0, 0), (1, 1), 1, module.bias is not None, positions[name])
+        self.out_group = {member: group.name for group in groups for member in group.members}
+        self.in_group = {consumer: group.name for group in groups for consumer in group.consumers}
+        self.affected = {group.name: sorted(set(group.members) | set(group.consumers)) for group in groups}
+        self.full = {'flops': sum(self.layer_cost(name, {}, {})[0] for name in self.layers),
+                     'params': sum(self.layer_cost(name, {}, {})[1] for name in self.layers)}
+
+    def pruned_shape(self, name: str, prune_ratios: dict[str, float], round_to: int = 1) -> tuple[int, int]:
+        layer = self.layers[name]
+        out_ratio = prune_ratios.get(self.out_group.get(name), 0.0)
+        in_ratio = prune_ratios.get(self.in_group.get(name), 0.0)
+        return (kept_channels(layer.in_channels, in_ratio, round_to),
+                kept_channels(layer.out_channels, out_ratio, round_to))
+
+    def layer_cost(self, name: str, prune_ratios: dict[str, float], levels: dict[str, float],
+                   round_to: int = 1) -> tuple[int, int, tuple[int, ...] | None, str | None]:
+        """(MACs per image, parameters, ranks or None, method or None) of layer ``name`` in the given state."""
+        layer = self.layers[name]
+        in_channels, out_channels = self.pruned_shape(name, prune_ratios, round_to)
+        level = levels.get(name, 0.0)
+        if level > 0:
+            return _decomposed_cost(layer, in_channels, out_channels, level, self.rank_method)
+        bias = out_channels if layer.bias else 0
+        per_position = out_channels * (in_channels // layer.conv_groups) * layer.kernel[0] * layer.kernel[1]
+        return layer.positions * (per_position + bias), per_position + bias, None, None
+
+
+def _shape_module(layer: LayerCost, in_channels: int, out_channels: int) -> nn.Module:
+    """A weightless (meta) module of the layer's pruned shape: rank rules need only the shape."""
+    if layer.kind == 'linear':
+        return nn.Linear(in_channels, out_channels, bias=layer.bias, device='meta')
+    return nn.Conv2d(in_channels, out_channels, layer.kernel, stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, groups=layer.conv_groups, bias=layer.bias, device='meta')
+
+
+@functools.lru_cache(maxsize=None)
+def _decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, level: float, rank_method: str):
+    """Cost of the layer decomposed to keep ``1 - level`` of its FLOPs, with lowrank's own rank rule."""
+    module = _shape_module(layer, in_channels, out_channels)
+    method = method_for(module, rank_method, layer.name)
+    ranks = resolve_ranks(module, f'flops:{1.0 - level:.6g}', method=method, layer_name=layer.name)
+    dense_macs = layer.positions * out_channels * in_channels * layer.kernel[0] * layer.kernel[1]
+    bias_adds = layer.positions * out_channels if layer.bias else 0
+    macs = int(round(dense_macs * flops_ratio(module, ranks, method))) + bias_adds
+    return macs, replacement_params(module, ranks, method), ranks, method
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping
+# ----------------------------------------------------------------------------------------------
+
+def group_layers(table, layers: Sequence[str], mode: str, margin: float | None = None,
+                 keep_factor: float = DEFAULT_KEEP_FACTOR) -> dict[str, str]:
+    """Sensitivity group of each layer: 'prune', 'decompose', 'both' or 'keep' (see module docstring)."""
+    if mode not in MODES:
+        raise HMCConfigError(f"Got mode={mode!r} but expected one of {MODES}")
+    group_of_member = {member: group for group, members in table.groups.items() for member in members}
+    prune_score = {layer: table.mean_drop('prune', group_of_member[layer])
+                   for layer in layers if group_of_member.get(layer) in table.prune}
+    decompose_score = {layer: table.mean_drop('decompose', layer) for layer in layers if layer in table.decompose}
+    if mode == 'prune':
+        return {layer: 'prune' if layer in prune_score else 'keep' for layer in layers}
+    if mode == 'decompose':
+        return {layer: 'decompose' if layer in decompose_score else 'keep' for layer in layers}
+    tau = math.inf if mode == 'ahc' else (DEFAULT_MARGIN if margin is None else float(margin))
+    if tau < 0:
+        raise HMCConfigError(f'Got margin={margin} but expected a number >= 0 (inf reproduces AHC)')
+    all_scores = [max(score, 0.0) for score in list(prune_score.values()) + list(decompose_score.values())]
+    sigma = statistics.median(all_scores) if all_scores else 0.0
+    sigma = sigma if sigma > 0 else (max(all_scores, default=0.0) or 1.0)
+    groups = {}
+    for layer in layers:
+        scores = {op: s[layer] for op, s in (('prune', prune_score), ('decompose', decompose_score)) if layer in s}
+        if not scores:
+            groups[layer] = 'keep'
+            continue
+        best_op = min(scores, key=scores.get)
+        best = max(scores[best_op], 0.0)
+        if len(scores) == 2 and abs(scores['prune'] - scores['decompose']) <= tau * sigma:
+            groups[layer] = 'both'
+        elif best > (keep_factor + tau) * sigma:
+            groups[layer] = 'keep'
+        else:
+            groups[layer] = best_op
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget allocation
+# ----------------------------------------------------------------------------------------------
+
+def _drop_curve(levels: Sequence[float], drops: Sequence[float]):
+    """Monotone piecewise-linear drop(level), with drop(0) = 0."""
+    xs = np.array([0.0] + list(levels))
+    ys = np.maximum.accumulate(np.maximum(np.array([0.0] + list(drops)), 0.0))
+    return lambda level: float(np.interp(level, xs, ys))
+
+
+def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: float | None = None,
+               target_params: float | None = None, margin: float | None = None,
+               keep_factor: float = DEFAULT_KEEP_FACTOR, importance: str = 'l1', round_to: int = 1,
+               max_ratios: dict[str, float] | None = None, step: float = 0.05) -> CompressionPlan:
+    """Group layers by sensitivity, then allocate levels until the cost meets the target.
+
+    Parameters
+    ----------
+    table
+        ``SensitivityTable`` of the model the cost model was built on.
+    target_flops, target_params
+        Fraction of the original FLOPs (MACs) or parameters to keep, in (0, 1]; exactly one.
+    max_ratios
+        Layer name -> cap on the prune ratio of its group (NNI's ``max_sparse_ratio``); a group takes the
+        smallest cap of its members.
+    step
+        Level increment of the greedy allocation (levels between scanned ones are interpolated).
+
+    Returns
+    -------
+    CompressionPlan
+        ``predicted`` holds the cost model's kept fractions; measure the compressed model for the truth.
+    """
+    metric, target = _parse_target(target_flops, target_params)
+    candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
+    groups = group_layers(table, candidates, mode, margin, keep_factor)
+    max_level = max(table.levels)
+
+    max_ratios = max_ratios or {}
+    units: dict[tuple[str, str], Any] = {}
+    unit_max: dict[tuple[str, str], float] = {}
+    for group_name, members in table.groups.items():
+        allowed = [m for m in members if groups.get(m) in ('prune', 'both')]
+        if group_name in table.prune and allowed and 2 * len(allowed) >= len(members):
+            units[('prune', group_name)] = _drop_curve(table.levels, table.prune[group_name])
+            unit_max[('prune', group_name)] = min([max_level] + [max_ratios.get(m, 1.0) for m in members])
+    for layer, group in groups.items():
+        if group in ('decompose', 'both') and layer in table.decompose:
+            units[('decompose', layer)] = _drop_curve(table.levels, table.decompose[layer])
+            unit_max[('decompose', layer)] = max_level
+    # Layers grouped 'keep' are compressed (by their cheaper operator) only if the budget needs them.
+    reserve: dict[tuple[str, str], Any] = {}
+    group_of_member = {member: name for name, members in table.groups.items() for member in members}
+    for layer, group in groups.items():
+        if group != 'keep' or mode in ('prune', 'decompose'):
+            continue
+        options = [('prune', group_of_member[layer])] if group_of_member.get(layer) in table.prune else []
+        options += [('decompose', layer)] if layer in table.decompose else []
+        options = [unit for unit in options if unit not in units]
+        if options:
+            unit = min(options, key=lambda u: table.mean_drop(*u))
+            reserve[unit] = _drop_curve(table.levels, getattr(table, unit[0])[unit[1]])
+            unit_max[unit] = max_level if unit[0] == 'decompose' else min(
+                [max_level] + [max_ratios.get(m, 1.0) for m in table.groups[unit[1]]])
+
+    prune_ratios: dict[str, float] = {}
+    dec_levels: dict[str, float] = {}
+    metric_index = 0 if metric == 'flops' else 1
+    layer_costs = {name: cost.layer_cost(name, prune_ratios, dec_levels, round_to)[metric_index] for name in cost.layers}
+    total = sum(layer_costs.values())
+    goal = target * cost.full[metric]
+
+    def affected(unit):
+        operator, name = unit
+        return cost.affected[name] if operator == 'prune' else [name]
+
+    def level_of(unit):
+        return (prune_ratios if unit[0] == 'prune' else dec_levels).get(unit[1], 0.0)
+
+    def costs_with(unit, level):
+        trial_prune = dict(prune_ratios)
+        trial_dec = dict(dec_levels)
+        (trial_prune if unit[0] == 'prune' else trial_dec)[unit[1]] = level
+        return {name: cost.layer_cost(name, trial_prune, trial_dec, round_to)[metric_index] for name in affected(unit)}
+
+    while total > goal:
+        best = None
+        for unit, curve in units.items():
+            level = level_of(unit)
+            if level >= unit_max[unit] - 1e-9:
+                continue
+            new_level = min(unit_max[unit], round(level + step, 6))
+            new_costs = costs_with(unit, new_level)
+            saved = sum(layer_costs[name] - value for name, value in new_costs.items())
+            if saved <= 0:
+                continue
+            score = (curve(new_level) - curve(level) + 1e-12) / saved
+            if best is None or score < best[0]:
+                best = (score, unit, new_level, new_costs, saved)
+        if best is None and reserve:
+            _logger.warning('The budget needs layers grouped "keep" (too sensitive to both operators): '
+                            'compressing %d of them with their cheaper operator', len(reserve))
+            units.update(reserve)
+            reserve = {}
+            continue
+        if best is None:
+            reachable = total / cost.full[metric]
+            raise HMCConfigError(
+                f'Got target_{metric}={target} but the selected layers can only reach {reachable:.3f} of the '
+                f'original {metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
+                f'to the selection or add a higher level')
+        _, unit, new_level, new_costs, saved = best
+        (prune_ratios if unit[0] == 'prune' else dec_levels)[unit[1]] = new_level
+        layer_costs.update(new_costs)
+        total -= saved
+
+    plan_layers = []
+    for name in candidates:
+        group_name = cost.out_group.get(name)
+        ratio = prune_ratios.get(group_name, 0.0)
+        _, _, ranks, method = cost.layer_cost(name, prune_ratios, dec_levels, round_to)
+        group = {(True, True): 'both', (True, False): 'prune', (False, True): 'decompose',
+                 (False, False): 'keep'}[(ratio > 0, ranks is not None)]
+        plan_layers.append(LayerPlan(name, group, ratio, group_name, method, ranks))
+    predicted = {key: sum(cost.layer_cost(name, prune_ratios, dec_levels, round_to)[i] for name in cost.layers) / cost.full[key]
+                 for i, key in enumerate(('flops', 'params'))}
+    return CompressionPlan(plan_layers, mode, {metric: target}, importance, round_to,
+                           margin if mode in ('hmc', 'nahc') else None, predicted)
+
+
+def _members(table) -> set[str]:
+    return {member for group in table.prune for member in table.groups.get(group, [])}
+
+
+def _parse_target(target_flops, target_params) -> tuple[str, float]:
+    given = {key: value for key, value in (('flops', target_flops), ('params', target_params)) if value is not None}
+    if len(given) != 1:
+        raise HMCConfigError(f'Got targets {given or "none"} but expected exactly one of target_flops, target_params')
+    (metric, target), = given.items()
+    if not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+        raise HMCConfigError(f'Got target_{metric}={target!r} but expected a fraction to keep in (0, 1]')
+    return metric, float(target)

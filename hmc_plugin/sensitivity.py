@@ -1,0 +1,313 @@
+"""Per-layer sensitivity scans: how much the metric drops when one layer is pruned or decomposed.
+
+For every candidate pruning group (torch-pruning's coupled channels, named by its leader layer)
+and every candidate layer to decompose, at each level ``c`` (fraction of that layer's FLOPs
+removed), the operator is applied to that unit alone, the metric drop is measured, and the model
+is restored bit for bit. Pruning is simulated with NNI-format channel masks (pruned channels
+become exact zeros); decomposition by swapping in the low-rank reconstruction of the weight.
+
+Two ways to measure the drop:
+
+- ``evaluator``: ``baseline - eval_fn(model)`` with the user's real metric (higher is better).
+- ``proxy``: KL divergence of the model's output distribution from the original's, on a small
+  cached calibration batch (0 for no change; the same units for both operators).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .counting import as_input_tuple
+from .errors import HMCConfigError
+from .lowrank import low_rank_weight, method_for
+from .pruning import PruningGroup, group_channel_masks
+
+__all__ = ['DEFAULT_LEVELS', 'SensitivityTable', 'scan_sensitivity', 'zeroed_by_masks', 'swapped_weight',
+           'proxy_metric', 'model_fingerprint']
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
+SCAN_MODES = ('evaluator', 'proxy')
+
+Masks = dict[str, dict[str, torch.Tensor]]
+MaskContext = Callable[[Masks], ContextManager[None]]
+
+
+@dataclass
+class SensitivityTable:
+    """Metric drop per unit and level, for both operators; the seam between scan and plan.
+
+    ``prune[group_name][i]`` and ``decompose[layer_name][i]`` are the drops at ``levels[i]``
+    (fraction of the unit's FLOPs removed). ``groups`` maps each pruning group to its member layers.
+    """
+
+    levels: list[float]
+    mode: str
+    baseline: float
+    prune: dict[str, list[float]] = field(default_factory=dict)
+    decompose: dict[str, list[float]] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(asdict(self), indent=1)
+        if path is not None:
+            _atomic_write(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> 'SensitivityTable':
+        text = str(text_or_path)
+        if not text.lstrip().startswith('{'):
+            text = Path(text_or_path).read_text()
+        data = json.loads(text)
+        return cls(**data)
+
+    def is_complete(self) -> bool:
+        """True when every scheduled unit has a drop for every level."""
+        expected = self.settings.get('units', {})
+        return all(len(getattr(self, op).get(name, [])) == len(self.levels)
+                   for op, names in expected.items() for name in names)
+
+    def mean_drop(self, operator: str, name: str) -> float:
+        """Mean drop over the levels (the per-unit sensitivity used for ranking and grouping)."""
+        drops = getattr(self, operator)[name]
+        return sum(drops) / len(drops)
+
+    def plot(self, path: str | os.PathLike, max_layers: int = 64) -> None:
+        """Draw per-layer curves (drop against level), pruning and decomposition side by side, as a PNG."""
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        cmap = plt.get_cmap('viridis')
+        for ax, operator, title in ((axes[0], 'prune', 'pruning (per group)'),
+                                    (axes[1], 'decompose', 'decomposition (per layer)')):
+            curves = list(getattr(self, operator).items())[:max_layers]
+            for index, (name, drops) in enumerate(curves):
+                ax.plot([0.0] + self.levels, [0.0] + drops, marker='.', linewidth=1,
+                        color=cmap(index / max(1, len(curves) - 1)), label=name)
+            ax.set_title(title)
+            ax.set_xlabel("fraction of the layer's FLOPs removed")
+            ax.grid(alpha=0.3)
+            if len(curves) <= 12:
+                ax.legend(fontsize=6)
+        axes[0].set_ylabel(f'metric drop ({self.mode})')
+        fig.suptitle('HMC sensitivity scan (colour: depth, shallow to deep)')
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the state_dict (names, shapes and bytes): identifies a model's weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b'')
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def zeroed_by_masks(model: nn.Module, masks: Masks) -> Iterator[None]:
+    """Multiply the masked parameters by their 0/1 masks, restore the exact tensors afterwards."""
+    modules = dict(model.named_modules())
+    saved = []
+    try:
+        with torch.no_grad():
+            for module_name, targets in masks.items():
+                for param_name, mask in targets.items():
+                    param = getattr(modules[module_name], param_name, None)
+                    if isinstance(param, torch.Tensor):
+                        saved.append((param, param.data))
+                        param.data = param.data * mask.to(param.dtype)
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
+@contextlib.contextmanager
+def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """Use ``weight`` as ``module.weight`` inside the block; the original tensor comes back after."""
+    original = module.weight.data
+    module.weight.data = weight.to(original.dtype)
+    try:
+        yield
+    finally:
+        module.weight.data = original
+
+
+@torch.no_grad()
+def proxy_metric(model: nn.Module, calibration_inputs: tuple, reference_log_probs: torch.Tensor) -> float:
+    """KL(original || current) of the output distributions, batch mean, in nats (0 = unchanged)."""
+    log_probs = F.log_softmax(model(*calibration_inputs).flatten(1).float(), dim=1)
+    return float(F.kl_div(log_probs, reference_log_probs, log_target=True, reduction='batchmean'))
+
+
+def _schedule(groups: Sequence[PruningGroup], layers: Sequence[str]) -> dict[str, list[str]]:
+    return {'prune': [group.name for group in groups], 'decompose': list(layers)}
+
+
+def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[PruningGroup] = (),
+                     layers: Sequence[str] = (), mode: str = 'proxy',
+                     eval_fn: Callable[[nn.Module], float] | None = None,
+                     calibration_inputs: Any = None, levels: Sequence[float] = DEFAULT_LEVELS,
+                     importance: str = 'l1', round_to: int = 1, rank_method: str = 'auto',
+                     calibration_targets: torch.Tensor | None = None,
+                     cache_path: str | os.PathLike | None = None, progress: bool = True,
+                     mask_context: MaskContext | None = None, mask_model: nn.Module | None = None,
+                     weight_owner: Callable[[str], nn.Module] | None = None) -> SensitivityTable:
+    """Measure the metric drop of pruning each group and decomposing each layer, one unit at a time.
+
+    Parameters
+    ----------
+    model
+        The model to scan. It is left bit-for-bit as it was (weights, buffers, train/eval mode).
+    dummy_input
+        Example input for torch-pruning's dependency graph (batch 1 is enough).
+    groups, layers
+        Pruning groups (from ``pruning.find_pruning_groups``) and layer names to decompose.
+    mode : 'evaluator' or 'proxy'
+        ``evaluator`` needs ``eval_fn(model) -> float`` (higher is better, e.g. accuracy);
+        ``proxy`` needs ``calibration_inputs`` (a tensor or tuple, e.g. 64 images).
+    levels
+        Fractions of a unit's FLOPs removed, each in (0, 1). Pruning level ``c`` prunes a fraction
+        ``c`` of the group's channels; decomposition level ``c`` keeps ``1 - c`` of the layer's FLOPs.
+    cache_path
+        JSON file updated after every unit: a rerun with the same model weights and settings continues
+        where an interrupted scan stopped and yields the same table.
+    calibration_targets
+        Labels of ``calibration_inputs``; only ``importance='taylor'`` needs them (its gradients).
+    mask_context
+        ``masks -> context manager`` that simulates pruning; default zeroes parameters by the masks
+        (``zeroed_by_masks``). The NNI compressor passes one that sets masks on NNI's wrappers.
+    mask_model
+        An unwrapped module with the same names and weights, used to compute masks and low-rank weights
+        when ``model`` is wrapped by NNI (defaults to ``model``).
+    weight_owner
+        ``layer name -> module`` whose ``.weight`` is the live weight to swap (NNI: the layer's wrapper).
+    """
+    if mode not in SCAN_MODES:
+        raise HMCConfigError(f"Got sensitivity mode={mode!r} but expected one of {SCAN_MODES}")
+    levels = [float(level) for level in levels]
+    if not levels or any(not 0.0 < level < 1.0 for level in levels) or levels != sorted(set(levels)):
+        raise HMCConfigError(f'Got levels={levels} but expected increasing fractions in (0, 1), e.g. {list(DEFAULT_LEVELS)}')
+    if mode == 'evaluator' and eval_fn is None:
+        raise HMCConfigError("sensitivity mode 'evaluator' needs an evaluator or eval_fn; pass one or use mode='proxy'")
+    if mode == 'proxy' and calibration_inputs is None:
+        raise HMCConfigError("sensitivity mode 'proxy' needs calibration_inputs (a small batch of model inputs)")
+    mask_model = mask_model if mask_model is not None else model
+    mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
+
+    calibration_batch = None
+    if importance == 'taylor':
+        if calibration_inputs is None or calibration_targets is None:
+            raise HMCConfigError("importance='taylor' needs calibration_inputs and calibration_targets (its gradients)")
+        calibration_batch = (calibration_inputs, calibration_targets)
+    schedule = _schedule(groups, layers)
+    settings = {'mode': mode, 'levels': levels, 'importance': importance, 'round_to': round_to,
+                'rank_method': rank_method, 'units': schedule, 'weights': model_fingerprint(mask_model)}
+    table = _load_cache(cache_path, settings)
+
+    was_training = model.training
+    model.eval()
+    modules = dict(mask_model.named_modules())
+    weight_owner = weight_owner or modules.__getitem__
+    try:
+        if mode == 'proxy':
+            calibration = as_input_tuple(calibration_inputs)
+            with torch.no_grad():
+                reference = F.log_softmax(model(*calibration).flatten(1).float(), dim=1)
+
+            def drop() -> float:
+                return proxy_metric(model, calibration, reference)
+            baseline = 0.0
+        else:
+            baseline = float(eval_fn(model))
+            if not math.isfinite(baseline):
+                raise HMCConfigError(f'The evaluator returned {baseline} for the unmodified model; it must return a finite metric')
+
+            def drop() -> float:
+                value = float(eval_fn(model))
+                if not math.isfinite(value):
+                    raise HMCConfigError(f'The evaluator returned {value}; it must return a finite metric')
+                return baseline - value
+
+        if table is None:
+            table = SensitivityTable(levels=levels, mode=mode, baseline=baseline,
+                                     groups={group.name: list(group.members) for group in groups},
+                                     settings=settings)
+        todo = [(op, name) for op, names in schedule.items() for name in names
+                if len(getattr(table, op).get(name, [])) < len(levels)]
+        total = len(todo) * len(levels)
+        started = time.perf_counter()
+        seconds_before = table.seconds
+        masks_by_level: dict[float, dict[str, Masks]] = {}
+        with tqdm(total=total, desc=f'HMC sensitivity scan ({mode})', disable=not progress, unit='eval') as bar:
+            for operator, name in todo:
+                drops = []
+                for level in levels:
+                    if operator == 'prune':
+                        if level not in masks_by_level:
+                            masks_by_level[level] = group_channel_masks(
+                                mask_model, dummy_input, {group.name: level for group in groups},
+                                importance=importance, round_to=round_to, calibration=calibration_batch)
+                        with mask_context(masks_by_level[level][name]):
+                            drops.append(drop())
+                    else:
+                        module = modules[name]
+                        spec = f'flops:{1.0 - level:.6g}'
+                        weight = low_rank_weight(module, spec, method=method_for(module, rank_method, name), layer_name=name)
+                        with swapped_weight(weight_owner(name), weight):
+                            drops.append(drop())
+                    table.evaluations += 1
+                    bar.update(1)
+                getattr(table, operator)[name] = drops
+                table.seconds = seconds_before + time.perf_counter() - started
+                if cache_path is not None:
+                    table.to_json(cache_path)
+    finally:
+        model.train(was_training)
+    return table
+
+
+def _load_cache(cache_path, settings: dict) -> SensitivityTable | None:
+    if cache_path is None or not Path(cache_path).exists():
+        return None
+    try:
+        table = SensitivityTable.from_json(cache_path)
+    except (ValueError, TypeError, KeyError) as error:
+        _logger.warning('Sensitivity cache %s is corrupt (%s); rebuilding it.', cache_path, error)
+        return None
+    if table.settings != settings:
+        _logger.warning('Sensitivity cache %s was made with other weights or settings; rescanning.', cache_path)
+        return None
+    _logger.info('Resuming sensitivity scan from %s (%d evaluations done).', cache_path, table.evaluations)
+    return table

@@ -1,0 +1,58 @@
+"""Grouping rules and the plain-data plan, on hand-made sensitivity tables."""
+import math
+
+import pytest
+
+from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.plan import CompressionPlan, LayerPlan, group_layers
+from hmc_plugin.sensitivity import SensitivityTable
+
+
+def table(prune, decompose):
+    """One group per layer, named like the layer; drops given as the mean at every level."""
+    return SensitivityTable(levels=[0.5], mode='proxy', baseline=0.0,
+                            prune={name: [value] for name, value in prune.items()},
+                            decompose={name: [value] for name, value in decompose.items()},
+                            groups={name: [name] for name in prune})
+
+
+SENSITIVITIES = table(prune={'a': 0.1, 'b': 1.0, 'c': 0.50, 'd': 9.0},
+                      decompose={'a': 1.0, 'b': 0.1, 'c': 0.55, 'd': 8.0})
+LAYERS = ['a', 'b', 'c', 'd']
+
+
+def test_nahc_groups_by_the_cheaper_operator_both_when_close_keep_when_both_hurt():
+    # median of all drops = 0.775; margin 0.1 -> "close" means within 0.0775; keep above (4 + 0.1) * 0.775
+    groups = group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=0.1)
+    assert groups == {'a': 'prune', 'b': 'decompose', 'c': 'both', 'd': 'keep'}
+
+
+def test_infinite_margin_is_ahc_and_single_modes_allow_one_operator():
+    assert set(group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=math.inf).values()) == {'both'}
+    assert group_layers(SENSITIVITIES, LAYERS, 'ahc') == group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=math.inf)
+    assert set(group_layers(SENSITIVITIES, LAYERS, 'prune').values()) == {'prune'}
+    assert set(group_layers(SENSITIVITIES, LAYERS, 'decompose').values()) == {'decompose'}
+
+
+def test_zero_margin_never_uses_both():
+    assert 'both' not in group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=0.0).values()
+
+
+def test_bad_mode_or_margin_is_named():
+    with pytest.raises(HMCConfigError, match="mode='fast'"):
+        group_layers(SENSITIVITIES, LAYERS, 'fast')
+    with pytest.raises(HMCConfigError, match='margin=-1'):
+        group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=-1)
+
+
+def test_plan_round_trips_through_json_with_infinite_margin():
+    plan = CompressionPlan(
+        layers=[LayerPlan('layer1.0.conv1', 'both', 0.25, 'layer1.0.conv1', 'tucker2', (8, 12)),
+                LayerPlan('layer1.0.conv2', 'keep', 0.0, 'conv1')],
+        mode='hmc', target={'flops': 0.5}, margin=math.inf, predicted={'flops': 0.5, 'params': 0.4})
+    again = CompressionPlan.from_json(plan.to_json())
+    assert again == plan
+    assert again.prune_ratios == {'layer1.0.conv1': 0.25}
+    assert again.ranks == {'layer1.0.conv1': (8, 12)}
+    text = plan.table()
+    assert 'layer1.0.conv1' in text and '8x12' in text and 'both: 1' in text

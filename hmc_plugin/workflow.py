@@ -1,0 +1,190 @@
+"""End-to-end runs shared by the CLI, the recipes and the main job: train (or load) a baseline, scan once,
+compress with each method through ``HMCCompressor`` at the same budget, fine-tune each the same, measure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .compressor import HMCCompressor
+from .counting import count_flops, count_params, measure_latency
+from .data import DataSplits, calibration_batch, make_loaders
+from .export import save_compressed
+from .plan import CompressionPlan
+from .sensitivity import SensitivityTable
+from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
+
+__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """Everything a run depends on; written into report.json so a run can be reproduced."""
+
+    model: str = 'resnet56'
+    data: str = 'digits'
+    target_flops: float | None = 0.5
+    target_params: float | None = None
+    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
+    op_types: Sequence[str] = ('Conv2d',)
+    exclude_op_names: Sequence[str] = ()
+    levels: Sequence[float] = (0.2, 0.4, 0.6, 0.8)
+    importance: str = 'l1'
+    rank_method: str = 'auto'
+    margin: float | None = None
+    sensitivity: str = 'proxy'
+    calibration_size: int = 64
+    train_epochs: int = 15
+    train_lr: float = 0.1
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    seed: int = 0
+    threads: int = 2
+    distill: bool = False
+    speedup: str = 'nni'
+    checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()}
+
+
+def train_or_load_baseline(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
+                           progress: bool = True) -> nn.Module:
+    """Load ``settings.checkpoint`` or a cached ``out_dir/baseline.pt`` made with the same settings; else train."""
+    if settings.checkpoint:
+        state = torch.load(settings.checkpoint, map_location='cpu', weights_only=True)
+        model.load_state_dict(state.get('state_dict', state) if isinstance(state, dict) else state)
+        return model
+    key = {k: getattr(settings, k) for k in ('model', 'data', 'train_epochs', 'train_lr', 'batch_size', 'seed')}
+    cache = out_dir / 'baseline.pt'
+    if cache.exists():
+        saved = torch.load(cache, map_location='cpu', weights_only=True)
+        if saved.get('key') == json.dumps(key, sort_keys=True):
+            model.load_state_dict(saved['state_dict'])
+            _logger.info('Loaded the cached baseline from %s', cache)
+            return model
+    torch.manual_seed(settings.seed)
+    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.train_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, settings.train_epochs))
+    for _ in range(settings.train_epochs):
+        train(model, optimizer, training_step, train_loader, max_epochs=1, progress=progress, description='train baseline')
+        scheduler.step()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({'key': json.dumps(key, sort_keys=True), 'state_dict': model.state_dict()}, cache)
+    return model
+
+
+def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str, *,
+                    table: SensitivityTable | None = None, plan: CompressionPlan | None = None,
+                    cache_path: Path | None = None, progress: bool = True) -> HMCCompressor:
+    """An ``HMCCompressor`` for ``mode`` with a ``TorchEvaluator`` on ``splits`` (NNI's user flow)."""
+    train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr,
+                                     dummy_input=dummy_input, progress=progress)
+    entry: dict[str, Any] = {'op_types': list(settings.op_types), 'mode': mode, 'levels': list(settings.levels),
+                             'importance': settings.importance, 'rank_method': settings.rank_method,
+                             'sensitivity': settings.sensitivity, 'speedup': settings.speedup, 'distill': settings.distill}
+    if settings.exclude_op_names:
+        entry['exclude_op_names'] = list(settings.exclude_op_names)
+    if settings.target_flops is not None:
+        entry['target_flops'] = settings.target_flops
+    else:
+        entry['target_params'] = settings.target_params
+    if settings.margin is not None:
+        entry['margin'] = settings.margin
+    calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
+    return HMCCompressor(model, [entry], evaluator, dummy_input, calibration_inputs=calibration,
+                         sensitivity_table=table, plan=plan, cache_path=str(cache_path) if cache_path else None,
+                         progress=progress)
+
+
+def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
+         progress: bool = True) -> SensitivityTable:
+    """Scan once (resumable through ``out_dir/sensitivity.json``) and draw ``sensitivity.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    compressor = make_compressor(model, splits, settings, 'nahc', cache_path=out_dir / 'sensitivity.json',
+                                 progress=progress)
+    try:
+        table = compressor.scan()
+    finally:
+        compressor.unwrap_model()
+    table.to_json(out_dir / 'sensitivity.json')
+    table.plot(out_dir / 'sensitivity.png')
+    return table
+
+
+def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str,
+                         table: SensitivityTable, progress: bool = True) -> tuple[dict[str, Any], nn.Module, CompressionPlan]:
+    """Compress a copy of ``model`` with ``mode``, fine-tune it, and measure one report row."""
+    _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    batch64 = torch.zeros(64, splits.in_channels, splits.image_size, splits.image_size)
+    started = time.perf_counter()
+    compressor = make_compressor(model, splits, settings, mode, table=table, progress=progress)
+    compressed, _ = compressor.compress()
+    plan = compressor.plan
+    acc_zero_shot = evaluate_accuracy(compressed, test_loader)
+    torch.manual_seed(settings.seed)
+    compressor.finetune(compressed, max_epochs=settings.finetune_epochs)
+    row = {
+        'model': settings.model, 'mode': mode, 'target_flops': settings.target_flops,
+        'params_before': count_params(model), 'params_after': count_params(compressed),
+        'flops_before': count_flops(model, dummy_input), 'flops_after': count_flops(compressed, dummy_input),
+        'acc_before': evaluate_accuracy(model, test_loader), 'acc_zero_shot': acc_zero_shot,
+        'acc_after': evaluate_accuracy(compressed, test_loader),
+        'latency_ms_before': measure_latency(model, dummy_input, num_threads=settings.threads),
+        'latency_ms_after': measure_latency(compressed, dummy_input, num_threads=settings.threads),
+        'latency_ms_before_b64': measure_latency(model, batch64, num_threads=settings.threads, repeats=5),
+        'latency_ms_after_b64': measure_latency(compressed, batch64, num_threads=settings.threads, repeats=5),
+        'seconds': time.perf_counter() - started,
+        'groups': plan.group_counts(),
+        'layers': [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
+                    'ranks': list(layer.ranks) if layer.ranks else None} for layer in plan.layers],
+    }
+    return row, compressed, plan
+
+
+def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, Any]:
+    """The reference row: the model as trained."""
+    _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    batch64 = torch.zeros(64, splits.in_channels, splits.image_size, splits.image_size)
+    params, flops, accuracy = count_params(model), count_flops(model, dummy_input), evaluate_accuracy(model, test_loader)
+    latency = measure_latency(model, dummy_input, num_threads=settings.threads)
+    latency64 = measure_latency(model, batch64, num_threads=settings.threads, repeats=5)
+    return {'model': settings.model, 'mode': 'uncompressed', 'target_flops': None,
+            'params_before': params, 'params_after': params, 'flops_before': flops, 'flops_after': flops,
+            'acc_before': accuracy, 'acc_zero_shot': accuracy, 'acc_after': accuracy,
+            'latency_ms_before': latency, 'latency_ms_after': latency,
+            'latency_ms_before_b64': latency64, 'latency_ms_after_b64': latency64, 'layers': []}
+
+
+def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
+                    progress: bool = True) -> tuple[list[dict[str, Any]], SensitivityTable]:
+    """Baseline, one scan, every method at the same budget; saves plan.json and the compressed model of
+    the last method (NaHC by default)."""
+    model = train_or_load_baseline(model, splits, settings, out_dir, progress)
+    table = scan(model, splits, settings, out_dir, progress)
+    rows = [uncompressed_row(model, splits, settings)]
+    for mode in settings.methods:
+        row, compressed, plan = compress_and_measure(model, splits, settings, mode, table, progress)
+        rows.append(row)
+        _logger.info('%s: FLOPs kept %.3f, accuracy %.4f -> %.4f', mode, row['flops_after'] / row['flops_before'],
+                     row['acc_zero_shot'], row['acc_after'])
+        if mode == settings.methods[-1]:
+            plan.to_json(out_dir / 'plan.json')
+            save_compressed(compressed, out_dir / f'compressed_{mode}.pt', plan)
+    return rows, table

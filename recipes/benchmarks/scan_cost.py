@@ -1,0 +1,98 @@
+"""Sensitivity scan cost and proxy fidelity.
+
+Scans CIFAR ResNet-56 trained on the embedded digits data in both modes (evaluator: test accuracy;
+proxy: KL divergence on a 64-image calibration batch), prints wall time and number of evaluations of
+each, and the Spearman rank correlation of the per-unit sensitivities (mean drop over the levels,
+pruning groups and decomposed layers together). Optionally times a proxy scan of torchvision
+ResNet-50 on a generated 64-image 224x224 calibration batch.
+
+    .venv/bin/python recipes/benchmarks/scan_cost.py --out runs/scan_cost [--resnet50] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmc_plugin.data import calibration_batch, load_digits_data, make_loaders
+from hmc_plugin.models import build_model
+from hmc_plugin.pruning import find_pruning_groups
+from hmc_plugin.sensitivity import scan_sensitivity
+from hmc_plugin.training import evaluate_accuracy
+from hmc_plugin.workflow import RunSettings, train_or_load_baseline
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def unit_scores(table) -> dict[str, float]:
+    scores = {f'prune:{name}': table.mean_drop('prune', name) for name in table.prune}
+    scores.update({f'decompose:{name}': table.mean_drop('decompose', name) for name in table.decompose})
+    return scores
+
+
+def scan_model(model, dummy_input, mode, **kwargs):
+    groups = find_pruning_groups(model, dummy_input)
+    layers = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    started = time.perf_counter()
+    table = scan_sensitivity(model, dummy_input, groups=groups, layers=layers, mode=mode, **kwargs)
+    return table, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='runs/scan_cost')
+    parser.add_argument('--model', default='resnet56')
+    parser.add_argument('--train-epochs', type=int, default=15)
+    parser.add_argument('--resnet50', action='store_true', help='also time a proxy scan of torchvision ResNet-50')
+    parser.add_argument('--quick', action='store_true', help='resnet20, 1 training epoch, 2 levels: checks the harness')
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = 'resnet20' if args.quick else args.model
+    levels = (0.3, 0.6) if args.quick else (0.2, 0.4, 0.6, 0.8)
+    splits = load_digits_data()
+    settings = RunSettings(model=model_name, train_epochs=1 if args.quick else args.train_epochs)
+    model = train_or_load_baseline(build_model(model_name, 10, 3), splits, settings, out, progress=False)
+    _, test_loader = make_loaders(splits)
+    dummy_input = torch.zeros(1, 3, 32, 32)
+    calibration, _ = calibration_batch(splits, 64)
+    results = {'model': model_name, 'levels': list(levels)}
+    proxy, proxy_seconds = scan_model(model, dummy_input, 'proxy', calibration_inputs=calibration, levels=levels,
+                                      progress=False)
+    evaluator, evaluator_seconds = scan_model(model, dummy_input, 'evaluator', levels=levels, progress=False,
+                                              eval_fn=lambda m: evaluate_accuracy(m, test_loader))
+    proxy_scores, evaluator_scores = unit_scores(proxy), unit_scores(evaluator)
+    names = sorted(proxy_scores)
+    results.update({
+        'proxy': {'seconds': proxy_seconds, 'evaluations': proxy.evaluations},
+        'evaluator': {'seconds': evaluator_seconds, 'evaluations': evaluator.evaluations},
+        'spearman_all_units': spearman([proxy_scores[n] for n in names], [evaluator_scores[n] for n in names]),
+        'spearman_prune_groups': spearman([proxy_scores[n] for n in names if n.startswith('prune:')],
+                                          [evaluator_scores[n] for n in names if n.startswith('prune:')]),
+        'spearman_decomposed_layers': spearman([proxy_scores[n] for n in names if n.startswith('decompose:')],
+                                               [evaluator_scores[n] for n in names if n.startswith('decompose:')]),
+    })
+    proxy.to_json(out / 'proxy.json')
+    evaluator.to_json(out / 'evaluator.json')
+    if args.resnet50:
+        r50 = build_model('torchvision:resnet50', 10, 3).eval()
+        generator = torch.Generator().manual_seed(0)
+        r50_calibration = torch.randn(64, 3, 224, 224, generator=generator)
+        table, seconds = scan_model(r50, torch.zeros(1, 3, 224, 224), 'proxy', calibration_inputs=r50_calibration,
+                                    progress=False)
+        results['resnet50_proxy'] = {'seconds': seconds, 'evaluations': table.evaluations}
+    (out / 'scan_cost.json').write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+    main()
