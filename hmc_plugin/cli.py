@@ -33,6 +33,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--train-epochs', type=int, help='epochs to train the baseline when no checkpoint (default 15)')
     parser.add_argument('--seed', type=int)
     parser.add_argument('--threads', type=int, help='torch threads for training and latency (default 2)')
+    parser.add_argument('--calibration-size', type=int, help='images in the proxy calibration batch (default 64)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
@@ -97,7 +98,7 @@ def _load(args, settings):
     from .models import build_model
 
     torch.set_num_threads(settings.threads)
-    splits = parse_data_spec(settings.data, getattr(args, 'image_size', None))
+    splits = parse_data_spec(settings.data, settings.image_size)
     model = build_model(settings.model, splits.num_classes, splits.in_channels)
     return model, splits
 

@@ -55,7 +55,7 @@ def _torch_threads(num_threads: int):
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, repeats: int = 10,
+def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
                     num_threads: int = 2) -> float:
     """Median wall time of one forward pass in milliseconds, on CPU, in eval mode.
 

@@ -406,8 +406,8 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
     """Replace masked modules by smaller dense ones with NNI's ``ModelSpeedup``.
 
     Works **in place**: ``model`` itself is changed and returned. It is traced first (with
-    ``torch.fx``), so an untraceable model raises before anything changes. Train/eval flags are
-    restored afterwards (NNI would otherwise set them all from the graph module's flag).
+    ``torch.fx``), so an untraceable model raises before anything changes. NNI runs in eval mode (BN
+    statistics stay as they are) and every module's train/eval flag is restored afterwards.
 
     Parameters
     ----------
@@ -426,9 +426,12 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
     from nni.compression.speedup import ModelSpeedup
 
     graph_module = trace_model(model, dummy_input)
-    graph_module.train(model.training)
     _check_masks(model, masks)
     with _preserved_modes(model), _quiet_nni() as speedup_logger:
+        # eval mode while NNI propagates shapes: train-mode BN would update its running statistics on the
+        # dummy input, and fails outright on a batch of one 1x1 feature map
+        model.eval()
+        graph_module.eval()
         return ModelSpeedup(model, dummy_input, masks, graph_module=graph_module,
                             logger=speedup_logger).speedup_model()
 

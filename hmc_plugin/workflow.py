@@ -32,6 +32,7 @@ class RunSettings:
 
     model: str = 'resnet56'
     data: str = 'digits'
+    image_size: int | None = None
     target_flops: float | None = 0.5
     target_params: float | None = None
     methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
@@ -46,7 +47,7 @@ class RunSettings:
     train_epochs: int = 15
     train_lr: float = 0.1
     finetune_epochs: int = 3
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.003
     batch_size: int = 64
     seed: int = 0
     threads: int = 2
@@ -147,8 +148,8 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
         'acc_after': evaluate_accuracy(compressed, test_loader),
         'latency_ms_before': measure_latency(model, dummy_input, num_threads=settings.threads),
         'latency_ms_after': measure_latency(compressed, dummy_input, num_threads=settings.threads),
-        'latency_ms_before_b64': measure_latency(model, batch64, num_threads=settings.threads, repeats=5),
-        'latency_ms_after_b64': measure_latency(compressed, batch64, num_threads=settings.threads, repeats=5),
+        'latency_ms_before_b64': measure_latency(model, batch64, num_threads=settings.threads, warmup=2, repeats=7),
+        'latency_ms_after_b64': measure_latency(compressed, batch64, num_threads=settings.threads, warmup=2, repeats=7),
         'seconds': time.perf_counter() - started,
         'groups': plan.group_counts(),
         'layers': [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
@@ -164,7 +165,7 @@ def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings
     batch64 = torch.zeros(64, splits.in_channels, splits.image_size, splits.image_size)
     params, flops, accuracy = count_params(model), count_flops(model, dummy_input), evaluate_accuracy(model, test_loader)
     latency = measure_latency(model, dummy_input, num_threads=settings.threads)
-    latency64 = measure_latency(model, batch64, num_threads=settings.threads, repeats=5)
+    latency64 = measure_latency(model, batch64, num_threads=settings.threads, warmup=2, repeats=7)
     return {'model': settings.model, 'mode': 'uncompressed', 'target_flops': None,
             'params_before': params, 'params_after': params, 'flops_before': flops, 'flops_after': flops,
             'acc_before': accuracy, 'acc_zero_shot': accuracy, 'acc_after': accuracy,

@@ -237,3 +237,15 @@ def test_physical_pruning_keeps_mode_dtype_and_requires_grad(model, dummy):
     assert all(param.dtype == torch.float64 for param in pruned.parameters())
     assert not pruned.layer1[0].conv2.weight.requires_grad
     assert pruned.layer1[0].conv1.weight.requires_grad
+
+
+def test_nni_speedup_of_a_train_mode_model_keeps_bn_statistics_and_mode():
+    from hmc_plugin.models import resnet20
+    from hmc_plugin.pruning import channel_masks, speedup_with_nni
+    model = resnet20().train()
+    dummy_input = torch.zeros(1, 3, 32, 32)
+    masks = channel_masks(model, dummy_input, {'layer1.0.conv1': 0.5})
+    running_mean = model.layer2[0].bn1.running_mean.clone()
+    speedup_with_nni(model, dummy_input, masks)
+    assert torch.equal(model.layer2[0].bn1.running_mean, running_mean)
+    assert model.training and model.layer1[0].bn1.training

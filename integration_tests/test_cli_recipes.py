@@ -1,0 +1,121 @@
+"""The `hmc` command and the recipes, on tiny settings (ResNet-20, short schedules, generated data)."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmc_plugin.cli import main
+from hmc_plugin.export import load_compressed
+from hmc_plugin.report import ROW_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ['--train-epochs', '1', '--finetune-epochs', '1', '--quiet']
+
+
+def test_help_lists_the_subcommands():
+    result = subprocess.run([sys.executable, '-m', 'hmc_plugin.cli', '--help'], capture_output=True, text=True, check=True)
+    for command in ('scan', 'plan', 'compress', 'report'):
+        assert command in result.stdout
+
+
+def test_report_on_digits_writes_every_file_with_the_documented_rows(tmp_path, capsys):
+    assert main(['report', '--model', 'resnet20', '--data', 'digits', '--methods', 'prune,nahc',
+                 '--target-flops', '0.5', '--out', str(tmp_path), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert 'uncompressed' in printed and 'nahc' in printed and 'acc fine-tuned' in printed
+    for name in ('report.json', 'report.md', 'plan.json', 'pareto.png', 'sensitivity.png', 'sensitivity.json',
+                 'compressed_nahc.pt'):
+        assert (tmp_path / name).exists(), name
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert [row['mode'] for row in report['methods']] == ['uncompressed', 'prune', 'nahc']
+    for row in report['methods']:
+        assert set(ROW_KEYS) <= set(row)
+    nahc = report['methods'][-1]
+    assert abs(nahc['flops_after'] / nahc['flops_before'] - 0.5) <= 0.02
+    assert {'name', 'group', 'prune_ratio', 'ranks'} <= set(nahc['layers'][0])
+    model, plan = load_compressed(tmp_path / 'compressed_nahc.pt')
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_scan_plan_compress_steps_share_the_output_folder(tmp_path, capsys):
+    out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet']
+    assert main(['scan', *out]) == 0
+    assert (tmp_path / 'sensitivity.json').exists() and (tmp_path / 'sensitivity.png').exists()
+    assert main(['plan', '--mode', 'ahc', '--target-flops', '0.6', *out]) == 0
+    assert 'CompressionPlan(mode=ahc' in capsys.readouterr().out
+    assert main(['compress', '--plan', str(tmp_path / 'plan.json'), '--finetune-epochs', '1', *out]) == 0
+    model, plan = load_compressed(tmp_path / 'compressed.pt')
+    assert plan.mode == 'ahc'
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['scan', '--model', 'resnet57'], ["model='resnet57'", 'torchvision:NAME']),
+    (['scan', '--model', 'torchvision:resnet9000'], ['resnet9000']),
+    (['scan', '--model', 'no_such_pkg.models:net'], ['could not import']),
+    (['scan', '--data', 'mnist'], ["data='mnist'", 'cifar10:DIR']),
+    (['scan', '--data', 'cifar10:/nonexistent/dir'], ['/nonexistent/dir', 'data_batch_1']),
+])
+def test_wrong_names_and_paths_say_what_was_expected(argv, words, tmp_path, capsys):
+    assert main([*argv, '--out', str(tmp_path), '--quiet']) == 2
+    error = capsys.readouterr().err
+    for word in words:
+        assert word in error
+
+
+def write_cifar_batches(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """A tiny CIFAR-10 python-pickle batches directory (random images, real format)."""
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, count in (('data_batch_1', n_train), ('test_batch', n_test)):
+        batch = {b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b'labels': [int(i % 10) for i in range(count)]}
+        with open(folder / name, 'wb') as handle:
+            pickle.dump(batch, handle)
+    with open(folder / 'batches.meta', 'wb') as handle:
+        pickle.dump({b'label_names': [f'class{i}'.encode() for i in range(10)]}, handle)
+    return folder
+
+
+def write_imagefolder(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f'class_{c}').mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / f'class_{c}' / f'{i}.png')
+    return root
+
+
+def run_recipe(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / 'recipes' / 'compress.py'), *args], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def test_cifar10_recipe_runs_on_generated_batches(tmp_path):
+    data = write_cifar_batches(tmp_path / 'data')
+    result = run_recipe(['--config', str(REPO / 'recipes/configs/cifar10_resnet20.yaml'), '--data-dir', str(data),
+                         '--out', str(tmp_path / 'out'), '--methods', 'nahc', '--calibration-size', '16', *TINY],
+                        tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / 'out' / 'report.json').read_text())
+    assert report['settings']['model'] == 'resnet20' and report['methods'][-1]['mode'] == 'nahc'
+
+
+def test_imagefolder_recipe_runs_on_a_generated_folder(tmp_path):
+    pytest.importorskip('torchvision')
+    data = write_imagefolder(tmp_path / 'images')
+    result = run_recipe(['--config', str(REPO / 'recipes/configs/imagefolder_resnet18.yaml'), '--data-dir', str(data),
+                         '--out', str(tmp_path / 'out'), '--methods', 'nahc', '--image-size', '32',
+                         '--calibration-size', '8', *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / 'out' / 'report.json').read_text())
+    assert report['settings']['model'] == 'torchvision:resnet18'
+    assert abs(report['methods'][-1]['flops_after'] / report['methods'][-1]['flops_before'] - 0.5) <= 0.02
