@@ -15,7 +15,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-__all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'as_input_tuple']
+__all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'measure_latency_side_by_side',
+           'as_input_tuple']
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
@@ -77,3 +78,27 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, r
     finally:
         model.train(was_training)
     return statistics.median(times) * 1000.0
+
+
+@torch.no_grad()
+def measure_latency_side_by_side(models: list[nn.Module], example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
+                                 num_threads: int = 2) -> list[float]:
+    """Median forward time (ms) of each model, runs interleaved (A B A B ...) so that machine drift hits
+    all models alike: use this for speed-up ratios. Eval mode during, modes restored after."""
+    inputs = as_input_tuple(example_inputs)
+    modes = [model.training for model in models]
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        for model in models:
+            model.eval()
+        with _torch_threads(num_threads):
+            for round_index in range(warmup + repeats):
+                for index, model in enumerate(models):
+                    start = time.perf_counter()
+                    model(*inputs)
+                    if round_index >= warmup:
+                        times[index].append(time.perf_counter() - start)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    return [statistics.median(model_times) * 1000.0 for model_times in times]

@@ -28,6 +28,8 @@ TABLE_COLUMNS = (
     ('FLOPs kept', 'flops_kept', '{:.3f}'),
     ('lat b1 ms', 'latency_ms_after', '{:.2f}'),
     ('lat b64 ms', 'latency_ms_after_b64', '{:.1f}'),
+    ('speed-up b1', 'speedup_b1', '{:.2f}x'),
+    ('speed-up b64', 'speedup_b64', '{:.2f}x'),
     ('acc zero-shot', 'acc_zero_shot', '{:.4f}'),
     ('acc fine-tuned', 'acc_after', '{:.4f}'),
 )
@@ -49,6 +51,9 @@ def machine_description() -> str:
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if key == 'flops_kept':
         value = row['flops_after'] / row['flops_before']
+    elif key.startswith('speedup_'):  # before / after, measured side by side
+        suffix = '' if key == 'speedup_b1' else '_b64'
+        value = row[f'latency_ms_before{suffix}'] / row[f'latency_ms_after{suffix}']
     else:
         value = row.get(key)
     return '-' if value is None else fmt.format(value)

@@ -105,6 +105,7 @@ class SensitivityTable:
                 ax.plot([0.0] + self.levels, [0.0] + drops, marker='.', linewidth=1,
                         color=cmap(index / max(1, len(curves) - 1)), label=name)
             ax.set_title(title)
+            ax.set_yscale('symlog', linthresh=1e-3)  # drops span orders of magnitude
             ax.set_xlabel("fraction of the layer's FLOPs removed")
             ax.grid(alpha=0.3)
             if len(curves) <= 12:

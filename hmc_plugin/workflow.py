@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .compressor import HMCCompressor
-from .counting import count_flops, count_params, measure_latency
+from .counting import count_flops, count_params, measure_latency, measure_latency_side_by_side
 from .data import DataSplits, calibration_batch, make_loaders
 from .export import save_compressed
 from .plan import CompressionPlan
@@ -132,7 +132,6 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
     """Compress a copy of ``model`` with ``mode``, fine-tune it, and measure one report row."""
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
-    batch64 = torch.zeros(64, splits.in_channels, splits.image_size, splits.image_size)
     started = time.perf_counter()
     compressor = make_compressor(model, splits, settings, mode, table=table, progress=progress)
     compressed, _ = compressor.compress()
@@ -146,16 +145,23 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
         'flops_before': count_flops(model, dummy_input), 'flops_after': count_flops(compressed, dummy_input),
         'acc_before': evaluate_accuracy(model, test_loader), 'acc_zero_shot': acc_zero_shot,
         'acc_after': evaluate_accuracy(compressed, test_loader),
-        'latency_ms_before': measure_latency(model, dummy_input, num_threads=settings.threads),
-        'latency_ms_after': measure_latency(compressed, dummy_input, num_threads=settings.threads),
-        'latency_ms_before_b64': measure_latency(model, batch64, num_threads=settings.threads, warmup=2, repeats=7),
-        'latency_ms_after_b64': measure_latency(compressed, batch64, num_threads=settings.threads, warmup=2, repeats=7),
         'seconds': time.perf_counter() - started,
+        **_latencies(model, compressed, splits, settings),
         'groups': plan.group_counts(),
         'layers': [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
                     'ranks': list(layer.ranks) if layer.ranks else None} for layer in plan.layers],
     }
     return row, compressed, plan
+
+
+def _latencies(model: nn.Module, compressed: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, float]:
+    """Batch-1 and batch-64 latency of the original and the compressed model, measured side by side."""
+    size = (splits.in_channels, splits.image_size, splits.image_size)
+    before, after = measure_latency_side_by_side([model, compressed], torch.zeros(1, *size), num_threads=settings.threads)
+    before64, after64 = measure_latency_side_by_side([model, compressed], torch.zeros(64, *size),
+                                                     num_threads=settings.threads, warmup=2, repeats=7)
+    return {'latency_ms_before': before, 'latency_ms_after': after,
+            'latency_ms_before_b64': before64, 'latency_ms_after_b64': after64}
 
 
 def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, Any]:
