@@ -33,7 +33,7 @@ from torch import nn
 
 from .counting import as_input_tuple
 from .errors import HMCConfigError
-from .lowrank import flops_ratio, method_for, replacement_params, resolve_ranks
+from .lowrank import decomposable, flops_ratio, method_for, replacement_params, resolve_ranks
 from .pruning import PruningGroup, kept_channels
 
 __all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'LayerCost', 'CostModel', 'group_layers', 'build_plan']
@@ -331,8 +331,11 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         if group_name in table.prune and allowed and 2 * len(allowed) >= len(members):
             units[('prune', group_name)] = _drop_curve(table.levels, table.prune[group_name])
             unit_max[('prune', group_name)] = min([max_level] + [max_ratios.get(m, 1.0) for m in members])
+    # grouped/depthwise convs are never decomposed, whatever the table holds
+    decomposable_layers = {name for name in table.decompose if name in cost.layers and decomposable(
+        _shape_module(cost.layers[name], cost.layers[name].in_channels, cost.layers[name].out_channels))}
     for layer, group in groups.items():
-        if group in ('decompose', 'both') and layer in table.decompose:
+        if group in ('decompose', 'both') and layer in decomposable_layers:
             units[('decompose', layer)] = _drop_curve(table.levels, table.decompose[layer])
             unit_max[('decompose', layer)] = max_level
     # Layers grouped 'keep' are compressed (by their cheaper operator) only if the budget needs them.
@@ -342,7 +345,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         if group != 'keep' or mode in ('prune', 'decompose'):
             continue
         options = [('prune', group_of_member[layer])] if group_of_member.get(layer) in table.prune else []
-        options += [('decompose', layer)] if layer in table.decompose else []
+        options += [('decompose', layer)] if layer in decomposable_layers else []
         options = [unit for unit in options if unit not in units]
         if options:
             unit = min(options, key=lambda u: table.mean_drop(*u))
