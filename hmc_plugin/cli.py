@@ -104,7 +104,6 @@ def _load(args, settings):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .apply import apply_plan
     from .export import save_compressed
     from .plan import CompressionPlan
     from .report import format_table, write_report

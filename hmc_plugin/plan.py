@@ -18,13 +18,11 @@ steps of ``step``; each step taken is the one with the least interpolated metric
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +31,7 @@ from torch import nn
 
 from .counting import as_input_tuple
 from .errors import HMCConfigError
+from .jsonio import read_json, write_json
 from .lowrank import decomposable, flops_ratio, method_for, replacement_params, resolve_ranks
 from .pruning import PruningGroup, kept_channels
 
@@ -103,17 +102,11 @@ class CompressionPlan:
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> 'CompressionPlan':
-        text = str(text_or_path)
-        if not text.lstrip().startswith('{'):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(text_or_path))
 
     def table(self) -> str:
         """The plan as a fixed-width text table, one row per layer."""

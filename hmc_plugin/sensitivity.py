@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .counting import as_input_tuple
 from .errors import HMCConfigError
+from .jsonio import read_json, write_json
 from .lowrank import low_rank_weight, method_for
 from .pruning import PruningGroup, group_channel_masks
 
@@ -66,18 +66,11 @@ class SensitivityTable:
     seconds: float = 0.0
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(asdict(self), indent=1)
-        if path is not None:
-            _atomic_write(Path(path), text)
-        return text
+        return write_json(asdict(self), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> 'SensitivityTable':
-        text = str(text_or_path)
-        if not text.lstrip().startswith('{'):
-            text = Path(text_or_path).read_text()
-        data = json.loads(text)
-        return cls(**data)
+        return cls(**read_json(text_or_path))
 
     def is_complete(self) -> bool:
         """True when every scheduled unit has a drop for every level."""
@@ -115,13 +108,6 @@ class SensitivityTable:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_fingerprint(model: nn.Module) -> str:

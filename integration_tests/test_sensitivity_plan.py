@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from hmc_plugin.apply import apply_plan, measure_plan, plan_for_target
+from hmc_plugin.apply import apply_plan, plan_for_target
 from hmc_plugin.counting import count_flops
 from hmc_plugin.models import build_model, resnet20, resnet56
 from hmc_plugin.plan import CompressionPlan, group_layers

@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hmc_plugin.data import calibration_batch, load_digits_data, make_loaders
