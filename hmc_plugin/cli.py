@@ -99,6 +99,7 @@ def _load(args, settings):
 
     torch.set_num_threads(settings.threads)
     splits = parse_data_spec(settings.data, settings.image_size)
+    torch.manual_seed(settings.seed)  # the initial weights, hence the trained baseline, are reproducible
     model = build_model(settings.model, splits.num_classes, splits.in_channels)
     return model, splits
 

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -96,18 +97,19 @@ def _preserved_modes(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_nni() -> Iterator[logging.Logger]:
-    """Yield a WARNING-level logger for ``ModelSpeedup`` (its own one logs every node at INFO).
+    """Yield an ERROR-level logger for ``ModelSpeedup`` (its own one logs every node at INFO).
 
-    NNI's other loggers go to WARNING too, and a stray ``print`` in its mask-conflict code is
-    captured and logged at DEBUG.
+    NNI's other loggers go to ERROR too: its only warning on our masks, "both dim0 and dim1 masks
+    found" on residual groups, is benign (outputs are tested equal to torch-pruning's). A stray
+    ``print`` in its mask-conflict code is captured and logged at DEBUG.
     """
     loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                if name == 'nni' or name.startswith('nni.')]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(max(logger.level, logging.WARNING))
+        logger.setLevel(max(logger.level, logging.ERROR))
     speedup_logger = logging.getLogger(f'{__name__}.model_speedup')
-    speedup_logger.setLevel(logging.WARNING)
+    speedup_logger.setLevel(logging.ERROR)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -423,7 +425,10 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
     nn.Module
         ``model``, with pruned channels removed.
     """
-    from nni.compression.speedup import ModelSpeedup
+    with warnings.catch_warnings():  # NNI 3.0 registers pytree nodes with a deprecated torch API
+        warnings.simplefilter('ignore', FutureWarning)
+        warnings.simplefilter('ignore', UserWarning)
+        from nni.compression.speedup import ModelSpeedup
 
     graph_module = trace_model(model, dummy_input)
     _check_masks(model, masks)
