@@ -169,3 +169,16 @@ def test_load_rejects_other_files(tmp_path):
     torch.save({'state_dict': {}}, tmp_path / 'plain.pt')
     with pytest.raises(HMCConfigError, match='save_compressed'):
         load_compressed(tmp_path / 'plain.pt')
+
+
+def test_nni_max_sparse_ratio_caps_the_pruned_channel_ratio(trained_resnet20, evaluator, calibration):
+    compressor = HMCCompressor(trained_resnet20, [{'op_types': ['Conv2d'], 'target_flops': 0.5, 'mode': 'prune',
+                                                   'max_sparse_ratio': 0.3}],
+                               evaluator, calibration_inputs=calibration[0], progress=False)
+    with pytest.raises(HMCConfigError, match='target_flops=0.5'):  # 30 % of channels cannot halve the FLOPs
+        compressor.compress()
+    compressor = HMCCompressor(trained_resnet20, [{'op_types': ['Conv2d'], 'target_flops': 0.7, 'mode': 'prune',
+                                                   'max_sparse_ratio': 0.3}],
+                               evaluator, calibration_inputs=calibration[0], progress=False)
+    compressor.compress()
+    assert compressor.plan.prune_ratios and max(compressor.plan.prune_ratios.values()) <= 0.3 + 1e-9
