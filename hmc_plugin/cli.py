@@ -139,7 +139,8 @@ def _run(args: argparse.Namespace) -> None:
         plan = compressor.make_plan()
         plan.to_json(out / 'plan.json')
         print(plan.table())
-        print(f'\nMeasured FLOPs kept by this plan: {compressor.measured_ratio:.4f}. Wrote {out}/plan.json')
+        (metric, measured), = plan.measured.items()
+        print(f'\nMeasured {metric} kept by this plan: {measured:.4f}. Wrote {out}/plan.json')
         return
     if args.command == 'compress':
         table_path = out / 'sensitivity.json'

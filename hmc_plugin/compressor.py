@@ -6,6 +6,7 @@ living in its own module.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -201,14 +202,11 @@ class HMCCompressor(Pruner):
         groups = [group for group in self.groups if all(m in self.max_ratios for m in group.members)]
         layers = [name for name in self.layers if decomposable(self.bound_model.get_submodule(name), name)]
         mode = self.settings['sensitivity']
-        eval_fn = None
         if mode == 'evaluator':
-            eval_fn = self._evaluate
+            self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
         try:
-            if mode == 'evaluator':
-                self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
             return scan_sensitivity(self.bound_model, self.dummy_input, groups=groups, layers=layers, mode=mode,
-                                    eval_fn=eval_fn, calibration_inputs=self.calibration_inputs,
+                                    eval_fn=self._evaluate if mode == 'evaluator' else None, calibration_inputs=self.calibration_inputs,
                                     levels=self.settings['levels'], importance=self.settings['importance'],
                                     round_to=self.settings['round_to'], rank_method=self.settings['rank_method'],
                                     cache_path=self.cache_path, progress=self.progress,
@@ -226,34 +224,25 @@ class HMCCompressor(Pruner):
                                  'returns a float (higher is better) or a dict with a "default" key')
         return float(metric)
 
+    @contextlib.contextmanager
     def _nni_mask_context(self, masks):
         """Simulate pruning through NNI's wrappers (Conv/Linear) and zeroed BN parameters (not wrapped)."""
         wrapped = {name: value for name, value in masks.items() if name in self._module_wrappers}
         others = {name: value for name, value in masks.items() if name not in self._module_wrappers}
-        compressor = self
-
-        class _Context:
-            def __enter__(self):
-                self._zeroed = zeroed_by_masks(compressor.bound_model, others)
-                self._zeroed.__enter__()
-                compressor.update_masks({name: {k: v for k, v in value.items()} for name, value in wrapped.items()})
-
-            def __exit__(self, *exc):
-                ones = {name: {k: torch.ones_like(v) for k, v in value.items()} for name, value in wrapped.items()}
-                compressor.update_masks(ones)
-                self._zeroed.__exit__(*exc)
-                return False
-
-        return _Context()
+        with zeroed_by_masks(self.bound_model, others):
+            self.update_masks(wrapped)
+            try:
+                yield
+            finally:
+                self.update_masks({name: {key: torch.ones_like(mask) for key, mask in value.items()}
+                                   for name, value in wrapped.items()})
 
     def _build_plan(self, table: SensitivityTable) -> CompressionPlan:
-        metric = 'flops' if self.settings['target_flops'] is not None else 'params'
-        plan, measured = plan_for_target(
+        plan, _ = plan_for_target(
             table, self.bound_model, self.dummy_input, self.groups, mode=self.settings['mode'],
             margin=self.settings['margin'], importance=self.settings['importance'], round_to=self.settings['round_to'],
-            rank_method=self.settings['rank_method'],
-            max_ratios=self.max_ratios, **{f'target_{metric}': self.settings[f'target_{metric}']})
-        self.measured_ratio = measured
+            rank_method=self.settings['rank_method'], max_ratios=self.max_ratios,
+            target_flops=self.settings['target_flops'], target_params=self.settings['target_params'])
         return plan
 
     def finetune(self, compressed: nn.Module, max_steps: int | None = None, max_epochs: int | None = None) -> None:
