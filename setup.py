@@ -24,6 +24,9 @@ setup(
         'matplotlib>=3.6',
         'scikit-learn>=1.2',
         'pyyaml>=6.0',
+        'filelock>=3.0',  # one baseline / scan per key when NNI trials run at the same time
+        # NNI 3.0's nnictl and its remote trial tools import pkg_resources, which setuptools 81 removed.
+        'setuptools<81',
     ],
     extras_require={
         'vision': ['torchvision>=0.16,<=0.29.1'],
@@ -33,6 +36,9 @@ setup(
             'torchvision>=0.16,<=0.29.1',
             'onnx>=1.14',
             'onnxruntime>=1.16',
+            'selenium>=4.10',  # the NNI web UI test drives Debian's chromium through chromium-driver
+            'requests>=2.28',
+            'psutil>=5.9',
         ],
     },
     entry_points={'console_scripts': ['hmc=hmc_plugin.cli:main']},

@@ -16,10 +16,11 @@ from torch import nn
 from .counting import count_flops, count_layer_flops, count_params
 from .errors import HMCConfigError
 from .lowrank import decompose_layers, flops_ratio, replacement_params
-from .plan import CompressionPlan, CostModel, build_plan
+from .plan import CompressionPlan, CostModel, UnreachableTargetError, build_plan, most_compressed_plan
 from .pruning import PruningGroup, channel_masks, prune_physically, speedup_with_nni
 
-__all__ = ['SPEEDUPS', 'plan_masks', 'apply_plan', 'measure_plan', 'plan_for_target']
+__all__ = ['SPEEDUPS', 'plan_masks', 'apply_plan', 'measure_plan', 'plan_for_target', 'reachable_fraction',
+           'unreachable_message']
 
 _logger = logging.getLogger(__name__)
 
@@ -105,15 +106,58 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
     internal_target = target
     best = None
     for _ in range(max_rounds):
-        plan = build_plan(table, cost, **{f'target_{metric}': internal_target}, **plan_kwargs)
+        exhausted = False
+        try:
+            plan = build_plan(table, cost, **{f'target_{metric}': internal_target}, **plan_kwargs)
+        except UnreachableTargetError as error:  # every unit at its highest level: as far as this mode goes
+            plan, exhausted = error.plan, True
         measured = measure_plan(model, plan, dummy_input)[metric] / full
+        if exhausted and measured > target + tolerance:
+            raise HMCConfigError(unreachable_message(metric, target, measured, plan_kwargs.get('mode', 'nahc'),
+                                                     max(table.levels))) from None
         if best is None or abs(measured - target) < abs(best[1] - target):
             best = (plan, measured)
-        if abs(measured - target) <= tolerance:
+        if abs(measured - target) <= tolerance or exhausted:
             break
         internal_target = min(1.0, max(1e-3, internal_target + (target - measured)))
     plan, measured = best
     plan.target = {metric: target}
     plan.measured = {metric: measured}
-    _logger.info('Plan for target_%s=%.3f measures %.4f', metric, target, measured)
+    if abs(measured - target) > tolerance:
+        _logger.warning('The plan keeps %.3f of the %s for target_%s=%g: the selected layers are too coarse '
+                        '(few channels or ranks) to land within %.0f %% of it', measured, metric, metric, target,
+                        100 * tolerance)
+    else:
+        _logger.info('Plan for target_%s=%.3f measures %.4f', metric, target, measured)
     return plan, measured
+
+
+def unreachable_message(metric: str, target: float, lowest: float, mode: str, max_level: float,
+                        suggest_ahc: bool | None = None) -> str:
+    """The error for a budget below the lowest kept fraction ``lowest`` that ``mode`` can reach."""
+    what = 'FLOPs' if metric == 'flops' else 'parameters'
+    suggest_ahc = mode in ('nahc', 'hmc') if suggest_ahc is None else suggest_ahc
+    hint = ", or use mode='ahc' (both operators on every layer)" if suggest_ahc else ''
+    if lowest >= 1 - 1e-3:
+        return (f"Got target_{metric}={target:g} but mode {mode!r} can compress none of the selected layers (see the "
+                f"warnings above: unsupported, tied, too small or coupled with unselected layers): select other "
+                f"layers (op_types / op_names){hint}")
+    return (f"Got target_{metric}={target:g} but mode {mode!r} cannot keep less than {lowest:.3f} of the model's "
+            f"{what}, even with every selected layer compressed to the highest level ({max_level:g}): raise "
+            f"target_{metric} above {lowest:.3f}, select more layers (op_types / op_names; unselected and unsupported "
+            f"layers keep their cost), add a higher level to 'levels'{hint}")
+
+
+def reachable_fraction(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str], *,
+                       metric: str, mode: str, level: float, max_ratios: dict[str, float] | None = None,
+                       round_to: int = 1, rank_method: str = 'auto') -> float:
+    """Lowest kept fraction of the model's FLOPs or parameters that ``mode`` can reach, measured exactly.
+
+    Every group of ``groups`` is pruned and every decomposable layer of ``layers`` decomposed at ``level``
+    (``plan.most_compressed_plan``), without a sensitivity scan: a budget below this can never be met.
+    """
+    cost = CostModel(model, dummy_input, groups, rank_method)
+    plan = most_compressed_plan(cost, groups, layers, mode=mode, level=level, metric=metric, max_ratios=max_ratios,
+                                round_to=round_to)
+    full = count_flops(model, dummy_input) if metric == 'flops' else count_params(model)
+    return measure_plan(model, plan, dummy_input)[metric] / full

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True)
     scan = commands.add_parser('scan', help='sensitivity scan: OUT/sensitivity.json and sensitivity.png')
     _add_common(scan)
-    scan.add_argument('--sensitivity', choices=('proxy', 'evaluator'))
+    scan.add_argument('--sensitivity', choices=('proxy', 'kl', 'evaluator'))
     scan.add_argument('--levels', type=float, nargs='+', help='fractions of a layer FLOPs removed (default 0.2 0.4 0.6 0.8)')
     plan = commands.add_parser('plan', help='build a CompressionPlan from OUT/sensitivity.json: OUT/plan.json')
     _add_common(plan)

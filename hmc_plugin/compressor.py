@@ -17,12 +17,13 @@ from nni.compression.base.config import select_modules_by_config
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from .apply import apply_plan, plan_for_target, plan_masks
+from .apply import apply_plan, plan_for_target, plan_masks, reachable_fraction, unreachable_message
 from .config import hmc_settings, validate_config_list
-from .errors import HMCConfigError
+from .counting import as_input_tuple
+from .errors import HMCConfigError, HMCError, UntraceableModelError
 from .plan import CompressionPlan
 from .lowrank import decomposable
-from .pruning import find_pruning_groups
+from .pruning import PruningGroup, _preserved_modes, find_pruning_groups, trace_model
 from .sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity, zeroed_by_masks
 from .training import kd_loss
 
@@ -31,6 +32,7 @@ __all__ = ['HMCCompressor']
 _logger = logging.getLogger(__name__)
 
 COMPRESSIBLE_TYPES = (nn.Conv2d, nn.Linear)
+TARGET_TOLERANCE = 0.01  # plans land within 1 % of the target (apply.plan_for_target)
 
 
 class HMCCompressor(Pruner):
@@ -50,10 +52,13 @@ class HMCCompressor(Pruner):
         ``exclude_op_types``, ...), NNI's ``max_sparse_ratio`` (cap on the channel ratio pruned in the
         selected layers), and HMC's keys: ``mode`` ('prune', 'decompose', 'ahc', 'nahc', 'hmc'),
         ``target_flops`` or ``target_params`` (fraction to keep), ``levels``, ``importance``,
-        ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``sensitivity`` ('evaluator' or 'proxy'),
+        ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``sensitivity`` ('proxy', 'kl' or 'evaluator'),
         ``round_to``, ``speedup`` ('nni' or 'torch_pruning'), ``distill``, ``distill_alpha``,
         ``distill_temperature``. Unknown keys and bad values raise ``HMCConfigError`` before the model is
-        touched. Selected layers that are neither Conv2d nor Linear are skipped with a warning.
+        touched, and so do names that match no module, entries that select nothing and budgets below what
+        compressing every selected layer fully can reach. Selected layers that are neither Conv2d nor
+        Linear, or that share parameters with another module (tied weights), are skipped with a warning
+        naming them; grouped and depthwise convs are pruned but never decomposed.
     evaluator
         NNI ``Evaluator`` (e.g. ``TorchEvaluator``). Needed for ``sensitivity='evaluator'`` (its
         ``evaluate()``) and for fine-tuning (``max_steps`` / ``max_epochs`` in ``compress``).
@@ -62,7 +67,7 @@ class HMCCompressor(Pruner):
         torch-pruning's dependency graph and count FLOPs. When omitted, ``evaluator.get_dummy_input()``
         is used; if that is None too, ``HMCConfigError`` is raised.
     calibration_inputs
-        A small batch of real inputs (e.g. 64 images) for ``sensitivity='proxy'``.
+        A small batch of real inputs (e.g. 64 images) for ``sensitivity='proxy'`` or ``'kl'``.
     sensitivity_table, plan
         A precomputed ``SensitivityTable`` (skips the scan) or ``CompressionPlan`` (skips scan and planning).
     cache_path
@@ -76,6 +81,16 @@ class HMCCompressor(Pruner):
                                    dummy_input=torch.rand(1, 3, 32, 32), calibration_inputs=images[:64])
         compressed, masks = compressor.compress(max_epochs=2)
         print(compressor.plan)
+
+    Raises
+    ------
+    HMCConfigError
+        A config key, value or argument is wrong (named in the message, with what is allowed); the model
+        holds NaN/Inf; it fails on ``dummy_input``; the budget cannot be reached. Raised by the constructor,
+        before the model is wrapped, or by ``compress()`` (an evaluator returning NaN, a budget that the
+        sensitivity grouping cannot reach), which leaves the model exactly as it was.
+    UntraceableModelError
+        Pruning needs NNI's speedup and ``torch.fx`` cannot trace the model (raised by the constructor).
 
     References
     ----------
@@ -105,13 +120,24 @@ class HMCCompressor(Pruner):
                                  'has none: pass dummy_input=torch.rand(1, 3, H, W) or give the evaluator one')
         if self.settings['sensitivity'] == 'evaluator' and evaluator is None and sensitivity_table is None and plan is None:
             raise HMCConfigError("sensitivity='evaluator' needs an evaluator; pass one or set sensitivity='proxy'")
-        if self.settings['sensitivity'] == 'proxy' and calibration_inputs is None and sensitivity_table is None and plan is None:
-            raise HMCConfigError("sensitivity='proxy' needs calibration_inputs (a small batch of real inputs)")
+        if self.settings['sensitivity'] in ('proxy', 'kl') and calibration_inputs is None and sensitivity_table is None \
+                and plan is None:
+            raise HMCConfigError(f"sensitivity={self.settings['sensitivity']!r} needs calibration_inputs "
+                                 "(a small batch of real inputs)")
+        _check_finite(model)
+        _check_runs(model, dummy_input, 'dummy_input')
+        if calibration_inputs is not None:
+            _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
         self.dummy_input = dummy_input
         self.calibration_inputs = calibration_inputs
+        self._tied = _tied_layers(model)
         self.layers, self.max_ratios = self._select_layers(model, normalised)
         self._weights_before = model_fingerprint(model)
         self.groups = find_pruning_groups(model, dummy_input)
+        self._check_traceable(model, plan)
+        self._warn_unhandled(model)
+        if plan is None:
+            self._check_reachable(model)
         self._reference = copy.deepcopy(model)  # unwrapped twin: masks and low-rank weights are computed on it
         self.sensitivity = sensitivity_table
         self.plan = plan
@@ -124,29 +150,104 @@ class HMCCompressor(Pruner):
 
     # -- config ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _select_layers(model: nn.Module, config_list: list[dict]) -> tuple[list[str], dict[str, float]]:
-        """Selected Conv2d/Linear names in model order, and the per-layer ``max_sparse_ratio`` caps."""
+    def _select_layers(self, model: nn.Module, config_list: list[dict]) -> tuple[list[str], dict[str, float]]:
+        """Selected Conv2d/Linear names in model order, and the per-layer ``max_sparse_ratio`` caps.
+
+        Names that match nothing and entries that select nothing are errors (a typo would otherwise
+        silently compress the wrong layers); selected layers HMC cannot handle are skipped with a warning.
+        """
         selected: dict[str, float] = {}
-        module_names = {name for name, _ in model.named_modules()}
+        # NNI selects by every name a module has (remove_duplicate=False); HMC keys layers by the first one
+        canonical = {id(module): name for name, module in reversed(list(model.named_modules(remove_duplicate=False)))}
+        all_names = {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
+        order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+        example = [name for name, _ in list(model.named_modules())[1:4]]
         for index, entry in enumerate(config_list):
             # NNI's select_modules_by_config raises a bare KeyError on an unknown name: check first.
-            missing = [name for name in entry.get('op_names') or [] if name not in module_names]
-            if missing:
-                raise HMCConfigError(f'config_list[{index}]: op_names {missing} match no module of the model; '
-                                     f'names look like {[n for n, _ in list(model.named_modules())[1:4]]}')
+            for key in ('op_names', 'exclude_op_names'):
+                missing = [name for name in entry.get(key) or [] if name not in all_names]
+                if missing:
+                    raise HMCConfigError(f'config_list[{index}]: {key} {missing} match no module of the model; '
+                                         f'names are those of model.named_modules(), e.g. {example}')
             modules, _, _ = select_modules_by_config(model, entry)
-            for name, module in modules.items():
+            if not modules:
+                types = sorted({type(m).__name__ for m in model.modules() if isinstance(m, COMPRESSIBLE_TYPES)})
+                selectors = {key: entry[key] for key in entry if 'op_' in key}
+                raise HMCConfigError(f'config_list[{index}] selects no Conv2d or Linear layer: {selectors} match no '
+                                     f'module of {type(model).__name__}; its compressible types are {types} and its '
+                                     f'names look like {example}')
+            for name in sorted({all_names[name] for name in modules}, key=order.get):
+                module = modules.get(name, model.get_submodule(name))
                 if not isinstance(module, COMPRESSIBLE_TYPES):
                     _logger.warning('Skipping %s (%s): HMC compresses Conv2d and Linear layers only',
                                     name, type(module).__name__)
                     continue
+                if name in self._tied:
+                    _logger.warning('Skipping %s (%s): it shares parameters with %s (tied weights); HMC leaves tied '
+                                    'layers, and the channels feeding them, as they are', name, type(module).__name__,
+                                    ', '.join(self._tied[name]))
+                    continue
                 selected.setdefault(name, entry.get('max_sparse_ratio', 1.0))
         if not selected:
-            raise HMCConfigError('config_list selects no Conv2d or Linear layer; check op_types / op_names '
-                                 "(e.g. {'op_types': ['Conv2d']})")
-        order = [name for name, _ in model.named_modules() if name in selected]
-        return order, selected
+            raise HMCConfigError('config_list selects no Conv2d or Linear layer that HMC can compress; check op_types / '
+                                 "op_names (e.g. {'op_types': ['Conv2d']}) and the warnings above")
+        return sorted(selected, key=order.get), selected
+
+    def _eligible_groups(self) -> list[PruningGroup]:
+        """Pruning groups HMC may prune: every member selected, no tied layer among members or consumers."""
+        return [group for group in self.groups if all(member in self.max_ratios for member in group.members)
+                and not any(name in self._tied for name in group.consumers)]
+
+    def _decomposable_layers(self, model: nn.Module) -> list[str]:
+        return [name for name in self.layers if decomposable(model.get_submodule(name), name)]
+
+    def _check_traceable(self, model: nn.Module, plan: CompressionPlan | None) -> None:
+        """NNI's speedup needs a ``torch.fx`` trace: fail now rather than after the scan."""
+        prunes = self.settings['mode'] != 'decompose' if plan is None else bool(plan.prune_ratios)
+        if self.settings['speedup'] != 'nni' or not prunes:
+            return
+        try:
+            trace_model(model, self.dummy_input)
+        except UntraceableModelError as error:
+            raise UntraceableModelError(
+                f"{error} Alternatively set speedup='torch_pruning' (it follows the path the dummy_input takes, so "
+                f"control flow must take the same path for every input) or mode='decompose' (no pruning).") from error
+
+    def _warn_unhandled(self, model: nn.Module) -> None:
+        """One warning per selected layer that HMC will leave as it is, or compress one way only, and why."""
+        mode = self.settings['mode']
+        prunable = {member for group in self._eligible_groups() for member in group.members}
+        decomposable_layers = set(self._decomposable_layers(model))
+        head = [name for name, module in model.named_modules() if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))][-1:]
+        for name in self.layers:
+            module = model.get_submodule(name)
+            prune_ok = name in prunable or name in head  # the head's outputs are never pruned, by design
+            if mode != 'decompose' and not prune_ok:
+                coupled = next((group for group in self.groups if name in group.members), None)
+                if coupled is None:
+                    why = ('its output channels are model outputs or feed only layers torch-pruning cannot shrink '
+                           '(e.g. ConvTranspose, flatten into a non-Linear)')
+                else:
+                    others = [m for m in coupled.members if m not in self.max_ratios] + \
+                        [c for c in coupled.consumers if c in self._tied]
+                    why = f'its channels are coupled with layers HMC leaves as they are: {others}'
+                _logger.warning('Not pruning %s (%s): %s', name, type(module).__name__, why)
+            if mode != 'prune' and name not in decomposable_layers:
+                _logger.warning('Not decomposing %s (%s, groups=%s): grouped and depthwise convs are only pruned',
+                                name, type(module).__name__, getattr(module, 'groups', 1))
+
+    def _check_reachable(self, model: nn.Module) -> None:
+        """Fail before the scan if the budget is below what compressing every selected layer fully can give."""
+        metric = 'flops' if self.settings['target_flops'] is not None else 'params'
+        target = self.settings[f'target_{metric}']
+        level = max(self.settings['levels'])
+        lowest = reachable_fraction(model, self.dummy_input, self._eligible_groups(), self._decomposable_layers(model),
+                                    metric=metric, mode=self.settings['mode'], level=level,
+                                    max_ratios=self.max_ratios, round_to=self.settings['round_to'],
+                                    rank_method=self.settings['rank_method'])
+        if lowest > target + TARGET_TOLERANCE:
+            raise HMCConfigError(unreachable_message(metric, target, lowest, self.settings['mode'], level,
+                                                     suggest_ahc=False))
 
     def _validate_config(self):
         # Validation of NNI's and HMC's keys already ran in __init__ (validate_config_list).
@@ -188,6 +289,7 @@ class HMCCompressor(Pruner):
         self.masks = plan_masks(compressed, self.plan, self.dummy_input)
         compressed = apply_plan(compressed, self.plan, self.dummy_input, speedup=self.settings['speedup'],
                                 masks=self.masks)
+        _check_compressed_runs(compressed, self.dummy_input)
         if max_steps is not None or max_epochs is not None:
             self.finetune(compressed, max_steps, max_epochs)
         self.compressed_model = compressed
@@ -199,8 +301,8 @@ class HMCCompressor(Pruner):
         """Run (or resume from ``cache_path``) the sensitivity scan on the wrapped model; the model is unchanged."""
         if not self._is_wrapped:
             self.wrap_model()
-        groups = [group for group in self.groups if all(m in self.max_ratios for m in group.members)]
-        layers = [name for name in self.layers if decomposable(self.bound_model.get_submodule(name), name)]
+        groups = self._eligible_groups()
+        layers = self._decomposable_layers(self.bound_model)
         mode = self.settings['sensitivity']
         if mode == 'evaluator':
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
@@ -287,3 +389,60 @@ class HMCCompressor(Pruner):
 
         self.evaluator.patch_loss(patch)
         return handle
+
+
+def _tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the other modules it shares a parameter with (tied weights), for every such module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    tied: dict[str, list[str]] = {}
+    for names in owners.values():
+        for name in names:
+            tied.setdefault(name, [])
+            tied[name] += [other for other in names if other != name and other not in tied[name]]
+    return {name: others for name, others in tied.items() if others}
+
+
+def _check_finite(model: nn.Module) -> None:
+    """``HMCConfigError`` naming the parameters and buffers that hold NaN or Inf."""
+    bad = [f'{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()})'
+           for name, tensor in (*model.named_parameters(), *model.named_buffers())
+           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+    if bad:
+        more = f' and {len(bad) - 5} more' if len(bad) > 5 else ''
+        raise HMCConfigError(f'Got a model with NaN or Inf values in {", ".join(bad[:5])}{more}; HMC measures how '
+                             f'compression changes the outputs and cannot work from non-finite weights: load finite '
+                             f'weights (e.g. the last good checkpoint) first')
+
+
+def _check_runs(model: nn.Module, inputs: Any, what: str, first: int | None = None) -> None:
+    """Run ``model`` once on ``inputs`` (their ``first`` samples) in eval mode; ``HMCConfigError`` if it fails."""
+    bad = [index for index, item in enumerate(as_input_tuple(inputs)) if isinstance(item, torch.Tensor)
+           and item.is_floating_point() and not torch.isfinite(item).all()]
+    if bad:
+        raise HMCConfigError(f'Got {what} with NaN or Inf values (input {bad[0]}); pass finite inputs')
+    sample = tuple(item[:first] if first and isinstance(item, torch.Tensor) and item.dim() > 0 else item
+                   for item in as_input_tuple(inputs))
+    param = next(model.parameters(), None)
+    expected = f'dtype {param.dtype} and device {param.device}, like the model\'s parameters' if param is not None else ''
+    try:
+        with torch.no_grad(), _preserved_modes(model):
+            model.eval()
+            model(*sample)
+    except Exception as error:
+        raise HMCConfigError(f'The model fails on {what}: {type(error).__name__}: {error}. Pass {what} the model '
+                             f'accepts ({expected}; shapes as in training)') from error
+
+
+def _check_compressed_runs(compressed: nn.Module, dummy_input: Any) -> None:
+    """The compressed model must run where the original did; ``HMCError`` (a bug or an unsupported layer) if not."""
+    try:
+        with torch.no_grad(), _preserved_modes(compressed):
+            compressed.eval()
+            compressed(*as_input_tuple(dummy_input))
+    except Exception as error:
+        raise HMCError(f'The compressed model fails on dummy_input ({type(error).__name__}: {error}); the model you '
+                       f'gave is unchanged. Exclude the layers around the failure (exclude_op_names) or try '
+                       f"speedup='torch_pruning', and please report it with the model's definition") from error

@@ -7,7 +7,9 @@ global settings: entries that repeat one must agree.
 """
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from copy import deepcopy
 from typing import Any
 
@@ -48,10 +50,14 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
     'target_flops': (_fraction_open_closed, 'a fraction of the FLOPs to keep in (0, 1]'),
     'target_params': (_fraction_open_closed, 'a fraction of the parameters to keep in (0, 1]'),
     'levels': (_levels, 'increasing fractions in (0, 1), e.g. [0.2, 0.4, 0.6, 0.8]'),
-    'importance': (lambda v: v in IMPORTANCES, f'one of {IMPORTANCES}'),
+    # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
+    'importance': (lambda v: v in IMPORTANCES and v != 'taylor',
+                   f"one of {tuple(i for i in IMPORTANCES if i != 'taylor')} ('taylor' needs labelled calibration "
+                   f"batches: use it through hmc_plugin.pruning.channel_masks(..., calibration=(inputs, targets)))"),
     'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
     'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC)"),
-    'sensitivity': (lambda v: v in ('evaluator', 'proxy'), "'evaluator' or 'proxy'"),
+    'sensitivity': (lambda v: v in ('proxy', 'kl', 'evaluator'),
+                    "'proxy' (Fisher estimate of the KL, one pass), 'kl' (KL per unit and level) or 'evaluator'"),
     'round_to': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1'),
     'speedup': (lambda v: v in ('nni', 'torch_pruning'), "'nni' or 'torch_pruning'"),
     'distill': (lambda v: isinstance(v, bool), 'True or False'),
@@ -61,6 +67,8 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
 
 NNI_KEYS = ('op_types', 'op_names', 'op_names_re', 'exclude_op_names', 'exclude_op_types', 'exclude_op_names_re',
             'max_sparse_ratio')
+SELECTION_KEYS = ('op_types', 'op_names', 'op_names_re')
+EXCLUSION_KEYS = ('exclude_op_names', 'exclude_op_types', 'exclude_op_names_re')
 # NNI keys whose meaning HMC does not share: HMC allocates ratios from a budget instead.
 NNI_KEYS_NOT_USED = {
     'sparse_ratio': "HMC allocates ratios from a budget: use 'target_flops' or 'target_params' instead",
@@ -80,11 +88,14 @@ def validate_config_list(config_list: list[dict]) -> list[dict]:
             if key in NNI_KEYS_NOT_USED:
                 raise HMCConfigError(f'config_list[{index}]: key {key!r} is not used by HMCCompressor: {NNI_KEYS_NOT_USED[key]}')
             if key not in allowed:
-                raise HMCConfigError(f'config_list[{index}]: unknown key {key!r}; allowed keys are {allowed}')
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                suggestion = f' (did you mean {close[0]!r}?)' if close else ''
+                raise HMCConfigError(f'config_list[{index}]: unknown key {key!r}{suggestion}; allowed keys are {allowed}')
             if key in HMC_KEYS:
                 check, expected = HMC_KEYS[key]
                 if not check(value):
                     raise HMCConfigError(f'config_list[{index}]: got {key}={value!r} but expected {expected}')
+        _check_nni_keys(index, entry)
         nni_part = {key: value for key, value in entry.items() if key not in HMC_KEYS}
         try:
             nni_schema.validate(nni_part)
@@ -92,6 +103,35 @@ def validate_config_list(config_list: list[dict]) -> list[dict]:
             raise HMCConfigError(f'config_list[{index}]: {error} (NNI config schema; selection keys need a list of '
                                  f'str, max_sparse_ratio a float in (0, 1])') from None
     return normalised
+
+
+def _check_nni_keys(index: int, entry: dict) -> None:
+    """NNI's keys, each checked with a message saying what is allowed (NNI's schema errors do not)."""
+    if not any(key in entry for key in SELECTION_KEYS):
+        raise HMCConfigError(f'config_list[{index}] selects nothing: give at least one of {list(SELECTION_KEYS)}, '
+                             f"e.g. {{'op_types': ['Conv2d', 'Linear']}}")
+    for key in SELECTION_KEYS + EXCLUSION_KEYS:
+        if key not in entry:
+            continue
+        value = entry[key]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise HMCConfigError(f'config_list[{index}]: got {key}={value!r} but expected a list of str, '
+                                 f"e.g. {key}={['Conv2d'] if 'types' in key else ['layer1.0.conv1']}")
+        if key in SELECTION_KEYS and not value:
+            raise HMCConfigError(f'config_list[{index}]: got {key}=[], which selects nothing; list at least one '
+                                 f'{"type" if "types" in key else "name"} or leave the key out')
+        if key.endswith('_re'):
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise HMCConfigError(f'config_list[{index}]: {key} holds {pattern!r}, which is not a valid regular '
+                                         f'expression ({error})') from None
+    if 'max_sparse_ratio' in entry:
+        value = entry['max_sparse_ratio']
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise HMCConfigError(f'config_list[{index}]: got max_sparse_ratio={value!r} but expected a float in (0, 1] '
+                                 f'(the largest fraction of channels pruned in the selected layers)')
 
 
 def hmc_settings(config_list: list[dict], **overrides) -> dict[str, Any]:

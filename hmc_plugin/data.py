@@ -22,7 +22,7 @@ from .errors import HMCConfigError
 
 __all__ = [
     'DataSplits', 'load_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec',
-    'make_loaders', 'calibration_batch', 'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
+    'make_loaders', 'calibration_batch', 'subset_splits', 'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -381,3 +381,18 @@ def calibration_batch(splits: DataSplits, size: int = 64, seed: int = 0) -> tupl
     inputs = torch.stack([image for image, _ in samples])
     labels = torch.as_tensor([int(label) for _, label in samples], dtype=torch.int64)
     return inputs, labels
+
+
+def subset_splits(splits: DataSplits, max_train: int | None = None, max_test: int | None = None,
+                  seed: int = 0) -> DataSplits:
+    """At most ``max_train`` / ``max_test`` images of each split (None keeps all): the first of a permutation
+    seeded with ``seed``, so short runs (tests, quick trials) see a fixed, class-mixed sample."""
+    def limit(dataset: Dataset, size: int | None, name: str) -> Dataset:
+        if size is None or _check_positive_int(name, size) >= len(dataset):
+            return dataset
+        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+        return Subset(dataset, sorted(indices.tolist()))
+
+    return DataSplits(train=limit(splits.train, max_train, 'max_train'), test=limit(splits.test, max_test, 'max_test'),
+                      num_classes=splits.num_classes, in_channels=splits.in_channels,
+                      image_size=splits.image_size, name=splits.name)

@@ -41,7 +41,7 @@ from .errors import LayerCompressionError
 
 __all__ = ['Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'METHODS', 'RankSpec',
            'default_method', 'method_for', 'decomposable', 'resolve_ranks', 'flops_ratio', 'replacement_params',
-           'decompose_module', 'low_rank_weight', 'decompose_layers']
+           'decompose_module', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ RankSpec = Union[int, float, str, tuple, list]
 _ALLOWED = ("an int >= 1, a tuple of {n} ints >= 1, a float in (0, 1], 'energy:<fraction>', 'vbmf' "
             "or 'flops:<fraction>' (fractions in (0, 1])")
 _CP_RANDOM_STATE = 0
+SCAN_TUCKER_ITERATIONS = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +541,44 @@ def low_rank_weight(module: nn.Module, rank: RankSpec, method: str = 'auto', lay
         left, right = _svd_factors(weight.reshape(weight.shape[0], -1), ranks[0])
         rebuilt = left @ right
     return rebuilt.reshape(weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'auto',
+                     layer_name: str = '') -> list[torch.Tensor]:
+    """Reconstructed weights at several ranks from one factorisation (for sensitivity scans).
+
+    ``'svd'``: one SVD, truncated per rank (exactly ``low_rank_weight``). ``'tucker2'``: the truncated
+    HOSVD, i.e. tensorly's ``partial_tucker`` starting point (``init='svd'``) without its HOOI refinement,
+    from one SVD per mode: ``W x_0 U_out U_out^T x_1 U_in U_in^T``. Its error is within a few percent of
+    the refined one's and it costs one factorisation for all ranks. ``'cp'``: one ``parafac`` per rank.
+    """
+    method = _check_supported(module, method, layer_name)
+    resolved = [resolve_ranks(module, rank, method, layer_name) for rank in ranks]
+    _require_real_weight(module, layer_name, method)
+    if method == 'cp':
+        return [low_rank_weight(module, rank, method, layer_name) for rank in resolved]
+    weight = module.weight.detach()
+    unfoldings = _mode_unfoldings(weight, method)
+    with tl.backend_context('pytorch'):
+        # symeig_svd: eigenvectors of the (C x C) Gram matrix, far cheaper than an SVD of the wide unfolding
+        bases = [tl.tenalg.svd_interface(matrix, method='symeig_svd',
+                                         n_eigenvecs=max(rank[index] for rank in resolved))[0]
+                 for index, matrix in enumerate(unfoldings)]
+        weights = []
+        for rank in resolved:
+            projections = [basis[:, :size] @ basis[:, :size].T for basis, size in zip(bases, rank)]
+            if method == 'svd':
+                rebuilt = projections[0] @ unfoldings[0]
+            else:
+                factors = [basis[:, :size] for basis, size in zip(bases, rank)]
+                tensor = weight.to(torch.float64)
+                core = tl.tenalg.multi_mode_dot(tensor, factors, modes=[0, 1], transpose=True)
+                (core, factors), _ = partial_tucker(tensor, rank=list(rank), modes=[0, 1], init=(core, factors),
+                                                    n_iter_max=SCAN_TUCKER_ITERATIONS, svd='symeig_svd')
+                rebuilt = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+            weights.append(rebuilt.reshape(weight.shape).to(weight.dtype))
+    return weights
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

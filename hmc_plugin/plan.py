@@ -35,7 +35,8 @@ from .jsonio import read_json, write_json
 from .lowrank import decomposable, flops_ratio, method_for, replacement_params, resolve_ranks
 from .pruning import PruningGroup, kept_channels
 
-__all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'LayerCost', 'CostModel', 'group_layers', 'build_plan']
+__all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'LayerCost', 'CostModel', 'group_layers', 'build_plan',
+           'most_compressed_plan', 'UnreachableTargetError', 'check_table']
 
 _logger = logging.getLogger(__name__)
 
@@ -288,6 +289,43 @@ def _drop_curve(levels: Sequence[float], drops: Sequence[float]):
     return lambda level: float(np.interp(level, xs, ys))
 
 
+class UnreachableTargetError(HMCConfigError):
+    """The budget cannot be met even with every allowed unit at its highest level.
+
+    ``plan`` is that most compressed plan (the lowest cost the mode reaches), ``metric`` and ``target``
+    the budget asked for; ``apply.plan_for_target`` measures ``plan`` to say how far the model can go.
+    """
+
+    def __init__(self, message: str, plan: 'CompressionPlan', metric: str, target: float):
+        super().__init__(message)
+        self.plan = plan
+        self.metric = metric
+        self.target = target
+
+
+def check_table(table) -> None:
+    """Raise ``HMCConfigError`` naming the unit and level if a drop is missing or not a finite number.
+
+    A NaN drop (an evaluator or a model that produced NaN) would otherwise sort arbitrarily and give a
+    meaningless plan.
+    """
+    levels = list(table.levels)
+    if not levels or any(not isinstance(level, (int, float)) or not 0 < level < 1 for level in levels) \
+            or levels != sorted(set(levels)):
+        raise HMCConfigError(f'The sensitivity table has levels={levels} but expected increasing fractions in (0, 1)')
+    for operator in ('prune', 'decompose'):
+        for name, drops in getattr(table, operator).items():
+            if not isinstance(drops, list) or len(drops) != len(levels):
+                raise HMCConfigError(f'The sensitivity table has {operator}[{name!r}]={drops!r} but expected one drop '
+                                     f'per level {levels}: finish the scan (rerun it with the same cache_path)')
+            for level, drop in zip(levels, drops):
+                if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop):
+                    raise HMCConfigError(
+                        f'The sensitivity table has a drop of {drop!r} for {operator} {name!r} at level {level}; every '
+                        f'drop must be a finite number. The scan\'s metric was not finite there: check the model\'s '
+                        f'weights and the evaluator, then rescan (delete the cache file)')
+
+
 def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: float | None = None,
                target_params: float | None = None, margin: float | None = None,
                keep_factor: float = DEFAULT_KEEP_FACTOR, importance: str = 'l1', round_to: int = 1,
@@ -312,6 +350,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         ``predicted`` holds the cost model's kept fractions; measure the compressed model for the truth.
     """
     metric, target = _parse_target(target_flops, target_params)
+    check_table(table)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
     groups = group_layers(table, candidates, mode, margin, keep_factor)
     max_level = max(table.levels)
@@ -372,9 +411,15 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             level = level_of(unit)
             if level >= unit_max[unit] - 1e-9:
                 continue
-            new_level = min(unit_max[unit], round(level + step, 6))
-            new_costs = costs_with(unit, new_level)
-            saved = sum(layer_costs[name] - value for name, value in new_costs.items())
+            # Small layers save nothing at the first steps (ranks clipped to the channels, rounding): look
+            # ahead to the first level that saves, or such a unit would never move.
+            new_level = level
+            while True:
+                new_level = min(unit_max[unit], round(new_level + step, 6))
+                new_costs = costs_with(unit, new_level)
+                saved = sum(layer_costs[name] - value for name, value in new_costs.items())
+                if saved > 0 or new_level >= unit_max[unit] - 1e-9:
+                    break
             if saved <= 0:
                 continue
             score = (curve(new_level) - curve(level) + 1e-12) / saved
@@ -388,15 +433,25 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             continue
         if best is None:
             reachable = total / cost.full[metric]
-            raise HMCConfigError(
-                f'Got target_{metric}={target} but the selected layers can only reach {reachable:.3f} of the '
-                f'original {metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
-                f'to the selection or add a higher level')
+            raise UnreachableTargetError(
+                f'Got target_{metric}={target} but the selected layers can only reach {reachable:.3f} of their '
+                f'{metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
+                f'to the selection or add a higher level',
+                _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance,
+                                 round_to, margin), metric, target)
         _, unit, new_level, new_costs, saved = best
         (prune_ratios if unit[0] == 'prune' else dec_levels)[unit[1]] = new_level
         layer_costs.update(new_costs)
         total -= saved
 
+    return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance, round_to,
+                            margin)
+
+
+def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: dict[str, float],
+                     dec_levels: dict[str, float], mode: str, target: dict[str, float], importance: str,
+                     round_to: int, margin: float | None) -> CompressionPlan:
+    """The plan of an allocation state: group prune ratios and per-layer decomposition levels."""
     plan_layers = []
     for name in candidates:
         group_name = cost.out_group.get(name)
@@ -407,8 +462,37 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         plan_layers.append(LayerPlan(name, group, ratio, group_name, method, ranks))
     predicted = {key: sum(cost.layer_cost(name, prune_ratios, dec_levels, round_to)[i] for name in cost.layers) / cost.full[key]
                  for i, key in enumerate(('flops', 'params'))}
-    return CompressionPlan(plan_layers, mode, {metric: target}, importance, round_to,
+    return CompressionPlan(plan_layers, mode, dict(target), importance, round_to,
                            margin if mode in ('hmc', 'nahc') else None, predicted)
+
+
+def most_compressed_plan(cost: CostModel, groups: Sequence[PruningGroup], layers: Sequence[str], *, mode: str,
+                         level: float, metric: str = 'flops', max_ratios: dict[str, float] | None = None,
+                         round_to: int = 1) -> CompressionPlan:
+    """Every pruning group and every decomposable layer of ``layers`` at ``level``: the lowest cost a plan can reach.
+
+    Groups are capped by the smallest ``max_ratios`` of their members; a layer is decomposed only where
+    that lowers its ``metric`` ('flops' or 'params'; tiny layers may not gain). ``mode`` 'prune' only
+    prunes, 'decompose' only decomposes, the others do both (the bound of 'nahc' / 'hmc', which may use
+    fewer). Measure it (``apply.measure_plan``) for the lowest kept fraction of the whole model.
+    """
+    if mode not in MODES:
+        raise HMCConfigError(f"Got mode={mode!r} but expected one of {MODES}")
+    index = {'flops': 0, 'params': 1}[metric]
+    max_ratios = max_ratios or {}
+    prune_ratios = {} if mode == 'decompose' else {
+        group.name: min([level] + [max_ratios.get(member, 1.0) for member in group.members]) for group in groups}
+    dec_levels: dict[str, float] = {}
+    for name in [] if mode == 'prune' else layers:
+        layer = cost.layers.get(name)
+        if layer is None or not decomposable(_shape_module(layer, layer.in_channels, layer.out_channels)):
+            continue
+        if cost.layer_cost(name, prune_ratios, {name: level}, round_to)[index] < \
+                cost.layer_cost(name, prune_ratios, {}, round_to)[index]:
+            dec_levels[name] = level
+    candidates = [name for name in cost.layers
+                  if name in dec_levels or any(name in group.members for group in groups)]
+    return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {}, 'l1', round_to, None)
 
 
 def _members(table) -> set[str]:

@@ -126,7 +126,10 @@ def _build_graph(model: nn.Module, dummy_input: Any) -> tp.DependencyGraph:
     with _preserved_modes(model), torch.enable_grad():
         model.eval()
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=as_input_tuple(dummy_input))
+            # forward_fn: torch-pruning would otherwise retry ``model(inputs_tuple)`` after any failure and
+            # report that second, meaningless error instead of the real one (e.g. a dtype mismatch)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=as_input_tuple(dummy_input),
+                                                         forward_fn=lambda module, inputs: module(*inputs))
         except Exception as error:
             raise UntraceableModelError(
                 f'torch-pruning could not build the dependency graph of {type(model).__name__}: {error}. '
@@ -409,7 +412,8 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
 
     Works **in place**: ``model`` itself is changed and returned. It is traced first (with
     ``torch.fx``), so an untraceable model raises before anything changes. NNI runs in eval mode (BN
-    statistics stay as they are) and every module's train/eval flag is restored afterwards.
+    statistics stay as they are) and every module's train/eval flag is restored afterwards, and so is
+    every parameter's and buffer's dtype (float64, float16 and bfloat16 models stay so).
 
     Parameters
     ----------
@@ -432,13 +436,71 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
 
     graph_module = trace_model(model, dummy_input)
     _check_masks(model, masks)
+    # NNI builds its replacement modules in the default dtype and its mask propagation fails on float16 /
+    # bfloat16: run it in float32 (exact for half types) and give every tensor its dtype back afterwards.
+    dtypes = {name: tensor.dtype for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+    tied = _tied_parameters(model)
+    if any(dtype in _HALF_TYPES for dtype in dtypes.values()):
+        model.float()
+        dummy_input = _float32(dummy_input)
+        masks = {name: {key: mask.float() for key, mask in module_masks.items()} for name, module_masks in masks.items()}
     with _preserved_modes(model), _quiet_nni() as speedup_logger:
         # eval mode while NNI propagates shapes: train-mode BN would update its running statistics on the
         # dummy input, and fails outright on a batch of one 1x1 feature map
         model.eval()
         graph_module.eval()
-        return ModelSpeedup(model, dummy_input, masks, graph_module=graph_module,
-                            logger=speedup_logger).speedup_model()
+        model = ModelSpeedup(model, dummy_input, masks, graph_module=graph_module,
+                             logger=speedup_logger).speedup_model()
+    _restore_dtypes(model, dtypes)
+    _retie(model, tied)
+    return model
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """``(module name, parameter name)`` lists of the parameters that several modules share."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module_name, param_name))
+    return [names for names in owners.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[tuple[str, str]]]) -> None:
+    """Share tied parameters again: NNI's speedup rebuilds every module it visits with its own copy."""
+    for owners in tied:
+        modules = [model.get_submodule(module_name) for module_name, _ in owners]
+        params = [getattr(module, param_name) for module, (_, param_name) in zip(modules, owners)]
+        first = params[0]
+        if all(param.shape == first.shape and torch.equal(param, first) for param in params[1:]):
+            for module, (_, param_name) in zip(modules[1:], owners[1:]):
+                setattr(module, param_name, first)
+        else:
+            _logger.warning('Tied parameters %s were pruned differently and are no longer shared',
+                            ', '.join(f'{m}.{p}' for m, p in owners))
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _float32(inputs: Any) -> Any:
+    """``inputs`` (a tensor, or a tuple/list of them) with every floating tensor in float32."""
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_float32(item) for item in inputs)
+    return inputs.float() if isinstance(inputs, Tensor) and inputs.is_floating_point() else inputs
+
+
+@torch.no_grad()
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each parameter and buffer back to the dtype it had under the same name."""
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+    for module_name, module in model.named_modules():
+        for key, buffer in module._buffers.items():
+            name = f'{module_name}.{key}' if module_name else key
+            if buffer is not None and name in dtypes and buffer.dtype != dtypes[name]:
+                module._buffers[key] = buffer.to(dtypes[name])
 
 
 def _check_masks(model: nn.Module, masks: dict[str, dict[str, Tensor]]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ['ROW_KEYS', 'TABLE_COLUMNS', 'format_table', 'write_report', 'plot_pareto', 'machine_description']
+__all__ = ['ROW_KEYS', 'TABLE_COLUMNS', 'format_table', 'markdown_table', 'write_report', 'plot_pareto', 'machine_description']
 
 ROW_KEYS = ('model', 'mode', 'target_flops', 'params_before', 'params_after', 'flops_before', 'flops_after',
             'acc_before', 'acc_zero_shot', 'acc_after', 'latency_ms_before', 'latency_ms_after',
@@ -70,6 +70,15 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     lines = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header] + cells]
     return '\n'.join([lines[0], '-' * len(lines[0])] + lines[1:])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table of already formatted cells (``|`` inside a cell is escaped)."""
+    def line(cells):
+        return '| ' + ' | '.join(str(cell).replace('|', '\\|') for cell in cells) + ' |'
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f'every row needs {len(header)} cells: {header}')
+    return '\n'.join([line(header), '|' + '|'.join('---' for _ in header) + '|'] + [line(row) for row in rows])
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:

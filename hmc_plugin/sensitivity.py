@@ -6,11 +6,14 @@ removed), the operator is applied to that unit alone, the metric drop is measure
 is restored bit for bit. Pruning is simulated with NNI-format channel masks (pruned channels
 become exact zeros); decomposition by swapping in the low-rank reconstruction of the weight.
 
-Two ways to measure the drop:
+Three ways to measure the drop:
 
 - ``evaluator``: ``baseline - eval_fn(model)`` with the user's real metric (higher is better).
-- ``proxy``: KL divergence of the model's output distribution from the original's, on a small
-  cached calibration batch (0 for no change; the same units for both operators).
+- ``kl``: KL divergence of the model's output distribution from the original's, on a small
+  cached calibration batch (0 for no change; the same units for both operators), one forward pass of
+  the whole network per unit and level.
+- ``proxy`` (default): the same KL, estimated to second order from one forward/backward pass over the
+  calibration batch (``hmc_plugin.fisher``): layer-local, so large models scan in minutes.
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .counting import as_input_tuple
+from .fisher import DEFAULT_PROJECTIONS, fisher_drops
 from .errors import HMCConfigError
 from .jsonio import read_json, write_json
-from .lowrank import low_rank_weight, method_for
+from .lowrank import low_rank_weight, low_rank_weights, method_for
 from .pruning import PruningGroup, group_channel_masks
 
 __all__ = ['DEFAULT_LEVELS', 'SensitivityTable', 'scan_sensitivity', 'zeroed_by_masks', 'swapped_weight',
@@ -41,7 +45,7 @@ __all__ = ['DEFAULT_LEVELS', 'SensitivityTable', 'scan_sensitivity', 'zeroed_by_
 _logger = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
-SCAN_MODES = ('evaluator', 'proxy')
+SCAN_MODES = ('evaluator', 'proxy', 'kl')
 
 Masks = dict[str, dict[str, torch.Tensor]]
 MaskContext = Callable[[Masks], ContextManager[None]]
@@ -170,7 +174,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
                      calibration_targets: torch.Tensor | None = None,
                      cache_path: str | os.PathLike | None = None, progress: bool = True,
                      mask_context: MaskContext | None = None, mask_model: nn.Module | None = None,
-                     weight_owner: Callable[[str], nn.Module] | None = None) -> SensitivityTable:
+                     weight_owner: Callable[[str], nn.Module] | None = None,
+                     projections: int = DEFAULT_PROJECTIONS) -> SensitivityTable:
     """Measure the metric drop of pruning each group and decomposing each layer, one unit at a time.
 
     Parameters
@@ -181,9 +186,11 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         Example input for torch-pruning's dependency graph (batch 1 is enough).
     groups, layers
         Pruning groups (from ``pruning.find_pruning_groups``) and layer names to decompose.
-    mode : 'evaluator' or 'proxy'
+    mode : 'proxy', 'kl' or 'evaluator'
         ``evaluator`` needs ``eval_fn(model) -> float`` (higher is better, e.g. accuracy);
-        ``proxy`` needs ``calibration_inputs`` (a tensor or tuple, e.g. 64 images).
+        ``proxy`` and ``kl`` need ``calibration_inputs`` (a tensor or tuple, e.g. 64 images).
+        ``proxy`` runs one forward/backward pass in all (``hmc_plugin.fisher``); the others run the
+        whole model once per unit and level.
     levels
         Fractions of a unit's FLOPs removed, each in (0, 1). Pruning level ``c`` prunes a fraction
         ``c`` of the group's channels; decomposition level ``c`` keeps ``1 - c`` of the layer's FLOPs.
@@ -200,6 +207,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         when ``model`` is wrapped by NNI (defaults to ``model``).
     weight_owner
         ``layer name -> module`` whose ``.weight`` is the live weight to swap (NNI: the layer's wrapper).
+    projections
+        ``proxy`` only: Fisher directions per image (all classes when there are at most this many).
     """
     if mode not in SCAN_MODES:
         raise HMCConfigError(f"Got sensitivity mode={mode!r} but expected one of {SCAN_MODES}")
@@ -208,8 +217,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         raise HMCConfigError(f'Got levels={levels} but expected increasing fractions in (0, 1), e.g. {list(DEFAULT_LEVELS)}')
     if mode == 'evaluator' and eval_fn is None:
         raise HMCConfigError("sensitivity mode 'evaluator' needs an evaluator or eval_fn; pass one or use mode='proxy'")
-    if mode == 'proxy' and calibration_inputs is None:
-        raise HMCConfigError("sensitivity mode 'proxy' needs calibration_inputs (a small batch of model inputs)")
+    if mode in ('proxy', 'kl') and calibration_inputs is None:
+        raise HMCConfigError(f"sensitivity mode {mode!r} needs calibration_inputs (a small batch of model inputs)")
     mask_model = mask_model if mask_model is not None else model
     mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
 
@@ -221,14 +230,23 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     schedule = _schedule(groups, layers)
     settings = {'mode': mode, 'levels': levels, 'importance': importance, 'round_to': round_to,
                 'rank_method': rank_method, 'units': schedule, 'weights': model_fingerprint(mask_model)}
+    if mode == 'proxy':
+        settings['projections'] = int(projections)
     table = _load_cache(cache_path, settings)
+    if mode == 'proxy':
+        if table is None or not table.is_complete():
+            table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
+                                  calibration_batch, progress)
+            if cache_path is not None:
+                table.to_json(cache_path)
+        return table
 
     was_training = model.training
     model.eval()
     modules = dict(mask_model.named_modules())
     weight_owner = weight_owner or modules.__getitem__
     try:
-        if mode == 'proxy':
+        if mode == 'kl':
             calibration = as_input_tuple(calibration_inputs)
             with torch.no_grad():
                 reference = F.log_softmax(model(*calibration).flatten(1).float(), dim=1)
@@ -285,6 +303,39 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     return table
 
 
+def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],
+                  calibration_inputs: Any, settings: dict, calibration_batch: tuple | None,
+                  progress: bool) -> SensitivityTable:
+    """The ``proxy`` scan: masks and low-rank weights for every unit and level, then one Fisher pass."""
+    started = time.perf_counter()
+    levels = settings['levels']
+    modules = dict(model.named_modules())
+    prune_masks: dict[str, list[Masks]] = {group.name: [] for group in groups}
+    weight_changes: dict[str, list[torch.Tensor]] = {}
+    with tqdm(total=len(levels) * (1 + len(layers)), desc='HMC sensitivity scan (proxy): masks and low-rank weights',
+              disable=not progress, unit='step') as bar:
+        for level in levels:
+            if groups:
+                by_group = group_channel_masks(model, dummy_input, {group.name: level for group in groups},
+                                               importance=settings['importance'], round_to=settings['round_to'],
+                                               calibration=calibration_batch)
+                for group in groups:
+                    prune_masks[group.name].append(by_group[group.name])
+            bar.update(1)
+        for name in layers:
+            module = modules[name]
+            weights = low_rank_weights(module, [f'flops:{1.0 - level:.6g}' for level in levels],
+                                       method=method_for(module, settings['rank_method'], name), layer_name=name)
+            weight_changes[name] = [weight - module.weight.detach() for weight in weights]
+            bar.update(len(levels))
+    prune, decompose = fisher_drops(model, calibration_inputs, prune_masks=prune_masks, weight_changes=weight_changes,
+                                    projections=settings['projections'], progress=progress)
+    return SensitivityTable(levels=list(levels), mode='proxy', baseline=0.0, prune=prune, decompose=decompose,
+                            groups={group.name: list(group.members) for group in groups}, settings=settings,
+                            evaluations=len(levels) * (len(groups) + len(layers)),
+                            seconds=time.perf_counter() - started)
+
+
 def _load_cache(cache_path, settings: dict) -> SensitivityTable | None:
     if cache_path is None or not Path(cache_path).exists():
         return None
@@ -296,5 +347,31 @@ def _load_cache(cache_path, settings: dict) -> SensitivityTable | None:
     if table.settings != settings:
         _logger.warning('Sensitivity cache %s was made with other weights or settings; rescanning.', cache_path)
         return None
+    problem = _cache_problem(table, settings)
+    if problem is not None:
+        _logger.warning('Sensitivity cache %s is corrupt (%s); rebuilding it.', cache_path, problem)
+        return None
     _logger.info('Resuming sensitivity scan from %s (%d evaluations done).', cache_path, table.evaluations)
     return table
+
+
+def _cache_problem(table: SensitivityTable, settings: dict) -> str | None:
+    """Why a cached table whose settings match cannot be resumed from (edited or damaged), or None."""
+    if table.levels != settings['levels'] or table.mode != settings['mode']:
+        return f'levels={table.levels!r}, mode={table.mode!r} disagree with its settings'
+    if isinstance(table.baseline, bool) or not isinstance(table.baseline, (int, float)) or not math.isfinite(table.baseline):
+        return f'baseline={table.baseline!r} is not a finite number'
+    if isinstance(table.evaluations, bool) or not isinstance(table.evaluations, int) or table.evaluations < 0:
+        return f'evaluations={table.evaluations!r} is not a count'
+    for operator, names in settings['units'].items():
+        done = getattr(table, operator)
+        if not isinstance(done, dict):
+            return f'{operator} is not a mapping of unit to drops'
+        for name, drops in done.items():
+            if name not in names:
+                return f'{operator}[{name!r}] is not a unit of this scan'
+            if not isinstance(drops, list) or len(drops) > len(table.levels) or any(
+                    isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop)
+                    for drop in drops):
+                return f'{operator}[{name!r}]={drops!r} is not a list of at most {len(table.levels)} finite drops'
+    return None

@@ -3,25 +3,31 @@ compress with each method through ``HMCCompressor`` at the same budget, fine-tun
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from .apply import apply_plan, plan_for_target
 from .compressor import HMCCompressor
 from .counting import count_flops, count_params, measure_latency, measure_latency_side_by_side
 from .data import DataSplits, calibration_batch, make_loaders
+from .errors import HMCConfigError
 from .export import save_compressed
 from .plan import CompressionPlan
+from .pruning import find_pruning_groups
 from .sensitivity import SensitivityTable
-from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
+from .training import evaluate_accuracy, make_torch_evaluator, output_kl, train, training_step
 
-__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods']
+__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
+           'MARGIN_CANDIDATES', 'choose_margin']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,12 +94,14 @@ def train_or_load_baseline(model: nn.Module, splits: DataSplits, settings: RunSe
 
 def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str, *,
                     table: SensitivityTable | None = None, plan: CompressionPlan | None = None,
-                    cache_path: Path | None = None, progress: bool = True) -> HMCCompressor:
-    """An ``HMCCompressor`` for ``mode`` with a ``TorchEvaluator`` on ``splits`` (NNI's user flow)."""
+                    cache_path: Path | None = None, progress: bool = True,
+                    on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> HMCCompressor:
+    """An ``HMCCompressor`` for ``mode`` with a ``TorchEvaluator`` on ``splits`` (NNI's user flow);
+    ``on_epoch_end(model, epoch)`` runs after each fine-tuning epoch."""
     train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr,
-                                     dummy_input=dummy_input, progress=progress)
+                                     dummy_input=dummy_input, progress=progress, on_epoch_end=on_epoch_end)
     entry: dict[str, Any] = {'op_types': list(settings.op_types), 'mode': mode, 'levels': list(settings.levels),
                              'importance': settings.importance, 'rank_method': settings.rank_method,
                              'sensitivity': settings.sensitivity, 'speedup': settings.speedup, 'distill': settings.distill}
@@ -194,3 +202,54 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
             plan.to_json(out_dir / 'plan.json')
             save_compressed(compressed, out_dir / f'compressed_{mode}.pt', plan)
     return rows, table
+
+
+MARGIN_CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
+
+
+def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
+                  candidates: Sequence[float] = MARGIN_CANDIDATES, held_out: int = 256
+                  ) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
+    """HMC's margin rule: the ``tau`` whose compressed model stays closest to the original on held-out data.
+
+    For each candidate ``tau`` (default 0, 0.25, 0.5 = NaHC's default, 1, 2 and inf = AHC) the ``hmc``
+    plan at the settings' target is built from ``table`` and applied (torch-pruning fast path), and the
+    KL divergence of the compressed model's outputs from the original's is measured, before any
+    fine-tuning, on ``held_out`` training images that the scan's calibration batch does not contain
+    (the next ones of the same seeded permutation; the test split is never used). The lowest KL wins;
+    ties go to the smaller ``tau``. Candidates that give the same plan are applied once.
+
+    A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
+
+    Returns ``(tau, plan, trials)``, ``trials`` one ``{'margin', 'kl', 'flops_kept', 'groups'}`` per candidate.
+    """
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    images, _ = calibration_batch(splits, settings.calibration_size + held_out, seed=settings.seed)
+    held_out_images = images[settings.calibration_size:]
+    if len(held_out_images) == 0:
+        raise ValueError(f'choose_margin: the train split has no images beyond the {settings.calibration_size} '
+                         f'calibration images to hold out')
+    groups = find_pruning_groups(model, dummy_input)
+    budget = {'target_flops': settings.target_flops} if settings.target_flops is not None else \
+        {'target_params': settings.target_params}
+    trials, plans, measured_kl = [], {}, {}
+    for margin in candidates:
+        try:
+            plan, kept = plan_for_target(table, model, dummy_input, groups, mode='hmc', margin=margin,
+                                         importance=settings.importance, rank_method=settings.rank_method, **budget)
+        except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
+            trials.append({'margin': margin, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
+            continue
+        key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}], sort_keys=True)
+        if key not in measured_kl:
+            compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+            measured_kl[key] = output_kl(model, compressed, [held_out_images])
+        plans[margin] = plan
+        trials.append({'margin': margin, 'kl': measured_kl[key], 'flops_kept': kept, 'groups': plan.group_counts()})
+    if not plans:
+        raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
+    best = min((trial for trial in trials if trial['margin'] in plans), key=lambda trial: (trial['kl'], trial['margin']))
+    _logger.info('HMC margin rule: tau=%s (held-out KL %.4g; candidates %s)', best['margin'], best['kl'],
+                 ', '.join(f"{trial['margin']}: {'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')}"
+                           for trial in trials))
+    return best['margin'], plans[best['margin']], trials

@@ -32,12 +32,14 @@ def resnet20_table(trained_resnet20, dummy_input, calibration):
     return proxy_scan(trained_resnet20, dummy_input, calibration[0])
 
 
-def test_scan_leaves_model_bit_identical_in_both_modes(trained_resnet20, dummy_input, calibration, loaders):
+def test_scan_leaves_model_bit_identical_in_every_mode(trained_resnet20, dummy_input, calibration, loaders):
     model = trained_resnet20.train()  # train mode: BN statistics must not move either
     before = model_fingerprint(model)
     groups = find_pruning_groups(model, dummy_input)
-    scan_sensitivity(model, dummy_input, groups=groups[:3], layers=conv_names(model)[:3], mode='proxy',
-                     calibration_inputs=calibration[0], progress=False)
+    for mode in ('proxy', 'kl'):
+        scan_sensitivity(model, dummy_input, groups=groups[:3], layers=conv_names(model)[:3], mode=mode,
+                         calibration_inputs=calibration[0], progress=False, levels=(0.5,))
+        assert not any(param.grad is not None for param in model.parameters())
     scan_sensitivity(model, dummy_input, groups=groups[:2], layers=conv_names(model)[:2], mode='evaluator',
                      eval_fn=lambda m: evaluate_accuracy(m, loaders[1]), progress=False, levels=(0.5,))
     assert model_fingerprint(model) == before

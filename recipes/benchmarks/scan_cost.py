@@ -1,12 +1,13 @@
 """Sensitivity scan cost and proxy fidelity.
 
-Scans CIFAR ResNet-56 trained on the embedded digits data in both modes (evaluator: test accuracy;
-proxy: KL divergence on a 64-image calibration batch), prints wall time and number of evaluations of
-each, and the Spearman rank correlation of the per-unit sensitivities (mean drop over the levels,
-pruning groups and decomposed layers together). Optionally times a proxy scan of torchvision
-ResNet-50 on a generated 64-image 224x224 calibration batch.
+Scans CIFAR ResNet-56 trained on the embedded digits data in the three modes (evaluator: test accuracy;
+kl: KL divergence on a 64-image calibration batch, the whole network once per unit and level; proxy:
+the same KL estimated from one Fisher pass), prints wall time and number of evaluations of each, and
+the Spearman rank correlation of each proxy's per-unit sensitivities (mean drop over the levels,
+pruning groups and decomposed layers together) with the evaluator's. Optionally times a proxy scan of
+torchvision ResNet-50 on a generated 64-image 224x224 calibration batch.
 
-    .venv/bin/python recipes/benchmarks/scan_cost.py --out runs/scan_cost [--resnet50] [--quick]
+    .venv/bin/python recipes/benchmarks/scan_cost.py --out runs/scan_cost [--resnet50 | --resnet50-only] [--quick]
 """
 from __future__ import annotations
 
@@ -45,17 +46,33 @@ def scan_model(model, dummy_input, mode, **kwargs):
     return table, time.perf_counter() - started
 
 
+def resnet50_proxy_scan() -> dict:
+    """Proxy scan of torchvision ResNet-50 (1000 classes, random weights) on 64 generated 224x224 images."""
+    model = build_model('torchvision:resnet50', 1000, 3).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 224, 224, generator=generator)
+    table, seconds = scan_model(model, torch.zeros(1, 3, 224, 224), 'proxy', calibration_inputs=images, progress=False)
+    return {'seconds': seconds, 'evaluations': table.evaluations, 'calibration_images': 64,
+            'units': len(table.prune) + len(table.decompose)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='runs/scan_cost')
     parser.add_argument('--model', default='resnet56')
     parser.add_argument('--train-epochs', type=int, default=15)
     parser.add_argument('--resnet50', action='store_true', help='also time a proxy scan of torchvision ResNet-50')
+    parser.add_argument('--resnet50-only', action='store_true', help='only the ResNet-50 proxy scan')
     parser.add_argument('--quick', action='store_true', help='resnet20, 1 training epoch, 2 levels: checks the harness')
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.resnet50_only:
+        results = {'resnet50_proxy': resnet50_proxy_scan()}
+        (out / 'scan_cost_resnet50.json').write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return
     model_name = 'resnet20' if args.quick else args.model
     levels = (0.3, 0.6) if args.quick else (0.2, 0.4, 0.6, 0.8)
     splits = load_digits_data()
@@ -64,31 +81,24 @@ def main() -> None:
     _, test_loader = make_loaders(splits)
     dummy_input = torch.zeros(1, 3, 32, 32)
     calibration, _ = calibration_batch(splits, 64)
-    results = {'model': model_name, 'levels': list(levels)}
-    proxy, proxy_seconds = scan_model(model, dummy_input, 'proxy', calibration_inputs=calibration, levels=levels,
-                                      progress=False)
-    evaluator, evaluator_seconds = scan_model(model, dummy_input, 'evaluator', levels=levels, progress=False,
-                                              eval_fn=lambda m: evaluate_accuracy(m, test_loader))
-    proxy_scores, evaluator_scores = unit_scores(proxy), unit_scores(evaluator)
-    names = sorted(proxy_scores)
-    results.update({
-        'proxy': {'seconds': proxy_seconds, 'evaluations': proxy.evaluations},
-        'evaluator': {'seconds': evaluator_seconds, 'evaluations': evaluator.evaluations},
-        'spearman_all_units': spearman([proxy_scores[n] for n in names], [evaluator_scores[n] for n in names]),
-        'spearman_prune_groups': spearman([proxy_scores[n] for n in names if n.startswith('prune:')],
-                                          [evaluator_scores[n] for n in names if n.startswith('prune:')]),
-        'spearman_decomposed_layers': spearman([proxy_scores[n] for n in names if n.startswith('decompose:')],
-                                               [evaluator_scores[n] for n in names if n.startswith('decompose:')]),
-    })
-    proxy.to_json(out / 'proxy.json')
-    evaluator.to_json(out / 'evaluator.json')
+    results = {'model': model_name, 'levels': list(levels), 'threads': torch.get_num_threads()}
+    tables = {}
+    for mode in ('proxy', 'kl', 'evaluator'):
+        kwargs = ({'eval_fn': lambda m: evaluate_accuracy(m, test_loader)} if mode == 'evaluator'
+                  else {'calibration_inputs': calibration})
+        tables[mode], seconds = scan_model(model, dummy_input, mode, levels=levels, progress=False, **kwargs)
+        results[mode] = {'seconds': seconds, 'evaluations': tables[mode].evaluations}
+        tables[mode].to_json(out / f'{mode}.json')
+    evaluator_scores = unit_scores(tables['evaluator'])
+    for mode in ('proxy', 'kl'):
+        scores = unit_scores(tables[mode])
+        names = sorted(scores)
+        for label, prefix in (('all_units', ''), ('prune_groups', 'prune:'), ('decomposed_layers', 'decompose:')):
+            subset = [name for name in names if name.startswith(prefix)]
+            results[mode][f'spearman_{label}'] = spearman([scores[n] for n in subset],
+                                                          [evaluator_scores[n] for n in subset])
     if args.resnet50:
-        r50 = build_model('torchvision:resnet50', 10, 3).eval()
-        generator = torch.Generator().manual_seed(0)
-        r50_calibration = torch.randn(64, 3, 224, 224, generator=generator)
-        table, seconds = scan_model(r50, torch.zeros(1, 3, 224, 224), 'proxy', calibration_inputs=r50_calibration,
-                                    progress=False)
-        results['resnet50_proxy'] = {'seconds': seconds, 'evaluations': table.evaluations}
+        results['resnet50_proxy'] = resnet50_proxy_scan()
     (out / 'scan_cost.json').write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -1,0 +1,157 @@
+"""NNI's own structured pruning as a comparison point: ``L1NormPruner`` at one uniform ratio + ``ModelSpeedup``.
+
+Every other method of the benchmarks comes out of HMC's plan builder (``prune``, ``decompose``, ``ahc``,
+``nahc``, ``hmc``); this one is what an NNI user gets without HMC: every Conv2d pruned by the same
+``sparse_ratio`` of its output channels, ranked by the L1 norm of its filters, then shrunk by NNI's
+``ModelSpeedup``. The ratio is found by bisection on the *measured* FLOPs of the pruned model, so the
+baseline meets the same budget as the others.
+
+Residual-coupled convs must lose the same channels, or ``ModelSpeedup`` keeps the union of what they
+keep. NNI expresses this with ``dependency_group_id`` (the group's L1 norms are averaged and one mask
+is shared); NNI 3.0's own finder (``nni.compression.speedup.dependency.auto_set_denpendency_group_ids``)
+misses the identity-shortcut chains of a CIFAR ResNet (on ResNet-20 it couples the first block of
+each stage only), so the ids come from torch-pruning's groups (``pruning.find_pruning_groups``).
+
+Example
+-------
+>>> from hmc_plugin.models import resnet20
+>>> model, dummy = resnet20(), torch.zeros(1, 3, 32, 32)
+>>> pruned, info = nni_l1_prune(model, dummy, target_flops=0.5)
+>>> abs(info['flops_kept'] - 0.5) <= 0.02
+True
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .counting import count_flops
+from .errors import HMCConfigError
+from .pruning import PruningGroup, find_pruning_groups, prune_physically, speedup_with_nni
+
+__all__ = ['nni_l1_config', 'nni_l1_masks', 'nni_l1_prune']
+
+_logger = logging.getLogger(__name__)
+
+
+def nni_l1_config(model: nn.Module, groups: list[PruningGroup], sparse_ratio: float | dict[str, float]
+                  ) -> list[dict[str, Any]]:
+    """NNI ``config_list``: ``sparse_ratio`` (one for all, or per group leader) on every Conv2d of every
+    pruning group, one ``dependency_group_id`` per group (groups holding a non-Conv2d member are left alone)."""
+    modules = dict(model.named_modules())
+    config_list = []
+    for group in groups:
+        ratio = sparse_ratio.get(group.name, 0.0) if isinstance(sparse_ratio, dict) else sparse_ratio
+        if ratio > 0 and all(isinstance(modules[name], nn.Conv2d) for name in group.members):
+            config_list.append({'op_names': list(group.members), 'sparse_ratio': float(ratio),
+                                'dependency_group_id': group.name})
+    return config_list
+
+
+def nni_l1_masks(model: nn.Module, groups: list[PruningGroup], sparse_ratio: float | dict[str, float]
+                 ) -> dict[str, dict[str, torch.Tensor]]:
+    """NNI-format masks of ``L1NormPruner``; ``model`` is wrapped and unwrapped again, unchanged."""
+    with warnings.catch_warnings():  # NNI 3.0 registers pytree nodes with a deprecated torch API
+        warnings.simplefilter('ignore', FutureWarning)
+        warnings.simplefilter('ignore', UserWarning)
+        from nni.compression.pruning import L1NormPruner
+
+    config_list = nni_l1_config(model, groups, sparse_ratio)
+    if not config_list:
+        return {}
+    pruner = L1NormPruner(model, config_list)
+    try:
+        _, masks = pruner.compress()
+    finally:
+        pruner.unwrap_model()
+    return masks
+
+
+def _bisect(kept_at, target: float, low: float, high: float, tolerance: float, iterations: int):
+    """Ratios ``(lower, upper)`` around the target (``kept_at`` falls with the ratio), the closest one, steps."""
+    best = None
+    steps = 0
+    for steps in range(1, iterations + 1):
+        ratio = (low + high) / 2
+        kept = kept_at(ratio)
+        if best is None or abs(kept - target) < abs(best[1] - target):
+            best = (ratio, kept)
+        if abs(kept - target) <= tolerance:
+            break
+        if kept > target:
+            low = ratio
+        else:
+            high = ratio
+    return low, best, steps
+
+
+def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float, tolerance: float = 0.005,
+                 max_iterations: int = 14, speedup: str = 'nni') -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of ``model`` keeping ``target_flops`` of its FLOPs: NNI ``L1NormPruner`` + ``ModelSpeedup``.
+
+    The ratio is one ``sparse_ratio`` for every group, found by bisection on the measured FLOPs.
+    Channel counts are integers, so the kept fraction jumps as the ratio grows (on ResNet-20, from
+    0.532 to 0.478 when the 16-channel groups lose a fifth channel); when the uniform ratio cannot
+    land within ``tolerance``, the groups with the most channels (the finest steps) get their own
+    ratio, bisected again from the uniform one.
+
+    Parameters
+    ----------
+    model
+        Not modified.
+    dummy_input
+        Example input (batch 1) for tracing and counting.
+    target_flops
+        Fraction of the FLOPs (MACs) to keep, in (0, 1).
+    tolerance
+        Bisection stops once the measured fraction is this close to the target; the closest reachable
+        fraction is used otherwise, and more than 0.02 away is an error.
+    speedup
+        ``'nni'`` (``ModelSpeedup``, the default) or ``'torch_pruning'`` for the final model; the
+        bisection always measures through torch-pruning's physical pruning (same architecture, faster).
+
+    Returns
+    -------
+    (nn.Module, dict)
+        The pruned model and ``{'sparse_ratio', 'widest_ratio', 'flops_kept', 'iterations'}``.
+    """
+    if not 0.0 < target_flops < 1.0:
+        raise HMCConfigError(f'Got target_flops={target_flops!r} but expected a fraction to keep in (0, 1)')
+    groups = find_pruning_groups(model, dummy_input)
+    full = count_flops(model, dummy_input)
+    widest = max(group.channels for group in groups)
+
+    def kept_with(ratios: dict[str, float]) -> float:
+        pruned = copy.deepcopy(model)
+        pruned = prune_physically(pruned, dummy_input, nni_l1_masks(pruned, groups, ratios))
+        return count_flops(pruned, dummy_input) / full
+
+    def uniform(ratio: float) -> dict[str, float]:
+        return {group.name: ratio for group in groups}
+
+    def widest_at(base: float):
+        return lambda ratio: {group.name: ratio if group.channels == widest else base for group in groups}
+
+    lower, (ratio, kept), steps = _bisect(lambda r: kept_with(uniform(r)), target_flops, 0.0, 0.99, tolerance,
+                                          max_iterations)
+    ratios = uniform(ratio)
+    widest_ratio = ratio
+    if abs(kept - target_flops) > tolerance:
+        ratios_at = widest_at(lower)
+        _, (widest_ratio, kept), more = _bisect(lambda r: kept_with(ratios_at(r)), target_flops, lower, 0.99,
+                                                tolerance, max_iterations)
+        ratio, ratios, steps = lower, ratios_at(widest_ratio), steps + more
+    if abs(kept - target_flops) > 0.02:
+        raise HMCConfigError(f'Got target_flops={target_flops} but L1 ratios reach {kept:.3f} at best')
+    final = copy.deepcopy(model)
+    masks = nni_l1_masks(final, groups, ratios)
+    final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
+    kept = count_flops(final, dummy_input) / full
+    _logger.info('NNI L1NormPruner: sparse_ratio %.4f (widest groups %.4f) keeps %.4f of the FLOPs (%d steps)',
+                 ratio, widest_ratio, kept, steps)
+    return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': kept, 'iterations': steps}

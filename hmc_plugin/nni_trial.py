@@ -1,0 +1,161 @@
+"""One trial of an NNI hyperparameter search over HMC: compress a trained model with the trial's
+hyperparameters, fine-tune it epoch by epoch, and measure accuracy, FLOPs, parameters and latency.
+
+``recipes/nni_experiment/trial.py`` calls :func:`run_trial` with ``nni.get_next_parameter()`` and passes
+the per-epoch accuracies to ``nni.report_intermediate_result`` and the returned dict to
+``nni.report_final_result``. The baseline and the sensitivity scan come from a :class:`SharedCache`,
+so only the first trial of an experiment trains and scans.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .counting import count_flops, count_params, measure_latency_side_by_side
+from .data import make_loaders, parse_data_spec, subset_splits
+from .errors import HMCConfigError
+from .models import build_model
+from .pruning import IMPORTANCES
+from .shared_cache import SharedCache
+from .training import evaluate_accuracy
+from .workflow import RunSettings, make_compressor
+
+__all__ = ['TrialOptions', 'SEARCHABLE', 'DEFAULT_PARAMETERS', 'FINAL_KEYS', 'trial_settings', 'run_trial']
+
+_logger = logging.getLogger(__name__)
+
+# Hyperparameters a search space may set -> what is allowed (HMCCompressor checks the values again).
+SEARCHABLE = {
+    'mode': "'prune', 'decompose', 'ahc', 'nahc' or 'hmc'",
+    'margin': "HMC's tau, a number >= 0 or 'inf'; used by mode 'hmc' only ('nahc' is 'hmc' with 0.5)",
+    'target_flops': 'fraction of the FLOPs to keep, in (0, 1]',
+    'importance': f"channel importance for pruning, one of {tuple(i for i in IMPORTANCES if i != 'taylor')}",
+    'rank_method': "'auto', 'tucker2' or 'cp' (decomposition of kxk convs)",
+    'finetune_epochs': 'fine-tuning epochs after compression, an integer >= 0',
+    'finetune_lr': 'fine-tuning learning rate, > 0',
+    'sensitivity': "the scan's sensitivity mode, e.g. 'proxy' (default)",
+    'distill': 'True to fine-tune with distillation from the uncompressed model',
+}
+DEFAULT_PARAMETERS: dict[str, Any] = {'mode': 'nahc', 'target_flops': 0.5, 'importance': 'l1', 'rank_method': 'auto',
+                                      'finetune_epochs': 2, 'sensitivity': 'proxy'}
+# Keys of the final result (``default`` is the fine-tuned test accuracy, the metric the tuner maximises).
+FINAL_KEYS = ('default', 'acc_zero_shot', 'acc_before', 'flops_kept', 'params_kept', 'flops', 'params',
+              'latency_ms', 'latency_ms_before', 'speedup', 'scan_reused', 'scan_seconds', 'seconds')
+
+
+def _option(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={'help': help_text})
+
+
+@dataclass
+class TrialOptions:
+    """What stays fixed over an experiment: the trial command's options (``metadata['help']`` says what each holds)."""
+
+    model: str = _option('resnet20', "zoo name, 'torchvision:NAME' or 'package.module:callable'")
+    data: str = _option('digits', "'digits', 'cifar10:DIR' or 'imagefolder:DIR'")
+    checkpoint: str | None = _option(None, 'trained state_dict to compress (default: train a baseline, once per cache)')
+    train_epochs: int = _option(15, 'epochs of the baseline training (when no checkpoint)')
+    train_images: int | None = _option(None, 'use at most this many training images (default: all)')
+    test_images: int | None = _option(None, 'use at most this many test images (default: all)')
+    calibration_size: int = _option(64, "images in the proxy scan's calibration batch")
+    batch_size: int = _option(64, 'batch size of training, fine-tuning and evaluation')
+    latency_repeats: int = _option(21, 'timed batch-1 forward passes per model (the median is reported)')
+    threads: int = _option(1, 'torch threads (keep threads x trialConcurrency within the cores)')
+    seed: int = _option(0, 'seed of the initial weights, data order and subsets')
+    cache_dir: str = _option('~/nni-experiments/hmc_cache', 'folder of the baselines and scans shared by the trials')
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    # NNI's quniform gives floats such as 2.0: accept integral numbers.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise HMCConfigError(f'Got {name}={value!r} but expected an integer >= {minimum}')
+    return int(value)
+
+
+def trial_settings(parameters: dict[str, Any], options: TrialOptions) -> RunSettings:
+    """``RunSettings`` of one trial: ``DEFAULT_PARAMETERS`` updated by the tuner's ``parameters``, plus ``options``."""
+    unknown = sorted(set(parameters) - set(SEARCHABLE))
+    if unknown:
+        raise HMCConfigError(f'search space sets {unknown}, which the HMC trial does not know; searchable: '
+                             + '; '.join(f'{key}: {allowed}' for key, allowed in SEARCHABLE.items()))
+    values = {**DEFAULT_PARAMETERS, **parameters}
+    if values['importance'] == 'taylor':
+        raise HMCConfigError("Got importance='taylor' but the trial's scan has no labels for its gradients; "
+                             f"use one of {tuple(i for i in IMPORTANCES if i != 'taylor')}")
+    margin = values.pop('margin', None) if values['mode'] == 'hmc' else None
+    values.pop('margin', None)
+    values['finetune_epochs'] = _integer('finetune_epochs', values['finetune_epochs'], 0)
+    mode = values.pop('mode')
+    return RunSettings(model=options.model, data=options.data, checkpoint=options.checkpoint,
+                       train_epochs=options.train_epochs, calibration_size=options.calibration_size,
+                       batch_size=options.batch_size, threads=options.threads, seed=options.seed,
+                       methods=(mode,), margin=margin, **values)
+
+
+def run_trial(parameters: dict[str, Any], options: TrialOptions, *,
+              on_epoch: Callable[[int, float], None] | None = None, output_dir: str | Path | None = None,
+              progress: bool = False) -> dict[str, float]:
+    """Compress, fine-tune and measure one configuration; returns the final result (keys ``FINAL_KEYS``).
+
+    ``on_epoch(epoch, accuracy)`` gets the test accuracy in [0, 1] after each fine-tuning epoch (epoch from 1).
+    ``flops_kept`` / ``params_kept`` are fractions of the uncompressed model's MACs / parameters (per image);
+    latencies are batch-1 CPU medians in ms measured side by side; ``output_dir`` receives ``plan.json`` and
+    ``result.json``.
+    """
+    started = time.perf_counter()
+    settings = trial_settings(parameters, options)
+    torch.set_num_threads(options.threads)
+    splits = subset_splits(parse_data_spec(options.data), options.train_images, options.test_images, options.seed)
+    torch.manual_seed(options.seed)  # initial weights, hence the baseline, are reproducible
+    cache = SharedCache(options.cache_dir)
+    model = cache.baseline(build_model(options.model, splits.num_classes, splits.in_channels), splits, settings, progress)
+    scan = cache.scan(model, splits, settings, progress)
+
+    _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    epoch_accuracies: list[float] = []
+
+    def after_epoch(trained, epoch: int) -> None:
+        accuracy = evaluate_accuracy(trained, test_loader)
+        epoch_accuracies.append(accuracy)
+        _logger.info('fine-tuning epoch %d: test accuracy %.4f', epoch, accuracy)
+        if on_epoch is not None:
+            on_epoch(epoch, accuracy)
+
+    compressor = make_compressor(model, splits, settings, settings.methods[0], table=scan.table, progress=progress,
+                                 on_epoch_end=after_epoch)
+    compressed, _ = compressor.compress()
+    acc_zero_shot = evaluate_accuracy(compressed, test_loader)
+    if settings.finetune_epochs:
+        torch.manual_seed(settings.seed)
+        compressor.finetune(compressed, max_epochs=settings.finetune_epochs)
+
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    latency_before, latency_after = measure_latency_side_by_side(
+        [model, compressed], dummy_input, warmup=min(5, options.latency_repeats), repeats=options.latency_repeats,
+        num_threads=options.threads)
+    flops_before, flops_after = count_flops(model, dummy_input), count_flops(compressed, dummy_input)
+    params_before, params_after = count_params(model), count_params(compressed)
+    result = {
+        'default': epoch_accuracies[-1] if epoch_accuracies else acc_zero_shot,
+        'acc_zero_shot': acc_zero_shot, 'acc_before': evaluate_accuracy(model, test_loader),
+        'flops_kept': flops_after / flops_before, 'params_kept': params_after / params_before,
+        'flops': flops_after, 'params': params_after,
+        'latency_ms': latency_after, 'latency_ms_before': latency_before, 'speedup': latency_before / latency_after,
+        'scan_reused': int(scan.reused), 'scan_seconds': scan.seconds,
+        'seconds': time.perf_counter() - started,
+    }
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        compressor.plan.to_json(out / 'plan.json')
+        (out / 'result.json').write_text(json.dumps(
+            {'parameters': parameters, 'settings': settings.as_dict(), 'options': dataclasses.asdict(options),
+             'scan': str(scan.path), 'epoch_accuracies': epoch_accuracies, 'result': result}, indent=1))
+    return result

@@ -1,0 +1,108 @@
+"""Trained baselines and sensitivity scans shared by many runs, e.g. the trials of an NNI experiment.
+
+Layout under ``root``, one entry per key so that runs with other settings never overwrite each other::
+
+    baselines/<model>-<training key hash>/baseline.pt           one per model, data and training settings
+    scans/<model>-<weights fingerprint>-<scan key hash>.json    a SensitivityTable per weights and scan settings
+    scans/<same name>.png                                        its curves, drawn when the scan ran
+
+Each entry is built under a file lock (``<entry>.lock``): trials running at the same time build it once,
+the others wait and reuse it. A scan file is reused only if ``scan_sensitivity`` accepts it (same weights,
+units and settings recorded inside), so a stale or foreign file is rescanned, never trusted blindly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from torch import nn
+
+from .data import DataSplits
+from .sensitivity import SensitivityTable, model_fingerprint
+from .workflow import RunSettings, make_compressor, train_or_load_baseline
+
+__all__ = ['SharedCache', 'ScanResult', 'BASELINE_KEYS', 'SCAN_KEYS']
+
+_logger = logging.getLogger(__name__)
+
+# RunSettings fields that change the trained weights (the data enters the key through the splits).
+BASELINE_KEYS = ('model', 'data', 'image_size', 'train_epochs', 'train_lr', 'batch_size', 'seed', 'checkpoint')
+# RunSettings fields that change a scan of given weights.
+SCAN_KEYS = ('data', 'image_size', 'op_types', 'exclude_op_names', 'levels', 'importance', 'rank_method',
+             'sensitivity', 'calibration_size', 'seed')
+
+
+@dataclass
+class ScanResult:
+    """A scan from the cache: ``reused`` is True when the cache file answered and no evaluation ran."""
+
+    table: SensitivityTable
+    path: Path
+    reused: bool
+    seconds: float  # wall time of the call, waiting for another run's lock included
+
+
+def _key_hash(settings: RunSettings, keys: tuple[str, ...], splits: DataSplits) -> str:
+    values: dict[str, Any] = {key: getattr(settings, key) for key in keys}
+    values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+    values['splits'] = repr(splits)  # data name and split sizes (subsets are seeded by settings.seed)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _safe_name(model_name: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', model_name)
+
+
+class SharedCache:
+    """Baselines and scans under one folder (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def baseline_dir(self, settings: RunSettings, splits: DataSplits) -> Path:
+        """Folder of the baseline trained with these settings on these splits."""
+        return self.root / 'baselines' / f'{_safe_name(settings.model)}-{_key_hash(settings, BASELINE_KEYS, splits)}'
+
+    def baseline(self, model: nn.Module, splits: DataSplits, settings: RunSettings, progress: bool = False) -> nn.Module:
+        """``model`` with the trained baseline weights: loaded from the cache, or trained once and cached."""
+        folder = self.baseline_dir(settings, splits)
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / 'baseline.lock')):
+            return train_or_load_baseline(model, splits, settings, folder, progress)
+
+    def scan_path(self, model: nn.Module, splits: DataSplits, settings: RunSettings) -> Path:
+        """Cache file of the scan of ``model``'s current weights with these scan settings."""
+        fingerprint = model_fingerprint(model)[:16]
+        name = f'{_safe_name(settings.model)}-{fingerprint}-{_key_hash(settings, SCAN_KEYS, splits)}.json'
+        return self.root / 'scans' / name
+
+    def scan(self, model: nn.Module, splits: DataSplits, settings: RunSettings, progress: bool = False) -> ScanResult:
+        """The sensitivity scan of ``model`` (trained weights), run once per weights and scan settings."""
+        started = time.perf_counter()
+        path = self.scan_path(model, splits, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_suffix('.lock'))):
+            stamp_before = path.stat().st_mtime_ns if path.exists() else None
+            compressor = make_compressor(model, splits, settings, 'nahc', cache_path=path, progress=progress)
+            try:
+                table = compressor.scan()  # scan_sensitivity answers from the file when it matches
+            finally:
+                compressor.unwrap_model()
+            reused = stamp_before is not None and path.exists() and path.stat().st_mtime_ns == stamp_before
+            if not reused:
+                table.to_json(path)
+                table.plot(path.with_suffix('.png'))
+        seconds = time.perf_counter() - started
+        if reused:
+            _logger.info('Reused the sensitivity scan %s (no evaluation ran; %.1f s)', path, seconds)
+        else:
+            _logger.info('Scanned %d pruning groups and %d layers in %.1f s; cached in %s',
+                         len(table.prune), len(table.decompose), seconds, path)
+        return ScanResult(table=table, path=path, reused=reused, seconds=seconds)

@@ -1,0 +1,94 @@
+"""The layer-local Fisher proxy: it estimates the KL the whole-network proxy measures, from one pass."""
+import pytest
+import torch
+from torch import nn
+
+from hmc_plugin.fisher import chain_ends, fisher_drops
+from hmc_plugin.lowrank import low_rank_weight, low_rank_weights
+from hmc_plugin.models import resnet20
+from hmc_plugin.pruning import find_pruning_groups, group_channel_masks
+from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+
+
+@pytest.fixture(scope='module')
+def model_and_inputs():
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10).eval()
+    # Non-trivial BN statistics so activations and outputs are not degenerate.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model, torch.randn(16, 3, 16, 16)
+
+
+def test_chain_ends_are_the_batchnorms_after_the_convs(model_and_inputs):
+    model, inputs = model_and_inputs
+    groups = find_pruning_groups(model, inputs[:1])
+    masks = group_channel_masks(model, inputs[:1], {group.name: 0.5 for group in groups})
+    ends = chain_ends(model, (inputs[:1],), {name: list(group_masks) for name, group_masks in masks.items()})
+    assert ends['layer1.0.conv1'] == ['layer1.0.bn1']
+    stem = ends['conv1']  # the stem and every stage-1 block write the residual stream
+    assert 'bn1' in stem and 'layer1.2.bn2' in stem and not any(name.endswith('conv2') for name in stem)
+
+
+def test_svd_weights_match_low_rank_weight_and_tucker_is_close():
+    torch.manual_seed(0)
+    pointwise, conv = nn.Conv2d(24, 32, 1), nn.Conv2d(16, 24, 3)
+    specs = ['flops:0.6', 'flops:0.3']
+    for rebuilt, spec in zip(low_rank_weights(pointwise, specs), specs):
+        torch.testing.assert_close(rebuilt, low_rank_weight(pointwise, spec), atol=1e-5, rtol=1e-4)
+    for rebuilt, spec in zip(low_rank_weights(conv, specs), specs):
+        refined = low_rank_weight(conv, spec)
+        scan_error = (rebuilt - conv.weight).norm() / conv.weight.norm()
+        refined_error = (refined - conv.weight).norm() / conv.weight.norm()
+        assert refined_error <= scan_error + 1e-6 and scan_error <= refined_error * 1.05
+
+
+def _measured_kl(model, inputs, layer, change):
+    reference = torch.log_softmax(model(inputs), dim=1)
+    module = model.get_submodule(layer)
+    original = module.weight.data
+    module.weight.data = original + change
+    try:
+        changed = torch.log_softmax(model(inputs), dim=1)
+    finally:
+        module.weight.data = original
+    return float(torch.nn.functional.kl_div(changed, reference, log_target=True, reduction='batchmean'))
+
+
+@torch.no_grad()
+def test_fisher_estimate_matches_the_measured_kl_of_a_small_weight_change(model_and_inputs):
+    model, inputs = model_and_inputs
+    torch.manual_seed(1)
+    for layer in ['layer1.0.conv1', 'layer2.1.conv2', 'layer3.2.conv1', 'layer3.0.downsample.0']:
+        weight = model.get_submodule(layer).weight
+        change = 0.02 * weight.abs().mean() * torch.randn_like(weight)
+        _, estimated = fisher_drops(model, inputs, weight_changes={layer: [change]}, projections=10, progress=False)
+        assert estimated[layer][0] == pytest.approx(_measured_kl(model, inputs, layer, change), rel=0.1), layer
+
+
+def test_proxy_scan_ranks_pruning_groups_like_the_kl_scan_and_leaves_the_model(model_and_inputs):
+    model, inputs = model_and_inputs
+    groups = find_pruning_groups(model, inputs[:1])
+    before = model_fingerprint(model)
+    kwargs = dict(groups=groups, layers=[], calibration_inputs=inputs, levels=(0.25,), progress=False)
+    estimated = scan_sensitivity(model, inputs[:1], mode='proxy', **kwargs)
+    measured = scan_sensitivity(model, inputs[:1], mode='kl', **kwargs)
+    assert model_fingerprint(model) == before and not model.training
+    names = [group.name for group in groups]
+    fisher = torch.tensor([estimated.prune[name][0] for name in names])
+    kl = torch.tensor([measured.prune[name][0] for name in names])
+    ranks = lambda values: values.argsort().argsort().double()  # noqa: E731
+    spearman = torch.corrcoef(torch.stack([ranks(fisher), ranks(kl)]))[0, 1]
+    assert spearman > 0.7, (fisher, kl)
+    assert estimated.evaluations == len(groups) and estimated.mode == 'proxy'
+
+
+def test_hutchinson_projections_estimate_the_exact_fisher(model_and_inputs):
+    model, inputs = model_and_inputs
+    change = low_rank_weight(model.layer2[0].conv1, 'flops:0.5') - model.layer2[0].conv1.weight.detach()
+    _, exact = fisher_drops(model, inputs, weight_changes={'layer2.0.conv1': [change]}, projections=10, progress=False)
+    _, sampled = fisher_drops(model, inputs, weight_changes={'layer2.0.conv1': [change]}, projections=8, progress=False)
+    assert sampled['layer2.0.conv1'][0] == pytest.approx(exact['layer2.0.conv1'][0], rel=0.5)

@@ -1,0 +1,314 @@
+"""A real NNI experiment over HMC's hyperparameters (recipes/nni_experiment): local training service, NNI
+manager on a loopback port, three short ResNet-20 trials one at a time; checked through NNI's REST API,
+the Pareto command and the web UI in headless Chromium; stopped with ``nnictl stop`` and no process left.
+
+The experiment runs under a temporary HOME, so NNI's manifest (``~/nni-experiments/.experiment``) and the
+shared cache are the test's own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.nni_results import TrialOutcome, format_front, pareto_front
+from hmc_plugin.nni_trial import FINAL_KEYS, TrialOptions, trial_settings
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / 'recipes' / 'nni_experiment'
+VENV_BIN = Path(sys.executable).parent
+# Tiny trials: 1-epoch baseline on 256 images, small calibration batch, 3 latency repeats.
+TRIAL_ARGS = ('--train-epochs 1 --train-images 256 --test-images 180 --calibration-size 16 --latency-repeats 3 '
+              '--threads 1')
+# GridSearch over three modes with one scan setting, so trials 2 and 3 must reuse trial 1's scan.
+SEARCH_SPACE = {
+    'mode': {'_type': 'choice', '_value': ['prune', 'hmc', 'decompose']},
+    'margin': {'_type': 'choice', '_value': [1.0]},
+    'target_flops': {'_type': 'choice', '_value': [0.6]},
+    'importance': {'_type': 'choice', '_value': ['l1']},
+    'rank_method': {'_type': 'choice', '_value': ['auto']},
+    'finetune_epochs': {'_type': 'choice', '_value': [2]},
+}
+TRIALS = 3
+DONE_WITHIN_S = 240
+CHROMIUM_FLAGS = ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                  '--window-size=1920,1080')
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_pareto_front_keeps_the_undominated_trials_cheapest_first():
+    def outcome(trial, accuracy, flops_kept):
+        return TrialOutcome(trial, {'mode': 'prune'}, {'default': accuracy, 'flops_kept': flops_kept})
+
+    trials = [outcome('a', 0.90, 0.5), outcome('b', 0.95, 0.7), outcome('c', 0.85, 0.6),  # c: a is cheaper and better
+              outcome('d', 0.90, 0.5), outcome('e', 0.80, 0.3), outcome('f', 0.95, 0.8)]  # d ties a, f: b is cheaper
+    front = pareto_front(trials)
+    assert [o.trial_id for o in front] == ['e', 'a', 'b']
+    table = format_front(front)
+    assert table.splitlines()[0].split()[:3] == ['trial', 'flops_kept', 'default'] and 'prune' in table
+
+
+def test_trial_settings_map_the_search_space_onto_run_settings():
+    options = TrialOptions(model='resnet20', train_epochs=2)
+    settings = trial_settings({'mode': 'hmc', 'margin': 1.5, 'target_flops': 0.4, 'finetune_epochs': 3.0}, options)
+    assert (settings.methods, settings.margin, settings.target_flops, settings.finetune_epochs) == (('hmc',), 1.5, 0.4, 3)
+    assert settings.sensitivity == 'proxy' and settings.train_epochs == 2
+    assert trial_settings({'mode': 'prune', 'margin': 1.5}, options).margin is None  # tau belongs to mode 'hmc'
+    with pytest.raises(HMCConfigError, match="'ranks'.*searchable"):
+        trial_settings({'ranks': 3}, options)
+    with pytest.raises(HMCConfigError, match='taylor'):
+        trial_settings({'importance': 'taylor'}, options)
+    with pytest.raises(HMCConfigError, match='finetune_epochs=1.5'):
+        trial_settings({'finetune_epochs': 1.5}, options)
+
+
+class RunningExperiment:
+    """Handles of the experiment under test: its ID, port, folders and environment."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / 'home'
+        self.working_dir = root / 'experiments'
+        self.port = _free_loopback_port()
+        self.env = {**os.environ, 'HOME': str(self.home), 'OMP_NUM_THREADS': '1',
+                    'MPLCONFIGDIR': str(root / 'matplotlib')}
+        self.id: str | None = None
+        self.seconds = 0.0  # from launch to DONE
+        self.stopped = False
+
+    def rest(self, api: str):
+        response = requests.get(f'http://127.0.0.1:{self.port}/api/v1/nni/{api}', timeout=20)
+        response.raise_for_status()
+        return response.json()
+
+    def processes(self) -> list[psutil.Process]:
+        """The NNI manager of this experiment and everything it started (tuner, trials), found in /proc."""
+        found = []
+        for process in psutil.process_iter(['pid', 'cmdline', 'status']):
+            try:
+                cmdline = ' '.join(process.info['cmdline'] or [])
+                environ = process.environ() if process.info['status'] != psutil.STATUS_ZOMBIE else {}
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if (f'--experiment-id {self.id}' in cmdline or str(self.working_dir) in cmdline
+                    or environ.get('NNI_EXP_ID') == self.id):
+                found.append(process)
+        return found
+
+    def stop(self) -> subprocess.CompletedProcess:
+        self.stopped = True
+        return subprocess.run([str(VENV_BIN / 'nnictl'), 'stop', self.id], env=self.env, capture_output=True,
+                              text=True, timeout=90)
+
+    def trial_logs(self) -> str:
+        logs = []
+        for path in sorted(self.working_dir.glob(f'{self.id}/environments/*/trials/*/trial.log')):
+            logs.append(f'--- {path}\n' + path.read_text()[-3000:])
+        return '\n'.join(logs)
+
+
+@pytest.fixture(scope='module')
+def experiment(tmp_path_factory):
+    """Start the experiment with recipes/nni_experiment/launch.py --detach and wait for it through REST."""
+    run = RunningExperiment(tmp_path_factory.mktemp('nni_experiment'))
+    search_space = run.root / 'search_space.json'
+    search_space.write_text(json.dumps(SEARCH_SPACE))
+    started = time.monotonic()
+    launched = subprocess.run(
+        [sys.executable, str(RECIPE / 'launch.py'), '--port', str(run.port), '--max-trials', str(TRIALS),
+         '--concurrency', '1', '--tuner', 'GridSearch', '--search-space', str(search_space),
+         '--experiment-dir', str(run.working_dir), '--trial-args', TRIAL_ARGS, '--detach'],
+        env=run.env, capture_output=True, text=True, timeout=120)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    run.id = run.rest('experiment')['id']
+    assert run.id in launched.stdout
+    try:
+        status = None
+        while time.monotonic() - started < DONE_WITHIN_S:
+            status = run.rest('check-status')['status']
+            if status in ('DONE', 'ERROR', 'STOPPED'):  # NO_MORE_TRIAL: the last trial still runs
+                break
+            time.sleep(2)
+        run.seconds = time.monotonic() - started
+        assert status == 'DONE', f'experiment status {status} after {run.seconds:.0f} s\n{run.trial_logs()}'
+        yield run
+    finally:
+        if not run.stopped:
+            run.stop()
+
+
+def test_every_trial_succeeds_and_reports_the_final_metrics(experiment):
+    jobs = experiment.rest('trial-jobs')
+    assert len(jobs) == TRIALS
+    assert {job['status'] for job in jobs} == {'SUCCEEDED'}, experiment.trial_logs()
+    modes = set()
+    for job in jobs:
+        final = json.loads(json.loads(job['finalMetricData'][0]['data']))
+        parameters = json.loads(job['hyperParameters'][0])['parameters']
+        modes.add(parameters['mode'])
+        assert set(FINAL_KEYS) <= set(final)
+        assert 0.0 <= final['default'] <= 1.0 and 0.0 <= final['acc_zero_shot'] <= 1.0
+        assert abs(final['flops_kept'] - parameters['target_flops']) <= 0.02, (parameters, final)
+        assert 0.0 < final['params_kept'] < 1.0
+        assert final['latency_ms'] > 0 and final['latency_ms_before'] > 0
+    assert modes == {'prune', 'hmc', 'decompose'}
+    intermediate = [m for m in experiment.rest('metric-data') if m['type'] == 'PERIODICAL']
+    per_trial = {job['trialJobId']: 0 for job in jobs}
+    for metric in intermediate:
+        per_trial[metric['trialJobId']] += 1
+        assert 0.0 <= float(json.loads(metric['data'])) <= 1.0
+    assert set(per_trial.values()) == {SEARCH_SPACE['finetune_epochs']['_value'][0]}  # one per fine-tuning epoch
+
+
+def test_only_the_first_trial_trains_and_scans(experiment):
+    jobs = sorted(experiment.rest('trial-jobs'), key=lambda job: job['sequenceId'])
+    reused = [json.loads(json.loads(job['finalMetricData'][0]['data']))['scan_reused'] for job in jobs]
+    assert reused == [0] + [1] * (TRIALS - 1)
+    cache = experiment.working_dir / 'hmc_cache'
+    scans = list((cache / 'scans').glob('*.json'))
+    baselines = list((cache / 'baselines').glob('*/baseline.pt'))
+    assert len(scans) == 1 and len(baselines) == 1
+    # The scan file was written during trial 1 and never again.
+    written_ms = scans[0].stat().st_mtime * 1000
+    assert jobs[0]['startTime'] <= written_ms <= jobs[1]['startTime']
+    logs = experiment.trial_logs()
+    assert logs.count('Reused the sensitivity scan') == TRIALS - 1
+    assert logs.count('Loaded the cached baseline') == TRIALS - 1
+
+
+def test_pareto_command_prints_the_front_and_writes_a_png(experiment):
+    out = experiment.root / 'pareto.png'
+    result = subprocess.run([sys.executable, str(RECIPE / 'pareto.py'), '--experiment-id', experiment.id,
+                             '--out', str(out)], env=experiment.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    finals = {job['trialJobId']: json.loads(json.loads(job['finalMetricData'][0]['data']))
+              for job in experiment.rest('trial-jobs')}
+    # The front by definition: no other trial at least as accurate with fewer FLOPs kept (or equal and better).
+    expected = {trial for trial, mine in finals.items()
+                if not any(other['default'] >= mine['default'] and other['flops_kept'] <= mine['flops_kept']
+                           and (other['default'] > mine['default'] or other['flops_kept'] < mine['flops_kept'])
+                           for other in finals.values())}
+    table = result.stdout.split('Best default')[0]
+    listed = {trial for trial in finals if trial in table}
+    assert listed == expected, result.stdout
+    assert f'{len(finals)} succeeded trials; {len(expected)} on the Pareto front' in result.stdout
+    best = max(finals, key=lambda trial: finals[trial]['default'])
+    assert f'Best default: trial {best}' in result.stdout
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 10_000
+
+
+@pytest.fixture(scope='session')
+def chromium_driver_paths():
+    """(chromium, chromedriver), installed from Debian's packages when missing."""
+    chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
+    if chromium and driver:
+        return chromium, driver
+    apt = shutil.which('apt-get')
+    if apt is None:
+        pytest.skip('chromium/chromium-driver are missing and apt-get is not available to install them')
+    prefix = [] if os.geteuid() == 0 else (['sudo', '-n'] if shutil.which('sudo') else None)
+    if prefix is None:
+        pytest.skip('chromium/chromium-driver are missing and apt-get needs root (no sudo available)')
+    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
+    install = [*prefix, apt, 'install', '-y', 'chromium', 'chromium-driver']
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run([*prefix, apt, 'update'], env=env, capture_output=True, check=True)
+        subprocess.run(install, env=env, capture_output=True, check=True)
+    chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
+    assert chromium and driver, 'apt-get installed chromium and chromium-driver but they are not on PATH'
+    return chromium, driver
+
+
+@pytest.fixture
+def browser(chromium_driver_paths, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = chromium_driver_paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "chromium-profile"}'):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)  # given paths: nothing is downloaded
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _web_ui_number(value: float) -> str:
+    """How the web UI prints a metric: JavaScript's Number -> string (Python's repr for these floats)."""
+    return repr(value) if value != int(value) else str(int(value))
+
+
+def test_web_ui_lists_the_hmc_trials_with_their_metrics(experiment, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    jobs = experiment.rest('trial-jobs')
+    finals = {job['trialJobId']: json.loads(json.loads(job['finalMetricData'][0]['data'])) for job in jobs}
+    modes = {job['trialJobId']: json.loads(job['hyperParameters'][0])['parameters']['mode'] for job in jobs}
+    body = lambda: browser.find_element(By.TAG_NAME, 'body').text  # noqa: E731
+    wait = WebDriverWait(browser, 60, poll_frequency=0.5)
+    browser.get(f'http://127.0.0.1:{experiment.port}/detail')
+    try:
+        wait.until(lambda _: all(trial in body() for trial in finals) and body().count('SUCCEEDED') >= TRIALS)
+        # The default metric (fine-tuned accuracy) is a column, rounded to 6 decimals.
+        text = body()
+        assert 'Trial jobs' in text
+        for trial, final in finals.items():
+            assert f'{_web_ui_number(round(final["default"], 6))} (FINAL)' in text, (final['default'], text)
+        # The other final metrics and the hyperparameters are columns the user can add.
+        next(b for b in browser.find_elements(By.TAG_NAME, 'button') if 'Add/Remove columns' in b.text).click()
+        for label in ('mode (space)', 'flops_kept (metric)', 'params_kept (metric)', 'latency_ms (metric)'):
+            wait.until(lambda _: browser.find_elements(By.XPATH, f"//label[.//span[normalize-space()='{label}']]"))
+            browser.find_element(By.XPATH, f"//label[.//span[normalize-space()='{label}']]").click()
+        next(b for b in browser.find_elements(By.TAG_NAME, 'button') if b.text.strip() == 'Save').click()
+        wait.until(lambda _: 'flops_kept (metric)' in body() and 'Customize columns' not in body())
+        rows = {row.find_element(By.CSS_SELECTOR, '[data-automation-key=id]').text.split()[0]: row.text  # ID + copy icon
+                for row in browser.find_elements(By.CSS_SELECTOR, '[data-automationid=DetailsRow]')}
+        assert set(rows) == set(finals)
+        for trial, final in finals.items():
+            for key in ('flops_kept', 'params_kept', 'latency_ms'):
+                assert _web_ui_number(final[key]) in rows[trial], (trial, key, final[key], rows[trial])
+            assert modes[trial] in rows[trial].split('\n'), rows[trial]
+    finally:
+        browser.save_screenshot(str(tmp_path / 'trials_detail.png'))
+    assert (tmp_path / 'trials_detail.png').stat().st_size > 10_000
+
+
+def test_stopping_the_experiment_leaves_no_process_behind(experiment):
+    processes = experiment.processes()
+    assert any('main.js' in ' '.join(p.cmdline()) for p in processes), 'the NNI manager was not found in /proc'
+    result = experiment.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [' '.join(p.cmdline()) for p in alive]
+    assert not [p for p in experiment.processes() if p.status() != psutil.STATUS_ZOMBIE]
+    with socket.socket() as sock:
+        assert sock.connect_ex(('127.0.0.1', experiment.port)) != 0, 'the web UI port still answers'
+
+    # The Pareto command reopens a stopped experiment with NNI's view mode, reads it and closes it again.
+    result = subprocess.run([sys.executable, str(RECIPE / 'pareto.py'), '--experiment-id', experiment.id,
+                             '--out', str(experiment.root / 'pareto_stopped.png')],
+                            env=experiment.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f'{TRIALS} succeeded trials' in result.stdout
+    assert not [p for p in experiment.processes() if p.status() != psutil.STATUS_ZOMBIE]

@@ -1,0 +1,196 @@
+"""What the benchmark suites share: settings, cached baselines and scans, one compressed model per method,
+the common fine-tuning budget, progress lines and the JSON / markdown files.
+
+Methods (``METHODS``): ``nahc`` (HMC's grouping at its default margin 0.5), ``hmc`` (margin chosen by
+``hmc_plugin.workflow.choose_margin``), ``ahc`` (both operators on every layer), ``prune`` (torch-pruning
+only, L1 importance), ``decompose`` (Tucker-2 for kxk convs, SVD for 1x1 convs, same FLOPs rank rule)
+and ``nni_l1`` (NNI's ``L1NormPruner`` + ``ModelSpeedup``, ``hmc_plugin.baselines``). Every method but
+``nni_l1`` runs through ``HMCCompressor`` on one shared sensitivity scan.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from hmc_plugin.baselines import nni_l1_prune
+from hmc_plugin.counting import count_flops, count_params
+from hmc_plugin.data import DataSplits, load_digits_data, make_loaders
+from hmc_plugin.models import build_model
+from hmc_plugin.report import machine_description
+from hmc_plugin.sensitivity import SensitivityTable
+from hmc_plugin.training import train, training_step
+from hmc_plugin.workflow import MARGIN_CANDIDATES, RunSettings, choose_margin, make_compressor, scan, train_or_load_baseline
+
+METHODS = ('nahc', 'hmc', 'ahc', 'prune', 'decompose', 'nni_l1')
+METHOD_LABELS = {'uncompressed': 'uncompressed', 'nahc': 'NaHC', 'hmc': 'HMC', 'ahc': 'AHC', 'prune': 'prune-only',
+                 'decompose': 'decompose-only', 'nni_l1': 'NNI L1NormPruner'}
+MODEL_LABELS = {'resnet20': 'ResNet-20', 'resnet56': 'ResNet-56', 'torchvision:resnet50': 'ResNet-50'}
+
+# The quality suite's budget; real_speed reuses its cached baselines and scans when given the same settings.
+TRAIN_EPOCHS = 12
+TRAIN_LR = 0.1
+FINETUNE_EPOCHS = 1
+FINETUNE_LR = 0.01
+# Scan levels (fractions of a unit's FLOPs removed). 0.9 is added to the default 0.2-0.8 so that every
+# method can reach target 0.125: with levels up to 0.8, a layer given one operator keeps at least 0.2 of
+# its FLOPs, and NaHC cannot go below about 0.156 of ResNet-20's FLOPs.
+LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)
+
+
+class Progress:
+    """Timestamped progress lines on stdout, flushed at once (the suites run for minutes)."""
+
+    def __init__(self, quiet: bool = False):
+        self.started = time.perf_counter()
+        self.quiet = quiet
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            minutes, seconds = divmod(int(self.elapsed), 60)
+            print(f'[{minutes:3d}:{seconds:02d}] {message}', flush=True)
+
+
+def configure(threads: int) -> None:
+    """Fixed thread count and quiet libraries for a benchmark process."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    for noisy in ('nni', 'torch_pruning', 'hmc_plugin'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_DIGITS: DataSplits | None = None
+
+
+def digits() -> DataSplits:
+    """The embedded digits data (loaded once per process)."""
+    global _DIGITS
+    if _DIGITS is None:
+        _DIGITS = load_digits_data()
+    return _DIGITS
+
+
+def settings_for(model: str, seed: int, *, train_epochs: int = TRAIN_EPOCHS, threads: int = 1,
+                 finetune_epochs: int = FINETUNE_EPOCHS, finetune_lr: float = FINETUNE_LR) -> RunSettings:
+    """The run settings of one (model, seed) on digits: proxy sensitivity, ``LEVELS``, L1 importance."""
+    return RunSettings(model=model, data='digits', seed=seed, train_epochs=train_epochs, train_lr=TRAIN_LR,
+                       finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, threads=threads,
+                       methods=METHODS, levels=LEVELS)
+
+
+def prepare_baseline(settings: RunSettings, work_dir: Path, progress: Progress) -> tuple[nn.Module, DataSplits]:
+    """Trained baseline of ``settings.model`` with ``settings.seed`` on digits, cached in ``work_dir``."""
+    splits = digits()
+    torch.manual_seed(settings.seed)  # initial weights, as the CLI does
+    model = build_model(settings.model, splits.num_classes, splits.in_channels)
+    cached = (work_dir / 'baseline.pt').exists()
+    progress(f'{settings.model} seed {settings.seed}: {"loading" if cached else "training"} the baseline '
+             f'({settings.train_epochs} epochs)')
+    return train_or_load_baseline(model, splits, settings, work_dir, progress=False).eval(), splits
+
+
+def prepare(settings: RunSettings, work_dir: Path, progress: Progress) -> tuple[nn.Module, DataSplits, SensitivityTable]:
+    """Trained baseline and sensitivity scan of ``settings.model`` with ``settings.seed``, both cached in
+    ``work_dir`` (a rerun with the same settings loads them)."""
+    model, splits = prepare_baseline(settings, work_dir, progress)
+    progress(f'{settings.model} seed {settings.seed}: sensitivity scan ({settings.sensitivity})')
+    table = scan(model, splits, settings, work_dir, progress=False)
+    return model, splits, table
+
+
+def compress(model: nn.Module, splits: DataSplits, settings: RunSettings, method: str, table: SensitivityTable,
+             margin_candidates: Sequence[float] = MARGIN_CANDIDATES) -> tuple[nn.Module, dict[str, Any]]:
+    """A compressed copy of ``model`` at ``settings.target_flops`` by ``method`` (no fine-tuning); ``model`` untouched.
+
+    Returns the model and ``{'seconds', 'flops_kept', 'params_kept', ...}`` with the method's own facts:
+    ``groups`` (layers per sensitivity group), ``margin`` and ``margin_trials`` (HMC), ``sparse_ratio`` (NNI).
+    """
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    started = time.perf_counter()
+    info: dict[str, Any] = {}
+    if method == 'nni_l1':
+        compressed, nni_info = nni_l1_prune(model, dummy_input, target_flops=settings.target_flops)
+        info.update(sparse_ratio=nni_info['sparse_ratio'], widest_ratio=nni_info['widest_ratio'])
+    else:
+        plan = None
+        if method == 'hmc':
+            margin, plan, trials = choose_margin(model, splits, settings, table, candidates=margin_candidates)
+            info.update(margin=_json_float(margin), margin_trials=[{**trial, 'margin': _json_float(trial['margin'])}
+                                                                   for trial in trials])
+        compressor = make_compressor(model, splits, settings, method, table=table, plan=plan, progress=False)
+        compressed, _ = compressor.compress()
+        info['groups'] = compressor.plan.group_counts()
+    info['seconds'] = time.perf_counter() - started
+    info['flops_kept'] = count_flops(compressed, dummy_input) / count_flops(model, dummy_input)
+    info['params_kept'] = count_params(compressed) / count_params(model)
+    return compressed.eval(), info
+
+
+def finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
+    """The one fine-tuning budget every method gets: ``settings.finetune_epochs`` epochs (or ``max_steps``) of
+    SGD (lr ``settings.finetune_lr``, momentum 0.9, weight decay 5e-4, as ``make_torch_evaluator``), batch
+    order seeded by ``settings.seed``. Returns the seconds it took."""
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
+    train(model, optimizer, training_step, train_loader, max_steps=max_steps,
+          max_epochs=None if max_steps is not None else settings.finetune_epochs, progress=False)
+    model.eval()
+    return time.perf_counter() - started
+
+
+def _json_float(value: float) -> float | str:
+    return 'inf' if value == float('inf') else value
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(value) for value in values]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def command_line() -> str:
+    """The command that started this process, as typed from the repository root."""
+    return '.venv/bin/python ' + ' '.join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def header(suite: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The fields every suite's JSON starts with."""
+    return {'suite': suite, 'version': 1, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
+            'machine': machine_description(), 'threads': torch.get_num_threads(), 'command': command_line(),
+            'settings': settings}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def settings_dict(settings: RunSettings) -> dict[str, Any]:
+    return {key: value for key, value in settings.as_dict().items() if key not in ('checkpoint',)}
+
+
+def replace(settings: RunSettings, **changes) -> RunSettings:
+    return dataclasses.replace(settings, **changes)
