@@ -20,9 +20,9 @@ from torch import nn
 from .apply import apply_plan, plan_for_target, plan_masks, reachable_fraction, unreachable_message
 from .config import hmc_settings, validate_config_list
 from .counting import as_input_tuple
-from .errors import HMCConfigError, HMCError, UntraceableModelError
+from .errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
 from .plan import CompressionPlan
-from .lowrank import decomposable
+from .lowrank import decomposable, method_for, resolve_ranks
 from .pruning import PruningGroup, _preserved_modes, find_pruning_groups, trace_model
 from .sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity, zeroed_by_masks
 from .training import kd_loss
@@ -199,7 +199,20 @@ class HMCCompressor(Pruner):
                 and not any(name in self._tied for name in group.consumers)]
 
     def _decomposable_layers(self, model: nn.Module) -> list[str]:
-        return [name for name in self.layers if decomposable(model.get_submodule(name), name)]
+        """Selected layers the configured ``rank_method`` can decompose (not grouped convs; CP needs zero padding)."""
+        rank_method = self.settings['rank_method']
+        return [name for name in self.layers if decomposable(
+            model.get_submodule(name), name, method_for(model.get_submodule(name), rank_method, name))]
+
+    def _why_not_decomposable(self, module: nn.Module, name: str) -> str:
+        """The reason, for the warning (``module`` unwrapped, with its weight)."""
+        if getattr(module, 'groups', 1) != 1:
+            return f'groups={module.groups}: grouped and depthwise convs are only pruned'
+        try:
+            resolve_ranks(module, 1, method_for(module, self.settings['rank_method'], name), name)
+        except LayerCompressionError as error:
+            return f'{error}; it is only pruned'
+        return 'not decomposable'
 
     def _check_traceable(self, model: nn.Module, plan: CompressionPlan | None) -> None:
         """NNI's speedup needs a ``torch.fx`` trace: fail now rather than after the scan."""
@@ -218,7 +231,8 @@ class HMCCompressor(Pruner):
         mode = self.settings['mode']
         prunable = {member for group in self._eligible_groups() for member in group.members}
         decomposable_layers = set(self._decomposable_layers(model))
-        head = [name for name, module in model.named_modules() if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))][-1:]
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))]
+        head = layers[-1:]
         for name in self.layers:
             module = model.get_submodule(name)
             prune_ok = name in prunable or name in head  # the head's outputs are never pruned, by design
@@ -233,8 +247,8 @@ class HMCCompressor(Pruner):
                     why = f'its channels are coupled with layers HMC leaves as they are: {others}'
                 _logger.warning('Not pruning %s (%s): %s', name, type(module).__name__, why)
             if mode != 'prune' and name not in decomposable_layers:
-                _logger.warning('Not decomposing %s (%s, groups=%s): grouped and depthwise convs are only pruned',
-                                name, type(module).__name__, getattr(module, 'groups', 1))
+                _logger.warning('Not decomposing %s (%s): %s', name, type(module).__name__,
+                                self._why_not_decomposable(module, name))
 
     def _check_reachable(self, model: nn.Module) -> None:
         """Fail before the scan if the budget is below what compressing every selected layer fully can give."""

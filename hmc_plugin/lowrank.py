@@ -331,9 +331,11 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
 
 def _tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int]):
     """core (r_out, r_in, kh, kw), U_out (C_out, r_out), U_in (C_in, r_in)."""
+    # random_state: when a rank exceeds what the other modes span (e.g. r_in > r_out * kh * kw), tensorly pads
+    # the SVD with random columns; unseeded, the same layer would get different (equivalent) factors each call
     with tl.backend_context('pytorch'):
         (core, (u_out, u_in)), _ = partial_tucker(weight.detach().to(torch.float64), rank=list(ranks),
-                                                  modes=[0, 1], init='svd')
+                                                  modes=[0, 1], init='svd', random_state=_CP_RANDOM_STATE)
     return core, u_out, u_in
 
 
@@ -543,6 +545,26 @@ def low_rank_weight(module: nn.Module, rank: RankSpec, method: str = 'auto', lay
     return rebuilt.reshape(weight.shape).to(weight.dtype)
 
 
+def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **kwargs):
+    """Truncated SVD ``(U, S, V)`` from the eigenvectors of the smaller Gram matrix (a tensorly ``svd`` callable).
+
+    For the wide unfoldings of conv weights (C x C*k*k) this is one C x C ``eigh``. tensorly's own
+    ``symeig_svd`` (0.10) takes the larger Gram for wide matrices (3136 x 3136 for ResNet-50's stem).
+    """
+    wide = matrix.shape[0] <= matrix.shape[1]
+    gram = matrix @ matrix.T if wide else matrix.T @ matrix
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0), vectors.flip(1)
+    count = min(n_eigenvecs or len(values), len(values))
+    singular = values[:count].clamp_min(0).sqrt()
+    safe = singular.clamp_min(torch.finfo(matrix.dtype).tiny)
+    if wide:
+        left = vectors[:, :count]
+        return left, singular, (left.T @ matrix) / safe[:, None]
+    right = vectors[:, :count]
+    return (matrix @ right) / safe[None, :], singular, right.T
+
+
 @torch.no_grad()
 def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'auto',
                      layer_name: str = '') -> list[torch.Tensor]:
@@ -561,8 +583,8 @@ def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'au
     weight = module.weight.detach()
     unfoldings = _mode_unfoldings(weight, method)
     with tl.backend_context('pytorch'):
-        # symeig_svd: eigenvectors of the (C x C) Gram matrix, far cheaper than an SVD of the wide unfolding
-        bases = [tl.tenalg.svd_interface(matrix, method='symeig_svd',
+        # eigenvectors of the (C x C) Gram matrix: far cheaper than an SVD of the wide unfolding
+        bases = [tl.tenalg.svd_interface(matrix, method=_gram_svd,
                                          n_eigenvecs=max(rank[index] for rank in resolved))[0]
                  for index, matrix in enumerate(unfoldings)]
         weights = []
@@ -575,7 +597,7 @@ def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'au
                 tensor = weight.to(torch.float64)
                 core = tl.tenalg.multi_mode_dot(tensor, factors, modes=[0, 1], transpose=True)
                 (core, factors), _ = partial_tucker(tensor, rank=list(rank), modes=[0, 1], init=(core, factors),
-                                                    n_iter_max=SCAN_TUCKER_ITERATIONS, svd='symeig_svd')
+                                                    n_iter_max=SCAN_TUCKER_ITERATIONS, svd=_gram_svd)
                 rebuilt = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
             weights.append(rebuilt.reshape(weight.shape).to(weight.dtype))
     return weights

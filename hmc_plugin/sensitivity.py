@@ -40,7 +40,7 @@ from .lowrank import low_rank_weight, low_rank_weights, method_for
 from .pruning import PruningGroup, group_channel_masks
 
 __all__ = ['DEFAULT_LEVELS', 'SensitivityTable', 'scan_sensitivity', 'zeroed_by_masks', 'swapped_weight',
-           'proxy_metric', 'model_fingerprint']
+           'proxy_metric', 'model_fingerprint', 'inputs_fingerprint']
 
 _logger = logging.getLogger(__name__)
 
@@ -122,6 +122,19 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b'')
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(inputs: Any) -> str:
+    """SHA-256 over a tensor or tuple of tensors (shapes, dtypes and bytes): identifies calibration data."""
+    digest = hashlib.sha256()
+    for item in as_input_tuple(inputs):
+        if isinstance(item, torch.Tensor):
+            digest.update(f'{tuple(item.shape)}{item.dtype}'.encode())
+            digest.update(item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                          if item.numel() else b'')
+        else:
+            digest.update(repr(item).encode())
     return digest.hexdigest()
 
 
@@ -232,6 +245,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
                 'rank_method': rank_method, 'units': schedule, 'weights': model_fingerprint(mask_model)}
     if mode == 'proxy':
         settings['projections'] = int(projections)
+    if mode in ('proxy', 'kl'):  # a cache scanned on other calibration data must not be resumed
+        settings['calibration'] = inputs_fingerprint(calibration_inputs)
     table = _load_cache(cache_path, settings)
     if mode == 'proxy':
         if table is None or not table.is_complete():
@@ -345,7 +360,8 @@ def _load_cache(cache_path, settings: dict) -> SensitivityTable | None:
         _logger.warning('Sensitivity cache %s is corrupt (%s); rebuilding it.', cache_path, error)
         return None
     if table.settings != settings:
-        _logger.warning('Sensitivity cache %s was made with other weights or settings; rescanning.', cache_path)
+        _logger.warning('Sensitivity cache %s was made with other weights, calibration data or settings; '
+                        'rescanning.', cache_path)
         return None
     problem = _cache_problem(table, settings)
     if problem is not None:

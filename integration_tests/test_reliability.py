@@ -21,7 +21,7 @@ from torch import nn
 import reliability_assets as assets
 from hmc_plugin import HMCCompressor
 from hmc_plugin.errors import HMCConfigError, UntraceableModelError
-from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint
+from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity
 
 ASSETS = Path(__file__).with_name('reliability_assets.py')
 
@@ -310,6 +310,20 @@ def test_scan_killed_mid_way_resumes_from_its_cache_to_the_same_table(tmp_path):
         assert getattr(resumed, operator).keys() == getattr(full, operator).keys()
         for name, drops in getattr(full, operator).items():
             assert getattr(resumed, operator)[name] == pytest.approx(drops, rel=1e-6, abs=1e-12), (operator, name)
+
+
+def test_cache_scanned_on_other_calibration_data_is_not_resumed(tmp_path, caplog):
+    model = assets.build(assets.wide_cnn)
+    inputs, other = assets.inputs_for(model, seed=1), assets.inputs_for(model, seed=2)
+    groups, layers = assets.scan_units(model, inputs[:1])
+    kwargs = dict(groups=groups, layers=layers, mode='kl', levels=assets.LEVELS, progress=False)
+    cache = tmp_path / 'scan.json'
+    first = scan_sensitivity(model, inputs[:1], calibration_inputs=inputs, cache_path=cache, **kwargs)
+    with caplog.at_level(logging.WARNING, logger='hmc_plugin.sensitivity'):
+        second = scan_sensitivity(model, inputs[:1], calibration_inputs=other, cache_path=cache, **kwargs)
+    assert 'other weights, calibration data or settings; rescanning' in caplog.text
+    fresh = scan_sensitivity(model, inputs[:1], calibration_inputs=other, **kwargs)
+    assert second.decompose == fresh.decompose != first.decompose
 
 
 def _garble(cache: Path, how: str) -> None:

@@ -51,7 +51,7 @@ def check_compressed(model: nn.Module, compressed: nn.Module, hmc, masks) -> Non
 @pytest.mark.parametrize('cls, op_types, mode, target, warnings', [
     (assets.GroupedConvs, ['Conv2d', 'Linear'], 'prune', 0.6, []),
     (assets.GroupedConvs, ['Conv2d', 'Linear'], 'ahc', 0.5,
-     ['Not decomposing grouped (Conv2d, groups=2)', 'Not decomposing depthwise (Conv2d, groups=16)']),
+     ['Not decomposing grouped (Conv2d): groups=2', 'Not decomposing depthwise (Conv2d): groups=16']),
     (assets.GroupedConvs, ['Conv2d', 'Linear'], 'decompose', 0.7, ['Not decomposing grouped']),
     (assets.WithConvTranspose, ALL, 'prune', 0.8,
      ['Skipping up (ConvTranspose2d): HMC compresses Conv2d and Linear layers only', 'Not pruning conv1 (Conv2d)']),
@@ -81,6 +81,20 @@ def test_layer_kind_is_compressed_or_skipped_by_name(cls, op_types, mode, target
         assert not hmc.plan.prune_ratios
     check_compressed(model, compressed, hmc, masks)
     assert model_fingerprint(model) == before and not assets.is_wrapped(model)
+
+
+def test_cp_skips_a_reflect_padded_conv_by_name_and_decomposes_the_others(caplog):
+    model = assets.build(assets.SmallCNN)
+    model.conv2.padding_mode = 'reflect'  # CP's separable kernels need zero padding
+    with caplog.at_level(logging.WARNING, logger='hmc_plugin'):
+        hmc = assets.compressor(model, {'op_types': ['Conv2d'], 'target_flops': 0.8, 'mode': 'decompose',
+                                        'rank_method': 'cp'})
+        compressed, masks = hmc.compress()
+    assert "Not decomposing conv2 (Conv2d): Cannot apply method='cp' to layer 'conv2'" in caplog.text
+    assert 'padding_mode' in caplog.text
+    assert 'conv2' not in hmc.plan.ranks and 'conv2' not in hmc.sensitivity.decompose
+    assert hmc.plan.ranks and isinstance(compressed.conv3, CPConv2d)
+    check_compressed(model, compressed, hmc, masks)
 
 
 def test_dilated_and_strided_convs_keep_their_geometry_when_decomposed():

@@ -5,7 +5,9 @@ job's stages once each with a 256-image calibration batch (the main job uses 64)
 scan, the plan (NaHC at half the FLOPs) and the compression (masks, NNI speedup, low-rank
 replacement) plus ``--finetune-epochs`` of fine-tuning. A sampling thread reads the process's
 resident set size every 10 ms; the script prints the peak of each stage and of the whole run, and
-writes them to ``OUT/memory.json``. Nothing is asserted: the README quotes the figures.
+writes them to ``OUT/memory.json``. Between stages, freed memory is handed back to the system
+(``malloc_trim``), so each stage starts from what is really in use. Nothing is asserted: the README
+quotes the figures.
 
     .venv/bin/python recipes/benchmarks/memory.py --out runs/memory [--calibration-size 256] [--finetune-epochs 1]
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -39,9 +43,19 @@ def current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and return glibc's freed heap to the system (the allocator otherwise keeps it)."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 @contextlib.contextmanager
 def peak_rss(stage: str, results: dict, interval: float = 0.01):
     """Record the highest RSS seen while the block runs, and the wall time, under ``results[stage]``."""
+    release_freed_memory()
     peak = [current_rss()]
     stop = threading.Event()
 

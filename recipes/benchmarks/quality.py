@@ -33,6 +33,7 @@ from hmc_plugin.counting import count_flops, count_params  # noqa: E402
 from hmc_plugin.data import make_loaders  # noqa: E402
 from hmc_plugin.errors import HMCConfigError  # noqa: E402
 from hmc_plugin.report import markdown_table  # noqa: E402
+from hmc_plugin.sensitivity import model_fingerprint  # noqa: E402
 from hmc_plugin.training import evaluate_accuracy, output_kl, output_log_probs  # noqa: E402
 
 SUBJECTS = ('hmc', 'nahc')  # the methods whose wins and losses the tables spell out
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model, splits, table = common.prepare(settings, work, progress)
             _, test_loader = make_loaders(splits, settings.batch_size, seed=seed)
             reference_log_probs = output_log_probs(model, test_loader)
+            baseline_fingerprint = model_fingerprint(model)  # a cell is reused only for this baseline and scan
             dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
             baselines.append({'model': model_name, 'seed': seed, 'acc': evaluate_accuracy(model, test_loader),
                               'flops': count_flops(model, dummy_input), 'params': count_params(model),
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cell_settings = common.replace(settings, target_flops=target)
                 for method in methods:
                     path = work / 'cells' / f'{target:g}_{method}.json'
-                    key = {'settings': common.settings_dict(cell_settings), 'quick': args.quick}
+                    key = {'settings': common.settings_dict(cell_settings), 'quick': args.quick,
+                           'baseline': baseline_fingerprint, 'scan': common.table_fingerprint(table)}
                     cached = common.read_json(path) if path.exists() else None
                     if cached is not None and cached.get('key') == key:
                         cell = cached['cell']

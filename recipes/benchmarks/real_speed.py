@@ -41,12 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see README "Results")')
     parser.add_argument('--batches', default='1,64', help='batch sizes to time')
-    parser.add_argument('--repeats', type=int, default=31, help='timed runs per model and batch size (median)')
+    parser.add_argument('--repeats', type=int, default=31, help='timed runs per model at batch 1 (median)')
+    parser.add_argument('--repeats-batched', type=int, default=11, help='timed runs per model at larger batches')
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--quiet', action='store_true')
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.targets, args.train_epochs, args.repeats, args.warmup = 'resnet20', '0.5', 1, 3, 1
+        args.model, args.targets, args.train_epochs, args.repeats, args.repeats_batched, args.warmup = \
+            'resnet20', '0.5', 1, 3, 3, 1
     return args
 
 
@@ -72,8 +74,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    'flops_after': count_flops(compressed, dummy_input), 'params_kept': info['params_kept']}
             row['flops_reduction'] = row['flops_before'] / row['flops_after']
             for batch in batches:
+                repeats = args.repeats if batch == 1 else args.repeats_batched
                 before, after = measure_latency_side_by_side([model, compressed], inputs[batch], num_threads=args.threads,
-                                                             warmup=args.warmup, repeats=args.repeats)
+                                                             warmup=args.warmup, repeats=repeats)
                 row[f'latency_ms_before_b{batch}'] = before
                 row[f'latency_ms_after_b{batch}'] = after
                 row[f'speedup_b{batch}'] = before / after
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      + ', '.join(f'b{batch} speed-up {row[f"speedup_b{batch}"]:.2f}x' for batch in batches))
     settings_out = {'model': args.model, 'seed': args.seed, 'targets': [float(t) for t in args.targets.split(',')],
                     'methods': args.methods.split(','), 'batches': batches, 'repeats': args.repeats,
+                    'repeats_batched': args.repeats_batched,
                     'warmup': args.warmup, 'train_epochs': args.train_epochs, 'quick': args.quick}
     return {**common.header('real_speed', settings_out), 'wall_seconds': progress.elapsed, 'rows': rows}
 
@@ -105,7 +109,8 @@ def render_markdown(report: dict) -> str:
         f'# Real CPU speed ({"quick" if settings["quick"] else "full"}): {model}', '',
         f'Created {report["created"]} on {report["machine"]}, {report["threads"]} threads; '
         f'{report["wall_seconds"] / 60:.1f} min. Original and compressed model timed interleaved in one process '
-        f'(median of {settings["repeats"]} runs after {settings["warmup"]} warm-up runs, batches of random '
+        f'(median of {settings["repeats"]} runs at batch 1, {settings["repeats_batched"]} at larger batches, after '
+        f'{settings["warmup"]} warm-up runs, batches of random '
         f'3x32x32 inputs); ratios only, since absolute times drift with the machine\'s load '
         f'(the medians are in real_speed.json).', '',
         markdown_table(header, rows), '',
