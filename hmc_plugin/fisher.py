@@ -132,10 +132,9 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
             samples = output.shape[0] // copies
-            deltas = None
-            if name in weight_changes:  # computed now, while the input is certainly unmodified
-                deltas = torch.stack([_delta_output(module, inputs[0][:samples].detach(), change)
-                                      for change in weight_changes[name]])  # (levels, N, ...)
+            # A view, no copy: autograd keeps the layer's input for its own backward pass anyway (and
+            # refuses to run if it was modified in place), so the output changes are computed there.
+            layer_input = inputs[0].detach()[:samples] if name in weight_changes else None
             activation = output.detach()[:samples]
 
             def on_grad(grad: Tensor) -> None:
@@ -144,7 +143,9 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
                     per_channel = (grad * activation[None]).flatten(3).sum(3) if grad.dim() > 3 \
                         else grad * activation[None]                                     # (K, N, C)
                     accumulator.channel_scores.setdefault(name, []).append(per_channel.double().cpu())
-                if deltas is not None:
+                if layer_input is not None:
+                    deltas = torch.stack([_delta_output(module, layer_input, change)
+                                          for change in weight_changes[name]])              # (levels, N, ...)
                     scores = torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())  # (levels, K, N)
                     accumulator.layer_scores.setdefault(name, []).append(scores.cpu())
 
