@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,11 +180,24 @@ def command_line() -> str:
     return '.venv/bin/python ' + ' '.join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def git_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when the working tree has changes (None outside git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ('-dirty' if dirty else '')
+
+
 def header(suite: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The fields every suite's JSON starts with."""
     return {'suite': suite, 'version': 1, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
             'machine': machine_description(), 'threads': torch.get_num_threads(), 'command': command_line(),
-            'settings': settings}
+            'commit': git_commit(), 'settings': settings}
 
 
 def write_json(path: Path, data: Any) -> None:

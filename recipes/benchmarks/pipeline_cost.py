@@ -3,7 +3,8 @@
 Models: CIFAR ResNet-56 trained on digits (the quality suite's seed-0 baseline when ``--work`` points at
 it) and torchvision ResNet-50 (1000 classes, random weights, seeded) on a generated 224x224 calibration batch.
 
-Stages, each measured in a fresh Python process (so one stage's memory never counts against another):
+Stages, each measured in a fresh Python process (so one stage's memory never counts against another), at
+the package's default levels (0.2, 0.4, 0.6, 0.8):
 
 - ``scan``: the sensitivity scan in each mode of ``hmc_plugin.sensitivity.SCAN_MODES``: ``proxy``
   (64 calibration images), ``kl`` (the whole-network KL on the same 64 images, when the installed
