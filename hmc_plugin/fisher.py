@@ -225,6 +225,7 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
     finally:
         model.train(was_training)
 
+    channel_scores = {name: torch.cat(chunks, dim=1) for name, chunks in accumulator.channel_scores.items()}  # (K, N, C)
     prune = {}
     for group, levels in prune_masks.items():
         drops = []
@@ -232,7 +233,7 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
             joint = None  # (K, N): -sum of the chain ends' pruned channel scores
             for name in ends[group]:
                 channels = _pruned_channels(modules[name], masks[name]['weight'])
-                scores = torch.cat(accumulator.channel_scores[name], dim=1)[:, :, channels].sum(2)
+                scores = channel_scores[name][:, :, channels].sum(2)
                 joint = -scores if joint is None else joint - scores
             drops.append(_kl_estimate(joint, scale))
         prune[group] = drops

@@ -597,7 +597,8 @@ def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'au
                 tensor = weight.to(torch.float64)
                 core = tl.tenalg.multi_mode_dot(tensor, factors, modes=[0, 1], transpose=True)
                 (core, factors), _ = partial_tucker(tensor, rank=list(rank), modes=[0, 1], init=(core, factors),
-                                                    n_iter_max=SCAN_TUCKER_ITERATIONS, svd=_gram_svd)
+                                                    n_iter_max=SCAN_TUCKER_ITERATIONS, svd=_gram_svd,
+                                                    random_state=_CP_RANDOM_STATE)
                 rebuilt = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
             weights.append(rebuilt.reshape(weight.shape).to(weight.dtype))
     return weights
