@@ -13,14 +13,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .counting import count_flops, count_layer_flops, count_params
+from .counting import count_flops, count_layer_flops, count_params, measure_latency_side_by_side
 from .errors import HMCConfigError
 from .lowrank import decompose_layers, flops_ratio, replacement_params
 from .plan import CompressionPlan, CostModel, UnreachableTargetError, build_plan, most_compressed_plan
 from .pruning import PruningGroup, channel_masks, prune_physically, speedup_with_nni
 
-__all__ = ['SPEEDUPS', 'plan_masks', 'apply_plan', 'measure_plan', 'plan_for_target', 'reachable_fraction',
-           'unreachable_message']
+__all__ = ['SPEEDUPS', 'plan_masks', 'apply_plan', 'measure_plan', 'plan_for_target', 'plan_for_latency',
+           'reachable_fraction', 'unreachable_message']
 
 _logger = logging.getLogger(__name__)
 
@@ -130,6 +130,75 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
     else:
         _logger.info('Plan for target_%s=%.3f measures %.4f', metric, target, measured)
     return plan, measured
+
+
+def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], *,
+                     target_latency: float, batch: int = 1, threads: int | None = None, rank_method: str = 'auto',
+                     latency_cache=None, tolerance: float = 0.03, max_rounds: int = 4,
+                     **plan_kwargs) -> tuple[CompressionPlan, dict[str, float]]:
+    """Build a plan whose compressed model's *measured* CPU time is within ``tolerance`` of the target fraction.
+
+    The allocation runs on a ``latency.LatencyModel`` (per-layer times, cached in ``latency_cache``); each
+    plan is applied to a copy (torch-pruning fast path) and timed side by side with the original at
+    ``batch`` and ``threads``; the internal target is scaled by the miss. Returns ``(plan, latency)``
+    where ``latency`` holds ``original_ms``, ``predicted_ms``, ``measured_ms``, their fractions
+    and ``prediction_error`` (predicted / measured - 1); ``plan.predicted`` / ``plan.measured`` get
+    ``'latency'`` (fraction kept) and the FLOPs and parameters the plan keeps.
+    """
+    from .latency import LatencyModel, batched_input  # latency imports plan; keep the import graph one-way
+
+    if not isinstance(target_latency, (int, float)) or not 0 < target_latency <= 1:
+        raise HMCConfigError(f'Got target_latency={target_latency!r} but expected a fraction of the time to keep in (0, 1]')
+    plan_kwargs.pop('target_flops', None)
+    plan_kwargs.pop('target_params', None)
+    round_to = plan_kwargs.get('round_to', 1)
+    cost = CostModel(model, dummy_input, groups, rank_method)
+    latency = LatencyModel(model, dummy_input, cost, table.levels, batch=batch, threads=threads, round_to=round_to,
+                           cache=latency_cache)
+    timing_input = batched_input(dummy_input, latency.batch)
+    full_flops, full_params = count_flops(model, dummy_input), count_params(model)
+    internal_target, best = target_latency, None
+    for _ in range(max_rounds):
+        exhausted = False
+        try:
+            plan = build_plan(table, cost, target_latency=internal_target, latency=latency, **plan_kwargs)
+        except UnreachableTargetError as error:
+            plan, exhausted = error.plan, True
+        compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+        original_ms, measured_ms = measure_latency_side_by_side([model, compressed], timing_input, warmup=2,
+                                                                repeats=7, num_threads=latency.threads)
+        measured = measured_ms / original_ms
+        if best is None or abs(measured - target_latency) < abs(best[1] - target_latency):
+            best = (plan, measured, original_ms, measured_ms, compressed)
+        if abs(measured - target_latency) <= tolerance or exhausted:
+            break
+        internal_target = min(1.0, max(1e-3, internal_target * target_latency / measured))
+    plan, measured, original_ms, measured_ms, compressed = best
+    latency.cache.save()
+    if measured > target_latency + tolerance and exhausted:
+        raise HMCConfigError(
+            f"Got target_latency={target_latency:g} but mode {plan_kwargs.get('mode', 'nahc')!r} cannot make the model "
+            f"faster than {measured:.3f} of its time at batch {latency.batch} and {latency.threads} threads (measured), "
+            f"even with every selected layer at the highest level ({max(table.levels):g}): raise target_latency, "
+            f"select more layers, add a higher level to 'levels' or use mode='prune' (pruning saves the most time on "
+            f"a CPU)") from None
+    predicted_fraction = plan.predicted['latency']
+    report = {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads,
+              'original_ms': original_ms, 'measured_ms': measured_ms, 'measured': measured,
+              'predicted': predicted_fraction, 'predicted_ms': predicted_fraction * original_ms,
+              'prediction_error': predicted_fraction / measured - 1.0,
+              'new_measurements': latency.cache.measured}
+    plan.target = {'latency': target_latency}
+    plan.measured = {'latency': measured, 'flops': count_flops(compressed, dummy_input) / full_flops,
+                     'params': count_params(compressed) / full_params}
+    if abs(measured - target_latency) > tolerance:
+        _logger.warning('The plan keeps %.3f of the CPU time for target_latency=%g (measured at batch %d, %d threads): '
+                        'the latency model could not be corrected within %d rounds', measured, target_latency,
+                        latency.batch, latency.threads, max_rounds)
+    else:
+        _logger.info('Plan for target_latency=%.3f measures %.3f (predicted %.3f, error %+.1f %%)', target_latency,
+                     measured, predicted_fraction, 100 * report['prediction_error'])
+    return plan, report
 
 
 def unreachable_message(metric: str, target: float, lowest: float, mode: str, max_level: float,

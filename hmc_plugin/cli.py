@@ -40,6 +40,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_budget(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--target-flops', type=float, help='fraction of FLOPs to keep (default 0.5)')
     parser.add_argument('--target-params', type=float, help='fraction of parameters to keep (instead of FLOPs)')
+    parser.add_argument('--target-latency', type=float,
+                        help="fraction of the model's measured CPU time to keep (instead of FLOPs), at --latency-batch "
+                             "and --threads on this machine")
+    parser.add_argument('--latency-batch', type=int, help='batch size at which --target-latency is measured (default 1)')
     parser.add_argument('--importance', choices=('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'))
     parser.add_argument('--margin', type=float, help="HMC margin tau ('inf' = AHC)")
     parser.add_argument('--finetune-epochs', type=int, help='fine-tuning epochs per method (default 3)')
@@ -86,8 +90,9 @@ def _settings(args: argparse.Namespace):
         values['methods'] = [method.strip() for method in args.methods.split(',')]
     if getattr(args, 'mode', None):
         values['methods'] = [args.mode]
-    if values.get('target_params') is not None and values.get('target_flops') == RunSettings.target_flops:
-        values['target_flops'] = None  # a parameter budget replaces the default FLOPs budget
+    other_budget = values.get('target_params') is not None or values.get('target_latency') is not None
+    if other_budget and values.get('target_flops') == RunSettings.target_flops:
+        values['target_flops'] = None  # a parameter or latency budget replaces the default FLOPs budget
     return RunSettings(**values)
 
 
@@ -139,8 +144,10 @@ def _run(args: argparse.Namespace) -> None:
         plan = compressor.make_plan()
         plan.to_json(out / 'plan.json')
         print(plan.table())
-        (metric, measured), = plan.measured.items()
-        print(f'\nMeasured {metric} kept by this plan: {measured:.4f}. Wrote {out}/plan.json')
+        measured = ', '.join(f'{metric} {value:.4f}' for metric, value in plan.measured.items())
+        print(f'\nMeasured kept fractions of this plan: {measured}. Wrote {out}/plan.json')
+        if compressor.latency_report:
+            print(_latency_line(compressor.latency_report))
         return
     if args.command == 'compress':
         table_path = out / 'sensitivity.json'
@@ -159,7 +166,15 @@ def _run(args: argparse.Namespace) -> None:
             plan.to_json(out / 'plan.json')
             save_compressed(compressed, out / 'compressed.pt', plan)
             print(format_table(rows))
+            if row.get('latency_budget'):
+                print(_latency_line(row['latency_budget']))
         print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
+
+
+def _latency_line(report: dict) -> str:
+    return (f"CPU time at batch {report['batch']}, {report['threads']} threads: {report['original_ms']:.2f} ms -> "
+            f"{report['measured_ms']:.2f} ms measured ({report['measured']:.3f} kept), {report['predicted_ms']:.2f} ms "
+            f"predicted by the latency model (error {100 * report['prediction_error']:+.1f} %)")
 
 
 def main(argv: list[str] | None = None) -> int:

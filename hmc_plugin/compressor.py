@@ -17,8 +17,8 @@ from nni.compression.base.config import select_modules_by_config
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from .apply import apply_plan, plan_for_target, plan_masks, reachable_fraction, unreachable_message
-from .config import hmc_settings, validate_config_list
+from .apply import apply_plan, plan_for_latency, plan_for_target, plan_masks, reachable_fraction, unreachable_message
+from .config import budget, hmc_settings, validate_config_list
 from .counting import as_input_tuple
 from .errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
 from .plan import CompressionPlan
@@ -40,7 +40,7 @@ class HMCCompressor(Pruner):
 
     HMC measures each selected layer's sensitivity to structured pruning (torch-pruning groups) and to
     low-rank decomposition (Tucker-2 / SVD via tensorly), groups the layers by that difference, and
-    allocates both operators under one FLOPs or parameter budget.
+    allocates both operators under one FLOPs, parameter or measured CPU-time budget.
 
     Parameters
     ----------
@@ -51,7 +51,9 @@ class HMCCompressor(Pruner):
         NNI ``config_list``: selection keys (``op_types``, ``op_names``, ``exclude_op_names``,
         ``exclude_op_types``, ...), NNI's ``max_sparse_ratio`` (cap on the channel ratio pruned in the
         selected layers), and HMC's keys: ``mode`` ('prune', 'decompose', 'ahc', 'nahc', 'hmc'),
-        ``target_flops`` or ``target_params`` (fraction to keep), ``levels``, ``importance``,
+        one budget: ``target_flops``, ``target_params`` or ``target_latency`` (fraction to keep; latency is
+        measured on this machine at ``latency_batch`` (default 1) and ``latency_threads`` (default: torch's
+        current thread count), and decompositions slower than their layer are never chosen), ``levels``, ``importance``,
         ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``sensitivity`` ('proxy', 'kl' or 'evaluator'),
         ``round_to``, ``speedup`` ('nni' or 'torch_pruning'), ``distill``, ``distill_alpha``,
         ``distill_temperature``. Unknown keys and bad values raise ``HMCConfigError`` before the model is
@@ -72,6 +74,9 @@ class HMCCompressor(Pruner):
         A precomputed ``SensitivityTable`` (skips the scan) or ``CompressionPlan`` (skips scan and planning).
     cache_path
         JSON file the scan writes after each unit; an interrupted scan resumes from it.
+    latency_cache
+        JSON file of per-layer CPU times for ``target_latency`` (default ``$HMC_LATENCY_CACHE`` or
+        ``~/.cache/hmc_plugin/latency.json``), shared by every plan on this machine.
 
     Examples
     --------
@@ -106,7 +111,8 @@ class HMCCompressor(Pruner):
     def __init__(self, model: nn.Module, config_list: list[dict], evaluator: Evaluator | None = None,
                  dummy_input: Any = None, *, calibration_inputs: Any = None,
                  sensitivity_table: SensitivityTable | None = None, plan: CompressionPlan | None = None,
-                 cache_path: str | None = None, progress: bool = True, **overrides):
+                 cache_path: str | None = None, latency_cache: str | None = None, progress: bool = True,
+                 **overrides):
         # Everything that can fail on user input happens before NNI wraps the model.
         normalised = validate_config_list(config_list)
         self.settings = hmc_settings(normalised, **overrides)
@@ -142,6 +148,8 @@ class HMCCompressor(Pruner):
         self.sensitivity = sensitivity_table
         self.plan = plan
         self.cache_path = cache_path
+        self.latency_cache = latency_cache
+        self.latency_report: dict[str, float] | None = None  # predicted / measured latency of the plan
         self.progress = progress
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         # NNI wraps exactly the selected Conv2d/Linear layers.
@@ -252,8 +260,9 @@ class HMCCompressor(Pruner):
 
     def _check_reachable(self, model: nn.Module) -> None:
         """Fail before the scan if the budget is below what compressing every selected layer fully can give."""
-        metric = 'flops' if self.settings['target_flops'] is not None else 'params'
-        target = self.settings[f'target_{metric}']
+        metric, target = budget(self.settings)
+        if metric == 'latency':  # needs timings; plan_for_latency refuses an unreachable one after the scan
+            return
         level = max(self.settings['levels'])
         lowest = reachable_fraction(model, self.dummy_input, self._eligible_groups(), self._decomposable_layers(model),
                                     metric=metric, mode=self.settings['mode'], level=level,
@@ -354,11 +363,18 @@ class HMCCompressor(Pruner):
                                    for name, value in wrapped.items()})
 
     def _build_plan(self, table: SensitivityTable) -> CompressionPlan:
-        plan, _ = plan_for_target(
-            table, self.bound_model, self.dummy_input, self.groups, mode=self.settings['mode'],
-            margin=self.settings['margin'], importance=self.settings['importance'], round_to=self.settings['round_to'],
-            rank_method=self.settings['rank_method'], max_ratios=self.max_ratios,
-            target_flops=self.settings['target_flops'], target_params=self.settings['target_params'])
+        common = dict(mode=self.settings['mode'], margin=self.settings['margin'], importance=self.settings['importance'],
+                      round_to=self.settings['round_to'], rank_method=self.settings['rank_method'],
+                      max_ratios=self.max_ratios)
+        metric, target = budget(self.settings)
+        if metric == 'latency':
+            plan, self.latency_report = plan_for_latency(
+                table, self.bound_model, self.dummy_input, self.groups, target_latency=target,
+                batch=self.settings['latency_batch'], threads=self.settings['latency_threads'],
+                latency_cache=self.latency_cache, **common)
+            return plan
+        plan, _ = plan_for_target(table, self.bound_model, self.dummy_input, self.groups,
+                                  **{f'target_{metric}': target}, **common)
         return plan
 
     def finetune(self, compressed: nn.Module, max_steps: int | None = None, max_epochs: int | None = None) -> None:

@@ -20,12 +20,15 @@ from .errors import HMCConfigError
 from .plan import MODES
 from .pruning import IMPORTANCES
 
-__all__ = ['HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'validate_config_list', 'hmc_settings']
+__all__ = ['HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'BUDGET_KEYS', 'validate_config_list', 'hmc_settings', 'budget']
+
+BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')
 
 DECOMPOSITIONS = ('auto', 'tucker2', 'cp')
 
 HMC_DEFAULTS: dict[str, Any] = {
-    'mode': 'nahc', 'target_flops': None, 'target_params': None, 'levels': [0.2, 0.4, 0.6, 0.8],
+    'mode': 'nahc', 'target_flops': None, 'target_params': None, 'target_latency': None, 'latency_batch': 1,
+    'latency_threads': None, 'levels': [0.2, 0.4, 0.6, 0.8],
     'importance': 'l1', 'rank_method': 'auto', 'margin': None, 'sensitivity': 'proxy', 'round_to': 1,
     'speedup': 'nni', 'distill': False, 'distill_alpha': 0.5, 'distill_temperature': 4.0,
 }
@@ -49,6 +52,11 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
     'mode': (lambda v: v in MODES, f'one of {MODES}'),
     'target_flops': (_fraction_open_closed, 'a fraction of the FLOPs to keep in (0, 1]'),
     'target_params': (_fraction_open_closed, 'a fraction of the parameters to keep in (0, 1]'),
+    'target_latency': (_fraction_open_closed, "a fraction of the model's measured CPU time to keep in (0, 1]"),
+    'latency_batch': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                      'the batch size (an int >= 1) at which target_latency is measured'),
+    'latency_threads': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                        'the torch thread count (an int >= 1) at which target_latency is measured'),
     'levels': (_levels, 'increasing fractions in (0, 1), e.g. [0.2, 0.4, 0.6, 0.8]'),
     # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
     'importance': (lambda v: v in IMPORTANCES and v != 'taylor',
@@ -71,8 +79,9 @@ SELECTION_KEYS = ('op_types', 'op_names', 'op_names_re')
 EXCLUSION_KEYS = ('exclude_op_names', 'exclude_op_types', 'exclude_op_names_re')
 # NNI keys whose meaning HMC does not share: HMC allocates ratios from a budget instead.
 NNI_KEYS_NOT_USED = {
-    'sparse_ratio': "HMC allocates ratios from a budget: use 'target_flops' or 'target_params' instead",
-    'sparse_threshold': "HMC allocates ratios from a budget: use 'target_flops' or 'target_params' instead",
+    'sparse_ratio': "HMC allocates ratios from a budget: use 'target_flops', 'target_params' or 'target_latency' instead",
+    'sparse_threshold': "HMC allocates ratios from a budget: use 'target_flops', 'target_params' or 'target_latency' "
+                        "instead",
 }
 
 
@@ -154,9 +163,16 @@ def hmc_settings(config_list: list[dict], **overrides) -> dict[str, Any]:
             settings[key] = value
     if settings['margin'] == 'inf':
         settings['margin'] = math.inf
-    if settings['target_flops'] is None and settings['target_params'] is None:
+    budgets = [key for key in BUDGET_KEYS if settings[key] is not None]
+    if not budgets:
         raise HMCConfigError("config_list sets no budget: add 'target_flops' (fraction of FLOPs to keep, "
-                             "e.g. 0.5) or 'target_params' to an entry")
-    if settings['target_flops'] is not None and settings['target_params'] is not None:
-        raise HMCConfigError("config_list sets both 'target_flops' and 'target_params'; keep exactly one")
+                             "e.g. 0.5), 'target_params' or 'target_latency' to an entry")
+    if len(budgets) > 1:
+        raise HMCConfigError(f"config_list sets {' and '.join(repr(key) for key in budgets)}; keep exactly one budget")
     return settings
+
+
+def budget(settings: dict[str, Any]) -> tuple[str, float]:
+    """``('flops' | 'params' | 'latency', fraction to keep)`` of validated settings."""
+    key = next(key for key in BUDGET_KEYS if settings[key] is not None)
+    return key[len('target_'):], settings[key]

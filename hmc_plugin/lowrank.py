@@ -41,7 +41,7 @@ from .errors import LayerCompressionError
 
 __all__ = ['Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'METHODS', 'RankSpec',
            'default_method', 'method_for', 'decomposable', 'resolve_ranks', 'flops_ratio', 'replacement_params',
-           'decompose_module', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
+           'decompose_module', 'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
 
 _logger = logging.getLogger(__name__)
 
@@ -386,7 +386,13 @@ class _LowRank(nn.Sequential):
         return replacement.train(module.training)
 
     @classmethod
-    def _build(cls, module: nn.Module, ranks: tuple[int, ...]) -> _LowRank:
+    def _build(cls, module: nn.Module, ranks: tuple[int, ...], factors=None) -> _LowRank:
+        """The replacement with ``factors`` (computed from ``module.weight`` when None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _random_factors(cls, module: nn.Module, ranks: tuple[int, ...]):
+        """Factors of the right shapes, random: the architecture without a factorisation."""
         raise NotImplementedError
 
 
@@ -409,9 +415,9 @@ class Tucker2Conv2d(_LowRank):
         return cls.from_dense(conv, ranks, layer_name)
 
     @classmethod
-    def _build(cls, conv, ranks):
+    def _build(cls, conv, ranks, factors=None):
         r_out, r_in = ranks
-        core, u_out, u_in = _tucker2_factors(conv.weight, ranks)
+        core, u_out, u_in = factors or _tucker2_factors(conv.weight, ranks)
         first = _conv(conv, conv.in_channels, r_in)
         middle = _conv(conv, r_in, r_out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                        dilation=conv.dilation, padding_mode=conv.padding_mode)
@@ -422,6 +428,12 @@ class Tucker2Conv2d(_LowRank):
         if conv.bias is not None:
             last.bias = nn.Parameter(conv.bias.detach().clone())
         return cls(OrderedDict(first=first, core=middle, last=last))
+
+    @classmethod
+    def _random_factors(cls, conv, ranks):
+        r_out, r_in = ranks
+        return (torch.randn(r_out, r_in, *conv.kernel_size), torch.randn(conv.out_channels, r_out),
+                torch.randn(conv.in_channels, r_in))
 
 
 class CPConv2d(_LowRank):
@@ -438,9 +450,9 @@ class CPConv2d(_LowRank):
         return cls.from_dense(conv, ranks, layer_name)
 
     @classmethod
-    def _build(cls, conv, ranks):
+    def _build(cls, conv, ranks, factors=None):
         (rank,) = ranks
-        cp_weights, (a_out, b_in, k_h, k_w) = _cp_factors(conv.weight, rank)
+        cp_weights, (a_out, b_in, k_h, k_w) = factors or _cp_factors(conv.weight, rank)
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         pad_v, pad_h = (conv.padding, conv.padding) if isinstance(conv.padding, str) else \
             ((conv.padding[0], 0), (0, conv.padding[1]))
@@ -456,6 +468,12 @@ class CPConv2d(_LowRank):
             last.bias = nn.Parameter(conv.bias.detach().clone())
         return cls(OrderedDict(first=first, vertical=vertical, horizontal=horizontal, last=last))
 
+    @classmethod
+    def _random_factors(cls, conv, ranks):
+        (rank,) = ranks
+        return torch.ones(rank), [torch.randn(size, rank) for size in (conv.out_channels, conv.in_channels,
+                                                                      *conv.kernel_size)]
+
 
 class SVDConv2d(_LowRank):
     """Truncated SVD of a 1x1 conv: ``first`` 1x1 C_in -> r (stride, padding), ``last`` 1x1 r -> C_out (bias).
@@ -470,9 +488,9 @@ class SVDConv2d(_LowRank):
         return cls.from_dense(conv, ranks, layer_name)
 
     @classmethod
-    def _build(cls, conv, ranks):
+    def _build(cls, conv, ranks, factors=None):
         (rank,) = ranks
-        left, right = _svd_factors(conv.weight.reshape(conv.out_channels, conv.in_channels), rank)
+        left, right = factors or _svd_factors(conv.weight.reshape(conv.out_channels, conv.in_channels), rank)
         first = _conv(conv, conv.in_channels, rank, stride=conv.stride, padding=conv.padding,
                       dilation=conv.dilation, padding_mode=conv.padding_mode)
         last = _conv(conv, rank, conv.out_channels, bias=conv.bias is not None)
@@ -481,6 +499,11 @@ class SVDConv2d(_LowRank):
         if conv.bias is not None:
             last.bias = nn.Parameter(conv.bias.detach().clone())
         return cls(OrderedDict(first=first, last=last))
+
+    @classmethod
+    def _random_factors(cls, conv, ranks):
+        (rank,) = ranks
+        return torch.randn(conv.out_channels, rank), torch.randn(rank, conv.in_channels)
 
 
 class SVDLinear(_LowRank):
@@ -493,9 +516,9 @@ class SVDLinear(_LowRank):
         return cls.from_dense(linear, ranks, layer_name)
 
     @classmethod
-    def _build(cls, linear, ranks):
+    def _build(cls, linear, ranks, factors=None):
         (rank,) = ranks
-        left, right = _svd_factors(linear.weight, rank)
+        left, right = factors or _svd_factors(linear.weight, rank)
         factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         first = nn.Linear(linear.in_features, rank, bias=False, **factory)
         last = nn.Linear(rank, linear.out_features, bias=linear.bias is not None, **factory)
@@ -504,6 +527,11 @@ class SVDLinear(_LowRank):
         if linear.bias is not None:
             last.bias = nn.Parameter(linear.bias.detach().clone())
         return cls(OrderedDict(first=first, last=last))
+
+    @classmethod
+    def _random_factors(cls, linear, ranks):
+        (rank,) = ranks
+        return torch.randn(linear.out_features, rank), torch.randn(rank, linear.in_features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +548,18 @@ def decompose_module(module: nn.Module, rank: RankSpec, method: str = 'auto', la
     """The low-rank replacement of ``module`` (a new module; ``module`` is not changed)."""
     method = _check_supported(module, method, layer_name)
     return _replacement_class(module, method).from_dense(module, rank, layer_name)
+
+
+def replacement_architecture(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto') -> nn.Module:
+    """The low-rank replacement of ``module`` at concrete ``ranks`` with random factors, without factorising.
+
+    Same layers, shapes, strides and dtype as :func:`decompose_module` builds: for timing (``latency``).
+    """
+    method = _check_supported(module, method, '')
+    cls = _replacement_class(module, method)
+    replacement = cls._build(module, tuple(ranks), cls._random_factors(module, tuple(ranks)))
+    replacement.ranks = tuple(int(r) for r in ranks)
+    return replacement.train(module.training)
 
 
 @torch.no_grad()

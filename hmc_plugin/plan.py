@@ -13,7 +13,8 @@ one operator everywhere.
 
 Allocation: every allowed unit (a pruning group, or a layer to decompose) climbs its level in
 steps of ``step``; each step taken is the one with the least interpolated metric drop per FLOP
-(or parameter) saved, until the model's cost is at most the target fraction of the original.
+(parameter, or millisecond of measured CPU time: ``latency.LatencyModel``) saved, until the model's
+cost is at most the target fraction of the original.
 """
 from __future__ import annotations
 
@@ -327,17 +328,21 @@ def check_table(table) -> None:
 
 
 def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: float | None = None,
-               target_params: float | None = None, margin: float | None = None,
-               keep_factor: float = DEFAULT_KEEP_FACTOR, importance: str = 'l1', round_to: int = 1,
-               max_ratios: dict[str, float] | None = None, step: float = 0.05) -> CompressionPlan:
+               target_params: float | None = None, target_latency: float | None = None, latency=None,
+               margin: float | None = None, keep_factor: float = DEFAULT_KEEP_FACTOR, importance: str = 'l1',
+               round_to: int = 1, max_ratios: dict[str, float] | None = None, step: float = 0.05) -> CompressionPlan:
     """Group layers by sensitivity, then allocate levels until the cost meets the target.
 
     Parameters
     ----------
     table
         ``SensitivityTable`` of the model the cost model was built on.
-    target_flops, target_params
-        Fraction of the original FLOPs (MACs) or parameters to keep, in (0, 1]; exactly one.
+    target_flops, target_params, target_latency
+        Fraction of the original FLOPs (MACs), parameters or CPU time to keep, in (0, 1]; exactly one.
+    latency
+        ``latency.LatencyModel`` of the same model, needed by ``target_latency``. The allocation then
+        takes the least drop per millisecond saved, decomposes only at the scanned (timed) levels, and
+        never takes a step that does not save time (a decomposition slower than the layer it replaces).
     max_ratios
         Layer name -> cap on the prune ratio of its group (NNI's ``max_sparse_ratio``); a group takes the
         smallest cap of its members.
@@ -349,11 +354,23 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     CompressionPlan
         ``predicted`` holds the cost model's kept fractions; measure the compressed model for the truth.
     """
-    metric, target = _parse_target(target_flops, target_params)
+    metric, target = _parse_target(target_flops, target_params, target_latency)
+    if metric == 'latency' and latency is None:
+        raise HMCConfigError('target_latency needs a latency model: build_plan(..., latency=LatencyModel(...))')
     check_table(table)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
     groups = group_layers(table, candidates, mode, margin, keep_factor)
     max_level = max(table.levels)
+    if metric == 'latency':
+        # A decomposition that is slower than its layer at every level saves no time: such layers are pruned
+        # instead (the operator that can meet a latency budget), or kept.
+        slow = [layer for layer, group in groups.items() if group in ('decompose', 'both')
+                and not any(latency.decomposition_factor(layer, level) < 1 for level in table.levels)]
+        for layer in slow:
+            groups[layer] = 'prune'
+        if slow:
+            _logger.info('%d layer(s) run slower decomposed at every level; they are pruning candidates instead: %s',
+                         len(slow), ', '.join(slow[:5]) + (' ...' if len(slow) > 5 else ''))
 
     max_ratios = max_ratios or {}
     units: dict[tuple[str, str], Any] = {}
@@ -387,10 +404,21 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
 
     prune_ratios: dict[str, float] = {}
     dec_levels: dict[str, float] = {}
-    metric_index = 0 if metric == 'flops' else 1
-    layer_costs = {name: cost.layer_cost(name, prune_ratios, dec_levels, round_to)[metric_index] for name in cost.layers}
+    def layer_cost(name, prune_state, dec_state):
+        if metric == 'latency':
+            return latency.layer_ms(name, prune_state, dec_state, round_to)
+        return cost.layer_cost(name, prune_state, dec_state, round_to)[0 if metric == 'flops' else 1]
+
+    layer_costs = {name: layer_cost(name, prune_ratios, dec_levels) for name in cost.layers}
     total = sum(layer_costs.values())
-    goal = target * cost.full[metric]
+    full_total = total if metric == 'latency' else cost.full[metric]
+    goal = target * full_total
+    scanned_levels = sorted(table.levels)
+
+    def next_level(unit, level):
+        if metric == 'latency' and unit[0] == 'decompose':  # only the timed levels
+            return next((scanned for scanned in scanned_levels if scanned > level + 1e-9), unit_max[unit])
+        return min(unit_max[unit], round(level + step, 6))
 
     def affected(unit):
         operator, name = unit
@@ -403,7 +431,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         trial_prune = dict(prune_ratios)
         trial_dec = dict(dec_levels)
         (trial_prune if unit[0] == 'prune' else trial_dec)[unit[1]] = level
-        return {name: cost.layer_cost(name, trial_prune, trial_dec, round_to)[metric_index] for name in affected(unit)}
+        return {name: layer_cost(name, trial_prune, trial_dec) for name in affected(unit)}
 
     while total > goal:
         best = None
@@ -415,7 +443,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             # ahead to the first level that saves, or such a unit would never move.
             new_level = level
             while True:
-                new_level = min(unit_max[unit], round(new_level + step, 6))
+                new_level = next_level(unit, new_level)
                 new_costs = costs_with(unit, new_level)
                 saved = sum(layer_costs[name] - value for name, value in new_costs.items())
                 if saved > 0 or new_level >= unit_max[unit] - 1e-9:
@@ -432,25 +460,25 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             reserve = {}
             continue
         if best is None:
-            reachable = total / cost.full[metric]
+            reachable = total / full_total
             raise UnreachableTargetError(
                 f'Got target_{metric}={target} but the selected layers can only reach {reachable:.3f} of their '
                 f'{metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
                 f'to the selection or add a higher level',
                 _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance,
-                                 round_to, margin), metric, target)
+                                 round_to, margin, latency), metric, target)
         _, unit, new_level, new_costs, saved = best
         (prune_ratios if unit[0] == 'prune' else dec_levels)[unit[1]] = new_level
         layer_costs.update(new_costs)
         total -= saved
 
     return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance, round_to,
-                            margin)
+                            margin, latency)
 
 
 def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: dict[str, float],
                      dec_levels: dict[str, float], mode: str, target: dict[str, float], importance: str,
-                     round_to: int, margin: float | None) -> CompressionPlan:
+                     round_to: int, margin: float | None, latency=None) -> CompressionPlan:
     """The plan of an allocation state: group prune ratios and per-layer decomposition levels."""
     plan_layers = []
     for name in candidates:
@@ -462,6 +490,8 @@ def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: d
         plan_layers.append(LayerPlan(name, group, ratio, group_name, method, ranks))
     predicted = {key: sum(cost.layer_cost(name, prune_ratios, dec_levels, round_to)[i] for name in cost.layers) / cost.full[key]
                  for i, key in enumerate(('flops', 'params'))}
+    if latency is not None:
+        predicted['latency'] = latency.predict_ms(prune_ratios, dec_levels, round_to) / latency.predict_ms({}, {})
     return CompressionPlan(plan_layers, mode, dict(target), importance, round_to,
                            margin if mode in ('hmc', 'nahc') else None, predicted)
 
@@ -499,10 +529,12 @@ def _members(table) -> set[str]:
     return {member for group in table.prune for member in table.groups.get(group, [])}
 
 
-def _parse_target(target_flops, target_params) -> tuple[str, float]:
-    given = {key: value for key, value in (('flops', target_flops), ('params', target_params)) if value is not None}
+def _parse_target(target_flops, target_params, target_latency=None) -> tuple[str, float]:
+    given = {key: value for key, value in (('flops', target_flops), ('params', target_params),
+                                           ('latency', target_latency)) if value is not None}
     if len(given) != 1:
-        raise HMCConfigError(f'Got targets {given or "none"} but expected exactly one of target_flops, target_params')
+        raise HMCConfigError(f'Got targets {given or "none"} but expected exactly one of target_flops, target_params, '
+                             f'target_latency')
     (metric, target), = given.items()
     if not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
         raise HMCConfigError(f'Got target_{metric}={target!r} but expected a fraction to keep in (0, 1]')

@@ -30,6 +30,9 @@ TABLE_COLUMNS = (
     ('lat b64 ms', 'latency_ms_after_b64', '{:.1f}'),
     ('speed-up b1', 'speedup_b1', '{:.2f}x'),
     ('speed-up b64', 'speedup_b64', '{:.2f}x'),
+    ('speed-up / FLOPs red. b1', 'speedup_per_flops_b1', '{:.2f}'),
+    ('speed-up / FLOPs red. b64', 'speedup_per_flops_b64', '{:.2f}'),
+    ('latency kept pred. / meas.', 'latency_budget', '{}'),
     ('acc zero-shot', 'acc_zero_shot', '{:.4f}'),
     ('acc fine-tuned', 'acc_after', '{:.4f}'),
 )
@@ -52,8 +55,14 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if key == 'flops_kept':
         value = row['flops_after'] / row['flops_before']
     elif key.startswith('speedup_'):  # before / after, measured side by side
-        suffix = '' if key == 'speedup_b1' else '_b64'
+        suffix = '' if key.endswith('_b1') else '_b64'
         value = row[f'latency_ms_before{suffix}'] / row[f'latency_ms_after{suffix}']
+        if key.startswith('speedup_per_flops'):  # real speed-up over FLOPs reduction: 1 = FLOPs tell the truth
+            value /= row['flops_before'] / row['flops_after']
+    elif key == 'latency_budget':  # the latency budget's fractions (target_latency runs only)
+        budget = row.get('latency_budget')
+        value = None if not budget else '{:.3f} / {:.3f} (b{})'.format(budget['predicted'], budget['measured'],
+                                                                       budget['batch'])
     else:
         value = row.get(key)
     return '-' if value is None else fmt.format(value)
@@ -107,6 +116,14 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None
     plt.close(fig)
 
 
+def _budget_text(settings: dict[str, Any]) -> str:
+    for key in ('target_latency', 'target_flops', 'target_params'):
+        if settings.get(key) is not None:
+            extra = f' at batch {settings.get("latency_batch", 1)}' if key == 'target_latency' else ''
+            return f'{key}={settings[key]}{extra}'
+    return 'none'
+
+
 def write_report(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], settings: dict[str, Any],
                  commands: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``out_dir``; return the JSON object."""
@@ -122,7 +139,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], set
     plot_pareto(rows, out / 'pareto.png')
     md = [f'# HMC report: {settings.get("model")} on {settings.get("data")}', '',
           f'Created {report["created"]} on {report["machine"]}.', '',
-          f'Budget: target_flops={settings.get("target_flops")}; fine-tuning: {settings.get("finetune_epochs")} '
+          f'Budget: {_budget_text(settings)}; fine-tuning: {settings.get("finetune_epochs")} '
           f'epoch(s) per method; latency: median of repeated CPU runs, {settings.get("threads")} threads.', '',
           format_table(rows, markdown=True), '',
           '![accuracy against FLOPs](pareto.png)', '', '![sensitivity](sensitivity.png)', '']

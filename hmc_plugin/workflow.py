@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .apply import apply_plan, plan_for_target
+from .apply import apply_plan, plan_for_latency, plan_for_target
 from .compressor import HMCCompressor
 from .counting import count_flops, count_params, measure_latency, measure_latency_side_by_side
 from .data import DataSplits, calibration_batch, make_loaders
@@ -41,6 +41,8 @@ class RunSettings:
     image_size: int | None = None
     target_flops: float | None = 0.5
     target_params: float | None = None
+    target_latency: float | None = None
+    latency_batch: int = 1
     methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
     op_types: Sequence[str] = ('Conv2d',)
     exclude_op_names: Sequence[str] = ()
@@ -107,10 +109,9 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
                              'sensitivity': settings.sensitivity, 'speedup': settings.speedup, 'distill': settings.distill}
     if settings.exclude_op_names:
         entry['exclude_op_names'] = list(settings.exclude_op_names)
-    if settings.target_flops is not None:
-        entry['target_flops'] = settings.target_flops
-    else:
-        entry['target_params'] = settings.target_params
+    entry.update(_budget(settings))
+    if settings.target_latency is not None:
+        entry.update(latency_batch=settings.latency_batch, latency_threads=settings.threads)
     if settings.margin is not None:
         entry['margin'] = settings.margin
     calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
@@ -148,6 +149,7 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
     compressor.finetune(compressed, max_epochs=settings.finetune_epochs)
     row = {
         'model': settings.model, 'mode': mode, 'target_flops': settings.target_flops,
+        'target_latency': settings.target_latency, 'latency_budget': compressor.latency_report,
         'params_before': count_params(model), 'params_after': count_params(compressed),
         'flops_before': count_flops(model, dummy_input), 'flops_after': count_flops(compressed, dummy_input),
         'acc_before': evaluate_accuracy(model, test_loader), 'acc_zero_shot': acc_zero_shot,
@@ -169,6 +171,14 @@ def _latencies(model: nn.Module, compressed: nn.Module, splits: DataSplits, sett
                                                      num_threads=settings.threads, warmup=2, repeats=7)
     return {'latency_ms_before': before, 'latency_ms_after': after,
             'latency_ms_before_b64': before64, 'latency_ms_after_b64': after64}
+
+
+def _budget(settings: RunSettings) -> dict[str, float]:
+    """The one budget of the settings as a config key: target_latency, else target_flops, else target_params."""
+    for key in ('target_latency', 'target_flops', 'target_params'):
+        if getattr(settings, key) is not None:
+            return {key: getattr(settings, key)}
+    raise HMCConfigError('The run settings set no budget: give target_flops, target_params or target_latency')
 
 
 def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, Any]:
@@ -230,13 +240,18 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         raise ValueError(f'choose_margin: the train split has no images beyond the {settings.calibration_size} '
                          f'calibration images to hold out')
     groups = find_pruning_groups(model, dummy_input)
-    budget = {'target_flops': settings.target_flops} if settings.target_flops is not None else \
-        {'target_params': settings.target_params}
+    budget = _budget(settings)
     trials, plans, measured_kl = [], {}, {}
     for margin in candidates:
         try:
-            plan, kept = plan_for_target(table, model, dummy_input, groups, mode='hmc', margin=margin,
-                                         importance=settings.importance, rank_method=settings.rank_method, **budget)
+            if settings.target_latency is not None:
+                plan, _ = plan_for_latency(table, model, dummy_input, groups, mode='hmc', margin=margin,
+                                                importance=settings.importance, rank_method=settings.rank_method,
+                                                batch=settings.latency_batch, threads=settings.threads, **budget)
+                kept = plan.measured['flops']
+            else:
+                plan, kept = plan_for_target(table, model, dummy_input, groups, mode='hmc', margin=margin,
+                                             importance=settings.importance, rank_method=settings.rank_method, **budget)
         except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
             trials.append({'margin': margin, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
             continue

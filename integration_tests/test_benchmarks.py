@@ -103,3 +103,48 @@ def test_readme_results_are_the_tables_rendered_from_the_committed_json(suite):
     missing = [line for line in table_lines if line not in readme.splitlines()]
     assert not missing, f'README lacks these lines of {suite}.md: {missing[:3]}'
     assert report['command'] in readme
+
+
+def test_latency_budget_quick(tmp_path):
+    """Issue #7's benchmark, --quick twice into one --work: every landing row and accuracy cell with sane figures,
+    and the second run takes its layer timings from the first run's latency cache."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    reports = []
+    for run in ('first', 'second'):
+        subprocess.run(_command('latency_budget', tmp_path / run, '--work', str(tmp_path / 'work')), check=True,
+                       cwd=REPO, env=env, capture_output=True, timeout=600)
+        reports.append(json.loads((tmp_path / run / 'latency_budget.json').read_text()))
+    first, second = reports
+    assert (tmp_path / 'first' / 'latency_budget.md').read_text() == suite_module('latency_budget').render_markdown(first)
+    assert first['suite'] == 'latency_budget' and first['settings']['quick'] is True
+    assert first['command'].startswith('.venv/bin/python recipes/benchmarks/latency_budget.py')
+    target = first['settings']['target']
+    for report in reports:
+        assert sorted((row['budget'], row['method']) for row in report['landing']) == \
+            [('flops', 'hmc'), ('flops', 'prune'), ('latency', 'hmc'), ('latency', 'prune')]
+        for row in report['landing']:
+            assert 'error' not in row, row['error']
+            assert 0 < row['latency_kept'] < 1.5 and 0 < row['flops_kept'] < 1.5 and row['speedup'] > 0
+            assert row['speedup'] == pytest.approx(row['original_ms'] / row['compressed_ms'])
+            assert row['latency_kept'] == pytest.approx(1 / row['speedup'])
+            assert row['flops_reduction'] == pytest.approx(1 / row['flops_kept'])
+            assert row['speedup_per_flops_reduction'] == pytest.approx(row['speedup'] / row['flops_reduction'])
+            if row['budget'] == 'latency':
+                assert 0 < row['predicted'] < 1.5 and 0 < row['measured_while_planning'] < 1.5
+                assert row['prediction_error'] == pytest.approx(row['predicted'] / row['latency_kept'] - 1)
+                assert row['within_tolerance'] == (abs(row['latency_kept'] - target) <= 0.1 * target)
+            else:
+                assert row['new_measurements'] == 0  # FLOPs budgets time nothing
+        hmc = next(row for row in report['landing'] if (row['budget'], row['method']) == ('latency', 'hmc'))
+        assert hmc['margin_rule'] == 'choose_margin' and hmc['margin'] in {t['margin'] for t in hmc['margin_trials']}
+        assert sorted(cell['method'] for cell in report['cells']) == ['hmc', 'prune']
+        for cell in report['cells']:
+            assert 'error' not in cell, cell['error']
+            assert 0 < cell['latency_kept'] < 1.5 and 0 < cell['flops_kept'] < 1.5
+            assert 0 <= cell['acc_zero_shot'] <= 1 and 0 <= cell['acc_finetuned'] <= 1
+        summary = next(row for row in report['summary'] if row['method'] == 'hmc')
+        assert summary['at_least_as_accurate'] == (summary['vs_prune']['acc_finetuned'] >= 0)
+    # The first run times the layers; the second finds them in WORK/latency.json. Not always exactly 0: the greedy
+    # allocation times the grid shapes it passes lazily, and its path follows the (noisy) whole-model timings.
+    new = [sum(row['new_measurements'] for row in report['landing']) for report in reports]
+    assert new[0] > 0 and new[1] <= new[0] // 10, new

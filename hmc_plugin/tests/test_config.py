@@ -35,7 +35,7 @@ def test_bad_entry_error_names_key_and_value(entry, words):
 def test_budget_is_required_and_unique():
     with pytest.raises(HMCConfigError, match='target_flops'):
         hmc_settings(validate_config_list([{'op_types': ['Conv2d']}]))
-    with pytest.raises(HMCConfigError, match='both'):
+    with pytest.raises(HMCConfigError, match="'target_flops' and 'target_params'; keep exactly one"):
         hmc_settings(validate_config_list([{'op_types': ['Conv2d'], 'target_flops': 0.5, 'target_params': 0.5}]))
 
 

@@ -46,11 +46,19 @@ def scan_model(model, dummy_input, mode, **kwargs):
     return table, time.perf_counter() - started
 
 
-def resnet50_proxy_scan() -> dict:
-    """Proxy scan of torchvision ResNet-50 (1000 classes, random weights) on 64 generated 224x224 images."""
+def resnet50_with_calibration(seed: int | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """torchvision ResNet-50 (1000 classes, random weights; seeded with ``seed`` when given) in eval mode, and
+    the 64 generated 224x224 calibration images of its proxy scan."""
+    if seed is not None:
+        torch.manual_seed(seed)
     model = build_model('torchvision:resnet50', 1000, 3).eval()
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(64, 3, 224, 224, generator=generator)
+    return model, torch.randn(64, 3, 224, 224, generator=generator)
+
+
+def resnet50_proxy_scan() -> dict:
+    """Proxy scan of torchvision ResNet-50 (1000 classes, random weights) on 64 generated 224x224 images."""
+    model, images = resnet50_with_calibration()
     table, seconds = scan_model(model, torch.zeros(1, 3, 224, 224), 'proxy', calibration_inputs=images, progress=False)
     return {'seconds': seconds, 'evaluations': table.evaluations, 'calibration_images': 64,
             'units': len(table.prune) + len(table.decompose)}

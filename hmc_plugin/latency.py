@@ -1,0 +1,309 @@
+"""Latency model: measured CPU time of every layer as it is and as each candidate replacement, for latency budgets.
+
+FLOPs are a poor stand-in for speed on a CPU (a Tucker-2 conv with 4x fewer FLOPs can run slower than the
+conv it replaces). A latency budget (``target_latency``) is allocated on times measured on this machine:
+
+- every Conv2d/Linear is timed alone, at the budget's batch size and thread count, on a grid of pruned
+  shapes (its input and output channels at each scanned level of the groups they belong to; times in
+  between are interpolated bilinearly in the channel counts) and decomposed at each scanned level (a
+  factor on the time of its possibly pruned shape);
+- the rest of the model (BN, ReLU, pooling, additions) takes the whole model's measured time minus the
+  layers' times, shared among the layers by the size of their outputs and shrinking with their output
+  channels;
+- measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, layer
+  shape and replacement, so a second plan on the same machine measures nothing new.
+
+``apply.plan_for_latency`` checks the prediction against a measurement of the compressed model and
+corrects the plan's target by the miss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import nn
+
+from .counting import as_input_tuple, measure_latency
+from .lowrank import decomposable, replacement_architecture
+from .plan import CostModel, LayerCost, _decomposed_cost, _shape_module
+from .pruning import kept_channels
+from .report import machine_description
+
+__all__ = ['LatencyCache', 'LatencyModel', 'default_cache_path', 'batched_input']
+
+_MIN_TIMED_SECONDS = 0.05   # repeat a layer until its timed runs add up to this much (or MAX_REPEATS)
+_MIN_REPEATS, _MAX_REPEATS, _WARMUP = 5, 41, 2
+
+
+def default_cache_path() -> Path:
+    """``$HMC_LATENCY_CACHE``, else ``~/.cache/hmc_plugin/latency.json``."""
+    return Path(os.environ.get('HMC_LATENCY_CACHE') or Path.home() / '.cache' / 'hmc_plugin' / 'latency.json')
+
+
+def batched_input(dummy_input: Any, batch: int) -> tuple:
+    """The dummy input (batch 1) repeated to ``batch`` along dimension 0, as a tuple of tensors."""
+    return tuple(tensor[:1].expand(batch, *tensor.shape[1:]).contiguous() for tensor in as_input_tuple(dummy_input))
+
+
+class LatencyCache:
+    """Milliseconds per measurement key, in a JSON file shared by all plans on this machine.
+
+    ``measured`` counts the keys this object had to measure (0 when everything came from the file).
+    Writes merge with the file under a lock, so concurrent runs (NNI trials) keep each other's entries.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.entries: dict[str, float] = {}
+        self.measured = 0
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                self.entries = {str(k): float(v) for k, v in data.get('ms', {}).items()}
+            except (ValueError, AttributeError, TypeError):
+                self.entries = {}  # a damaged cache only costs a re-measurement
+
+    def get(self, key: str, measure) -> float:
+        """The cached time of ``key``, or ``measure()`` (ms), stored."""
+        if key not in self.entries:
+            self.entries[key] = float(measure())
+            self.measured += 1
+        return self.entries[key]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + '.lock'):
+            on_disk = {}
+            if self.path.exists():
+                try:
+                    on_disk = json.loads(self.path.read_text()).get('ms', {})
+                except (ValueError, AttributeError):
+                    on_disk = {}
+            merged = {**on_disk, **self.entries}
+            temporary = self.path.with_suffix('.tmp')
+            temporary.write_text(json.dumps({'ms': merged}, indent=0, sort_keys=True))
+            temporary.replace(self.path)
+        self.entries = merged
+
+
+@torch.no_grad()
+def _time_ms(module: nn.Module, inputs: torch.Tensor, threads: int) -> float:
+    """Median time (ms) of ``module(inputs)``: warm-up, then repeats until about 50 ms were timed."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        module.eval()
+        for _ in range(_WARMUP):
+            module(inputs)
+        start = time.perf_counter()
+        module(inputs)
+        first = time.perf_counter() - start
+        repeats = int(min(_MAX_REPEATS, max(_MIN_REPEATS, math.ceil(_MIN_TIMED_SECONDS / max(first, 1e-6)))))
+        times = [first]
+        for _ in range(repeats - 1):
+            start = time.perf_counter()
+            module(inputs)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times) * 1000.0
+
+
+def _nearest(nodes: Sequence[int], value: int) -> int:
+    return min(nodes, key=lambda node: (abs(node - value), -node))
+
+
+def _interpolate(nodes: Sequence[int], value: int) -> tuple[int, int, float]:
+    """Neighbouring grid nodes of ``value`` and its weight on the upper one (nodes ascending)."""
+    if value <= nodes[0] or len(nodes) == 1:
+        return nodes[0], nodes[0], 0.0
+    if value >= nodes[-1]:
+        return nodes[-1], nodes[-1], 0.0
+    upper = int(np.searchsorted(nodes, value))
+    low, high = nodes[upper - 1], nodes[upper]
+    return low, high, (value - low) / (high - low)
+
+
+class LatencyModel:
+    """Predicted CPU time (ms, one forward pass at ``batch``) of the model under any plan state.
+
+    Parameters
+    ----------
+    model, dummy_input
+        The original model and a batch-1 example input (repeated to ``batch`` for timing).
+    cost
+        The plan's ``CostModel`` (layer shapes and pruning groups) of the same model.
+    levels
+        The sensitivity table's levels: the pruning grid and the decomposition levels that are timed.
+    batch, threads
+        Batch size and torch threads of the budget.
+    cache
+        A :class:`LatencyCache` or its path (``None``: the default path).
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, cost: CostModel, levels: Sequence[float], *,
+                 batch: int = 1, threads: int | None = None, round_to: int = 1,
+                 cache: LatencyCache | str | os.PathLike | None = None):
+        self.cost = cost
+        self.levels = sorted(float(level) for level in levels)
+        self.batch = int(batch)
+        self.threads = int(threads or torch.get_num_threads())
+        self.round_to = round_to
+        self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(cache)
+        self.machine = machine_description()
+        self.input_sizes = _input_sizes(model, dummy_input, list(cost.layers))
+        self.original_ms = self.cache.get(self._model_key(model, dummy_input),
+                                          lambda: measure_latency(model, batched_input(dummy_input, self.batch),
+                                                                  warmup=2, repeats=7, num_threads=self.threads))
+        layers_ms = {name: self._dense_ms(name, layer.in_channels, layer.out_channels)
+                     for name, layer in cost.layers.items()}
+        total_layers = sum(layers_ms.values())
+        # Timed alone, layers can add up to more than the whole model (cold caches): then scale them down.
+        self.layer_scale = min(1.0, self.original_ms / total_layers) if total_layers > 0 else 1.0
+        rest = max(0.0, self.original_ms - total_layers)
+        outputs = {name: layer.out_channels * layer.positions for name, layer in cost.layers.items()}
+        total_outputs = sum(outputs.values()) or 1
+        self.rest_share = {name: rest * outputs[name] / total_outputs for name in cost.layers}
+        self.cache.save()
+
+    # -- keys and measurements ---------------------------------------------------------------------
+
+    def _prefix(self) -> str:
+        return f'{self.machine}|batch {self.batch}|threads {self.threads}'
+
+    def _model_key(self, model: nn.Module, dummy_input: Any) -> str:
+        shapes = [tuple(tensor.shape[1:]) for tensor in as_input_tuple(dummy_input)]
+        signature = [(name, type(module).__name__, tuple(p.shape for p in module.parameters(recurse=False)))
+                     for name, module in model.named_modules()]
+        digest = _digest(repr((type(model).__name__, shapes, signature)))
+        return f'{self._prefix()}|model {type(model).__name__} {digest}'
+
+    def _layer_key(self, layer: LayerCost, in_channels: int, out_channels: int, replacement: str) -> str:
+        size = self.input_sizes[layer.name]
+        return (f'{self._prefix()}|{layer.kind} {in_channels}->{out_channels} k{layer.kernel} s{layer.stride} '
+                f'p{layer.padding} d{layer.dilation} g{layer.conv_groups} bias {layer.bias} in {size}|{replacement}')
+
+    @staticmethod
+    def _shape(layer: LayerCost, in_channels: int, out_channels: int) -> nn.Module:
+        """A randomly initialised layer of the pruned shape (real values: uninitialised memory can hold
+        denormals, which are slow)."""
+        if layer.kind == 'linear':
+            return nn.Linear(in_channels, out_channels, bias=layer.bias)
+        groups = layer.conv_groups
+        if groups == layer.in_channels == layer.out_channels:
+            groups = in_channels                       # depthwise stays depthwise when pruned
+        elif in_channels % groups or out_channels % groups:
+            groups = math.gcd(math.gcd(in_channels, out_channels), groups)
+        return nn.Conv2d(in_channels, out_channels, layer.kernel, stride=layer.stride, padding=layer.padding,
+                         dilation=layer.dilation, groups=groups, bias=layer.bias)
+
+    def _input(self, layer: LayerCost, in_channels: int) -> torch.Tensor:
+        size = self.input_sizes[layer.name]
+        if layer.kind == 'linear':
+            return torch.randn(self.batch, *size, in_channels)
+        return torch.randn(self.batch, in_channels, *size)
+
+    def _dense_ms(self, name: str, in_channels: int, out_channels: int) -> float:
+        layer = self.cost.layers[name]
+        return self.cache.get(self._layer_key(layer, in_channels, out_channels, 'dense'),
+                              lambda: _time_ms(self._shape(layer, in_channels, out_channels),
+                                               self._input(layer, in_channels), self.threads))
+
+    def _decomposed_ms(self, name: str, in_channels: int, out_channels: int, level: float) -> float:
+        """Time of the layer at a (grid) pruned shape, decomposed to keep ``1 - level`` of that shape's FLOPs."""
+        layer = self.cost.layers[name]
+        _, _, ranks, method = _decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method)
+        replacement = f'{method} {tuple(ranks)}'
+        return self.cache.get(self._layer_key(layer, in_channels, out_channels, replacement),
+                              lambda: _time_ms(replacement_architecture(
+                                  self._shape(layer, in_channels, out_channels), ranks, method),
+                                  self._input(layer, in_channels), self.threads))
+
+    # -- prediction ----------------------------------------------------------------------------------
+
+    def _grid(self, channels: int, group: str | None) -> list[int]:
+        if group is None:
+            return [channels]
+        return sorted({kept_channels(channels, ratio, self.round_to) for ratio in [0.0] + self.levels})
+
+    def pruned_ms(self, name: str, in_channels: int, out_channels: int) -> float:
+        """Time of the dense layer at a pruned shape, bilinear between timed grid shapes."""
+        layer = self.cost.layers[name]
+        in_low, in_high, in_weight = _interpolate(self._grid(layer.in_channels, self.cost.in_group.get(name)),
+                                                  in_channels)
+        out_low, out_high, out_weight = _interpolate(self._grid(layer.out_channels, self.cost.out_group.get(name)),
+                                                     out_channels)
+        corners = [(in_low, out_low, (1 - in_weight) * (1 - out_weight)), (in_high, out_low, in_weight * (1 - out_weight)),
+                   (in_low, out_high, (1 - in_weight) * out_weight), (in_high, out_high, in_weight * out_weight)]
+        return sum(weight * self._dense_ms(name, i, o) for i, o, weight in corners if weight > 0)
+
+    def decomposition_factor(self, name: str, level: float, in_channels: int | None = None,
+                             out_channels: int | None = None) -> float:
+        """Time of the layer decomposed at ``level`` over its dense time (> 1: the decomposition is slower).
+
+        Timed on the grid shape nearest the (pruned) shape, at the scanned levels; linear in between.
+        The overhead of a decomposition's extra layers weighs more on a pruned layer, so the factor is
+        not taken from the unpruned shape.
+        """
+        layer = self.cost.layers[name]
+        if level <= 0 or not decomposable(_shape_module(layer, layer.in_channels, layer.out_channels)):
+            return 1.0
+        in_node = _nearest(self._grid(layer.in_channels, self.cost.in_group.get(name)),
+                           layer.in_channels if in_channels is None else in_channels)
+        out_node = _nearest(self._grid(layer.out_channels, self.cost.out_group.get(name)),
+                            layer.out_channels if out_channels is None else out_channels)
+        dense = self._dense_ms(name, in_node, out_node)
+        factors = [self._decomposed_ms(name, in_node, out_node, scanned) / dense for scanned in self.levels]
+        return float(np.interp(level, self.levels, factors))
+
+    def layer_ms(self, name: str, prune_ratios: dict[str, float], dec_levels: dict[str, float],
+                 round_to: int = 1) -> float:
+        """Predicted time of layer ``name`` (its share of BN/ReLU/pooling included) in the given plan state."""
+        layer = self.cost.layers[name]
+        in_channels, out_channels = self.cost.pruned_shape(name, prune_ratios, round_to)
+        dense = self.pruned_ms(name, in_channels, out_channels)
+        own = dense * self.decomposition_factor(name, dec_levels.get(name, 0.0), in_channels, out_channels)
+        return self.layer_scale * own + self.rest_share[name] * out_channels / layer.out_channels
+
+    def predict_ms(self, prune_ratios: dict[str, float], dec_levels: dict[str, float], round_to: int = 1) -> float:
+        """Predicted time of the whole model (ms) in the given plan state."""
+        return sum(self.layer_ms(name, prune_ratios, dec_levels, round_to) for name in self.cost.layers)
+
+    def describe(self) -> dict[str, Any]:
+        return {'batch': self.batch, 'threads': self.threads, 'machine': self.machine,
+                'original_ms': self.original_ms, 'cache': str(self.cache.path), 'new_measurements': self.cache.measured}
+
+
+def _input_sizes(model: nn.Module, dummy_input: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Each layer's input size besides batch and channels: (H, W) of a conv, the middle dims of a Linear."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+        def record(module, inputs, output, name=name):
+            shape = tuple(inputs[0].shape)
+            sizes[name] = shape[1:-1] if isinstance(module, nn.Linear) else shape[2:]
+        hooks.append(modules[name].register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*as_input_tuple(dummy_input))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def _digest(text: str) -> str:
+    import hashlib
+    return hashlib.sha1(text.encode()).hexdigest()[:12]

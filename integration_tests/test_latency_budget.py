@@ -1,0 +1,124 @@
+"""Latency budgets (target_latency): the latency model's cache, its reported error, and what the allocation refuses.
+
+Times are measured for real but never asserted: the tests pin what the user relies on (the cache is
+reused, the error is computed from a real measurement, a slower decomposition is never chosen).
+"""
+import copy
+
+import pytest
+import torch
+
+from hmc_plugin import HMCCompressor
+from hmc_plugin.apply import plan_for_latency
+from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.latency import LatencyCache, LatencyModel
+from hmc_plugin.models import build_model
+from hmc_plugin.plan import CostModel, UnreachableTargetError, build_plan
+from hmc_plugin.pruning import find_pruning_groups
+from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+
+LEVELS = [0.4, 0.8]
+BATCH = 4
+
+
+@pytest.fixture(scope='module')
+def scanned():
+    torch.manual_seed(0)
+    model = build_model('resnet20', 10, 3).eval()
+    dummy = torch.zeros(1, 3, 16, 16)
+    groups = find_pruning_groups(model, dummy)
+    layers = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    table = scan_sensitivity(model, dummy, groups=groups, layers=layers, mode='proxy', levels=LEVELS,
+                             calibration_inputs=torch.randn(16, 3, 16, 16), progress=False)
+    return model, dummy, groups, table
+
+
+def test_second_plan_on_the_same_machine_measures_nothing_new(scanned, tmp_path):
+    model, dummy, groups, table = scanned
+    cache_path = tmp_path / 'latency.json'
+    cost = CostModel(model, dummy, groups)
+    first = LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
+    build_plan(table, cost, mode='ahc', target_latency=0.7, latency=first)
+    first.cache.save()
+    assert first.cache.measured > 0 and cache_path.exists()
+
+    second = LatencyModel(model, dummy, CostModel(model, dummy, groups), LEVELS, batch=BATCH, threads=1,
+                          cache=cache_path)
+    plan = build_plan(table, second.cost, mode='ahc', target_latency=0.7, latency=second)
+    assert second.cache.measured == 0
+    assert plan.predicted['latency'] <= 0.7 + 1e-9
+    # another batch size is another measurement: cached times are only reused for the same setting
+    other = LatencyModel(model, dummy, second.cost, LEVELS, batch=BATCH + 1, threads=1, cache=cache_path)
+    assert other.cache.measured > 0
+
+
+def test_plan_for_latency_reports_predicted_and_measured_time(scanned, tmp_path):
+    model, dummy, groups, table = scanned
+    before = model_fingerprint(model)
+    plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.6, batch=BATCH, threads=1,
+                                    mode='prune', latency_cache=tmp_path / 'latency.json', max_rounds=2)
+    assert model_fingerprint(model) == before
+    assert report['original_ms'] > 0 and report['measured_ms'] > 0
+    assert report['measured'] == pytest.approx(report['measured_ms'] / report['original_ms'])
+    assert report['prediction_error'] == pytest.approx(report['predicted'] / report['measured'] - 1)
+    assert plan.target == {'latency': 0.6}
+    assert plan.measured['latency'] == report['measured']
+    assert 0 < plan.measured['flops'] < 1 and plan.prune_ratios and not plan.ranks
+
+
+class _SlowDecompositions(LatencyModel):
+    """Decompositions of the layers in ``slow`` take 3x their dense time, the others half."""
+
+    slow: set = set()
+
+    def _decomposed_ms(self, name, in_channels, out_channels, level):
+        factor = 3.0 if name in self.slow else 0.5
+        return factor * self._dense_ms(name, in_channels, out_channels)
+
+
+def test_a_decomposition_slower_than_its_layer_is_never_chosen(scanned, tmp_path):
+    model, dummy, groups, table = scanned
+    cost = CostModel(model, dummy, groups)
+    convs = [name for name in cost.layers if name in table.decompose]
+    _SlowDecompositions.slow = set(convs[::2])
+    latency = _SlowDecompositions(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=tmp_path / 'l.json')
+    for mode in ('decompose', 'ahc', 'nahc'):
+        try:
+            plan = build_plan(table, cost, mode=mode, target_latency=0.8, latency=latency)
+        except UnreachableTargetError as error:
+            plan = error.plan
+        decomposed = set(plan.ranks)
+        assert decomposed, mode
+        assert not decomposed & _SlowDecompositions.slow, mode
+    # the same table under a FLOPs budget does decompose those layers: the latency budget is what refuses them
+    flops_plan = build_plan(table, cost, mode='decompose', target_flops=0.5)
+    assert set(flops_plan.ranks) & _SlowDecompositions.slow
+
+
+def test_target_latency_through_hmc_compressor(scanned, tmp_path):
+    model, dummy, groups, table = scanned
+    original = copy.deepcopy(model)
+    compressor = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'prune', 'target_latency': 0.7,
+                                        'latency_batch': BATCH, 'latency_threads': 1, 'levels': LEVELS}],
+                               dummy_input=dummy, sensitivity_table=table, latency_cache=str(tmp_path / 'lat.json'),
+                               progress=False)
+    compressed, masks = compressor.compress()
+    report = compressor.latency_report
+    assert report['batch'] == BATCH and report['threads'] == 1
+    assert compressor.plan.target == {'latency': 0.7} and masks
+    assert sum(p.numel() for p in compressed.parameters()) < sum(p.numel() for p in original.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
+
+
+@pytest.mark.parametrize('entry, message', [
+    ({'target_latency': 0.5, 'target_flops': 0.5}, "'target_flops' and 'target_latency'"),
+    ({'target_latency': 1.5}, 'target_latency=1.5'),
+    ({'target_latency': 0.5, 'latency_batch': 0}, 'latency_batch=0'),
+    ({'target_latency': 0.5, 'latency_threads': 'all'}, "latency_threads='all'"),
+    ({'target_latncy': 0.5}, "did you mean 'target_latency'"),
+])
+def test_latency_config_errors_name_the_key(scanned, entry, message):
+    model, dummy, _, _ = scanned
+    with pytest.raises(HMCConfigError, match=message):
+        HMCCompressor(model, [{'op_types': ['Conv2d'], **entry}], dummy_input=dummy,
+                      calibration_inputs=torch.randn(4, 3, 16, 16))
