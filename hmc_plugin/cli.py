@@ -91,7 +91,7 @@ def _settings(args: argparse.Namespace):
     if getattr(args, 'mode', None):
         values['methods'] = [args.mode]
     other_budget = values.get('target_params') is not None or values.get('target_latency') is not None
-    if other_budget and values.get('target_flops') == RunSettings.target_flops:
+    if other_budget and values.get('target_flops', RunSettings.target_flops) == RunSettings.target_flops:
         values['target_flops'] = None  # a parameter or latency budget replaces the default FLOPs budget
     return RunSettings(**values)
 

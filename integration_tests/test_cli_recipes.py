@@ -119,3 +119,15 @@ def test_imagefolder_recipe_runs_on_a_generated_folder(tmp_path):
     report = json.loads((tmp_path / 'out' / 'report.json').read_text())
     assert report['settings']['model'] == 'torchvision:resnet18'
     assert abs(report['methods'][-1]['flops_after'] / report['methods'][-1]['flops_before'] - 0.5) <= 0.02
+
+
+@pytest.mark.parametrize('argv, budget', [
+    ([], {'target_flops': 0.5, 'target_params': None, 'target_latency': None}),
+    (['--target-params', '0.4'], {'target_flops': None, 'target_params': 0.4, 'target_latency': None}),
+    (['--target-latency', '0.6'], {'target_flops': None, 'target_params': None, 'target_latency': 0.6}),
+])
+def test_a_parameter_or_latency_budget_replaces_the_default_flops_budget(argv, budget):
+    from hmc_plugin.cli import _settings, build_parser
+
+    settings = _settings(build_parser().parse_args(['plan', *argv]))
+    assert {key: getattr(settings, key) for key in budget} == budget

@@ -122,3 +122,22 @@ def test_latency_config_errors_name_the_key(scanned, entry, message):
     with pytest.raises(HMCConfigError, match=message):
         HMCCompressor(model, [{'op_types': ['Conv2d'], **entry}], dummy_input=dummy,
                       calibration_inputs=torch.randn(4, 3, 16, 16))
+
+
+def test_cli_compress_with_a_latency_budget_reports_predicted_and_measured_time(tmp_path, capsys, monkeypatch):
+    import json
+
+    from hmc_plugin.cli import main
+
+    monkeypatch.setenv('HMC_LATENCY_CACHE', str(tmp_path / 'latency.json'))
+    out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet',
+           '--threads', '1']
+    assert main(['compress', '--mode', 'prune', '--target-latency', '0.7', '--latency-batch', '8',
+                 '--finetune-epochs', '1', *out]) == 0
+    printed = capsys.readouterr().out
+    assert 'CPU time at batch 8, 1 threads' in printed and 'predicted by the latency model' in printed
+    row = json.loads((tmp_path / 'report.json').read_text())['methods'][-1]
+    assert row['target_latency'] == 0.7 and row['target_flops'] is None
+    assert row['latency_budget']['batch'] == 8 and row['latency_budget']['measured'] > 0
+    assert (tmp_path / 'latency.json').exists()
+    assert 'target_latency=0.7 at batch 8' in (tmp_path / 'report.md').read_text()

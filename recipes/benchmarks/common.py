@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -209,6 +209,23 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def cached_cell(path: Path, key: Any, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``, stored in ``path`` under ``key``; read back instead while the stored key equals ``key``
+    (a rerun resumes, and a cell made from other settings, weights or scans is made again)."""
+    stored = read_json(path) if path.exists() else None
+    if stored is not None and stored.get('key') == key:
+        return stored['cell']
+    cell = compute()
+    write_json(path, {'key': key, 'cell': cell})
+    return cell
+
+
+def finetune_budget(settings: dict[str, Any]) -> str:
+    """The fine-tuning budget of a report's settings, in words: 'N step(s)' (quick runs) or 'N epoch(s)'."""
+    return (f'{settings["finetune_steps"]} step(s)' if settings.get('finetune_steps')
+            else f'{settings["finetune_epochs"]} epoch(s)')
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:

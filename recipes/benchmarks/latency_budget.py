@@ -293,12 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key = {'settings': common.settings_dict(subject.settings), 'quick': args.quick, 'target': args.target,
                        'baseline': model_fingerprint(subject.model), 'scan': common.table_fingerprint(subject.table),
                        'repeats': args.repeats}
-                cached = common.read_json(path) if path.exists() else None
-                if cached is not None and cached.get('key') == key:
-                    cell = cached['cell']
-                else:
-                    cell = accuracy_cell(subject, method, args, cache_path, plans)
-                    common.write_json(path, {'key': key, 'cell': cell})
+                cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
                 if 'error' in cell:
@@ -384,8 +379,7 @@ def accuracy_table(report: dict) -> str:
 def render_markdown(report: dict) -> str:
     """``latency_budget.md``: a pure function of ``latency_budget.json``."""
     settings = report['settings']
-    budget = (f'{settings["finetune_steps"]} step(s)' if settings.get('finetune_steps')
-              else f'{settings["finetune_epochs"]} epoch(s)')
+    budget = common.finetune_budget(settings)
     landing = [row for row in report['landing'] if 'error' not in row]
     new = sum(row['new_measurements'] for row in report['landing'])
     models = ', '.join(common.MODEL_LABELS.get(m, m) for m in dict.fromkeys(row['model'] for row in report['landing']))

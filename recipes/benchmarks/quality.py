@@ -116,12 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     path = work / 'cells' / f'{target:g}_{method}.json'
                     key = {'settings': common.settings_dict(cell_settings), 'quick': args.quick,
                            'baseline': baseline_fingerprint, 'scan': common.table_fingerprint(table)}
-                    cached = common.read_json(path) if path.exists() else None
-                    if cached is not None and cached.get('key') == key:
-                        cell = cached['cell']
-                    else:
-                        cell = run_cell(model, splits, cell_settings, method, table, reference_log_probs, args.quick)
-                        common.write_json(path, {'key': key, 'cell': cell})
+                    cell = common.cached_cell(path, key, lambda: run_cell(model, splits, cell_settings, method, table,
+                                                                          reference_log_probs, args.quick))
                     cells.append(cell)
                     if 'unreachable' in cell:
                         progress(f'[{len(cells)}/{total}] {model_name} seed {seed} target {target:g} {method}: '
@@ -283,8 +279,7 @@ def not_beaten_lines(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     """``quality.md``: a pure function of ``quality.json`` (the tests check the file against it)."""
     settings = report['settings']
-    budget = (f'{settings["finetune_steps"]} step(s)' if settings.get('finetune_steps')
-              else f'{settings["finetune_epochs"]} epoch(s)')
+    budget = common.finetune_budget(settings)
     lines = [f'# Quality benchmark ({"quick" if settings["quick"] else "full"})', '',
              f'Created {report["created"]} on {report["machine"]}, {report["threads"]} threads; '
              f'{report["wall_seconds"] / 60:.1f} min.', '',
