@@ -363,11 +363,11 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     max_level = max(table.levels)
     if metric == 'latency':
         # A decomposition that is slower than its layer at every level saves no time: such layers are pruned
-        # instead (the operator that can meet a latency budget), or kept.
+        # instead (the operator that can meet a latency budget), or kept in mode 'decompose'.
         slow = [layer for layer, group in groups.items() if group in ('decompose', 'both')
                 and not any(latency.decomposition_factor(layer, level) < 1 for level in table.levels)]
         for layer in slow:
-            groups[layer] = 'prune'
+            groups[layer] = 'keep' if mode == 'decompose' else 'prune'
         if slow:
             _logger.info('%d layer(s) run slower decomposed at every level; they are pruning candidates instead: %s',
                          len(slow), ', '.join(slow[:5]) + (' ...' if len(slow) > 5 else ''))
@@ -401,6 +401,15 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             reserve[unit] = _drop_curve(table.levels, getattr(table, unit[0])[unit[1]])
             unit_max[unit] = max_level if unit[0] == 'decompose' else min(
                 [max_level] + [max_ratios.get(m, 1.0) for m in table.groups[unit[1]]])
+
+    # Under a latency budget, the last resort is pruning the groups the grouping left to decomposition.
+    latency_reserve: dict[tuple[str, str], Any] = {}
+    if metric == 'latency' and mode not in ('prune', 'decompose'):
+        for group_name in table.prune:
+            unit = ('prune', group_name)
+            if unit not in units and unit not in reserve and group_name in table.groups:
+                latency_reserve[unit] = _drop_curve(table.levels, table.prune[group_name])
+                unit_max[unit] = min([max_level] + [max_ratios.get(m, 1.0) for m in table.groups[group_name]])
 
     prune_ratios: dict[str, float] = {}
     dec_levels: dict[str, float] = {}
@@ -458,6 +467,13 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
                             'compressing %d of them with their cheaper operator', len(reserve))
             units.update(reserve)
             reserve = {}
+            continue
+        if best is None and latency_reserve:
+            _logger.warning('The latency budget needs more time saved than the sensitivity groups allow (decomposition '
+                            'saves little time on this CPU): also pruning %d channel group(s) whose layers were grouped '
+                            'for decomposition', len(latency_reserve))
+            units.update(latency_reserve)
+            latency_reserve = {}
             continue
         if best is None:
             reachable = total / full_total
