@@ -19,6 +19,7 @@ corrects the plan's target by the miss.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -39,6 +40,9 @@ from .report import machine_description
 
 __all__ = ['LatencyCache', 'LatencyModel', 'default_cache_path', 'batched_input']
 
+_logger = logging.getLogger(__name__)
+
+STALE_CACHE_TOLERANCE = 0.25  # warn when the whole model's time differs this much from the cached one
 _MIN_TIMED_SECONDS = 0.05   # repeat a layer until its timed runs add up to this much (or MAX_REPEATS)
 _MIN_REPEATS, _MAX_REPEATS, _WARMUP = 5, 41, 2
 
@@ -160,9 +164,15 @@ class LatencyModel:
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(cache)
         self.machine = machine_description()
         self.input_sizes = _input_sizes(model, dummy_input, list(cost.layers))
-        self.original_ms = self.cache.get(self._model_key(model, dummy_input),
-                                          lambda: measure_latency(model, batched_input(dummy_input, self.batch),
-                                                                  warmup=2, repeats=7, num_threads=self.threads))
+        now_ms = measure_latency(model, batched_input(dummy_input, self.batch), warmup=2, repeats=7,
+                                 num_threads=self.threads)
+        self.original_ms = self.cache.get(self._model_key(model, dummy_input), lambda: now_ms)
+        if abs(now_ms / self.original_ms - 1) > STALE_CACHE_TOLERANCE:
+            # Cached layer times and today's machine disagree (other processes, another CPU governor): a
+            # prediction mixing them would be wrong in ways the plan's correction cannot see.
+            _logger.warning('The model runs in %.2f ms now but %.2f ms when the latency cache %s was made (batch %d, '
+                            '%d threads): the machine is busier or faster than then. Delete the cache to re-measure '
+                            'on a quiet machine.', now_ms, self.original_ms, self.cache.path, self.batch, self.threads)
         layers_ms = {name: self._dense_ms(name, layer.in_channels, layer.out_channels)
                      for name, layer in cost.layers.items()}
         total_layers = sum(layers_ms.values())

@@ -244,14 +244,19 @@ def _decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, leve
 # ----------------------------------------------------------------------------------------------
 
 def group_layers(table, layers: Sequence[str], mode: str, margin: float | None = None,
-                 keep_factor: float = DEFAULT_KEEP_FACTOR) -> dict[str, str]:
-    """Sensitivity group of each layer: 'prune', 'decompose', 'both' or 'keep' (see module docstring)."""
+                 keep_factor: float = DEFAULT_KEEP_FACTOR, score=None) -> dict[str, str]:
+    """Sensitivity group of each layer: 'prune', 'decompose', 'both' or 'keep' (see module docstring).
+
+    ``score(operator, unit) -> float`` is a unit's sensitivity (default: ``table.mean_drop``, the mean drop
+    at equal FLOPs removed); ``inf`` marks an operator that saves nothing (never the better one).
+    """
     if mode not in MODES:
         raise HMCConfigError(f"Got mode={mode!r} but expected one of {MODES}")
+    score = score or table.mean_drop
     group_of_member = {member: group for group, members in table.groups.items() for member in members}
-    prune_score = {layer: table.mean_drop('prune', group_of_member[layer])
+    prune_score = {layer: score('prune', group_of_member[layer])
                    for layer in layers if group_of_member.get(layer) in table.prune}
-    decompose_score = {layer: table.mean_drop('decompose', layer) for layer in layers if layer in table.decompose}
+    decompose_score = {layer: score('decompose', layer) for layer in layers if layer in table.decompose}
     if mode == 'prune':
         return {layer: 'prune' if layer in prune_score else 'keep' for layer in layers}
     if mode == 'decompose':
@@ -259,7 +264,8 @@ def group_layers(table, layers: Sequence[str], mode: str, margin: float | None =
     tau = math.inf if mode == 'ahc' else (DEFAULT_MARGIN if margin is None else float(margin))
     if tau < 0:
         raise HMCConfigError(f'Got margin={margin} but expected a number >= 0 (inf reproduces AHC)')
-    all_scores = [max(score, 0.0) for score in list(prune_score.values()) + list(decompose_score.values())]
+    all_scores = [max(value, 0.0) for value in list(prune_score.values()) + list(decompose_score.values())
+                  if math.isfinite(value)]
     sigma = statistics.median(all_scores) if all_scores else 0.0
     sigma = sigma if sigma > 0 else (max(all_scores, default=0.0) or 1.0)
     groups = {}
@@ -270,7 +276,7 @@ def group_layers(table, layers: Sequence[str], mode: str, margin: float | None =
             continue
         best_op = min(scores, key=scores.get)
         best = max(scores[best_op], 0.0)
-        if len(scores) == 2 and abs(scores['prune'] - scores['decompose']) <= tau * sigma:
+        if len(scores) == 2 and (math.isinf(tau) or abs(scores['prune'] - scores['decompose']) <= tau * sigma):
             groups[layer] = 'both'
         elif best > (keep_factor + tau) * sigma:
             groups[layer] = 'keep'
@@ -359,18 +365,14 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         raise HMCConfigError('target_latency needs a latency model: build_plan(..., latency=LatencyModel(...))')
     check_table(table)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
-    groups = group_layers(table, candidates, mode, margin, keep_factor)
+    # Grouping compares the operators at equal savings: of FLOPs (the levels), or of measured time.
+    score = _time_equal_drop(table, cost, latency) if metric == 'latency' else None
+    groups = group_layers(table, candidates, mode, margin, keep_factor, score)
     max_level = max(table.levels)
-    if metric == 'latency':
-        # A decomposition that is slower than its layer at every level saves no time: such layers are pruned
-        # instead (the operator that can meet a latency budget), or kept in mode 'decompose'.
-        slow = [layer for layer, group in groups.items() if group in ('decompose', 'both')
-                and not any(latency.decomposition_factor(layer, level) < 1 for level in table.levels)]
-        for layer in slow:
-            groups[layer] = 'keep' if mode == 'decompose' else 'prune'
-        if slow:
-            _logger.info('%d layer(s) run slower decomposed at every level; they are pruning candidates instead: %s',
-                         len(slow), ', '.join(slow[:5]) + (' ...' if len(slow) > 5 else ''))
+    if metric == 'latency' and mode == 'decompose':  # a decomposition that never saves time is not a candidate
+        for layer, group in groups.items():
+            if group == 'decompose' and math.isinf(score('decompose', layer)):
+                groups[layer] = 'keep'
 
     max_ratios = max_ratios or {}
     units: dict[tuple[str, str], Any] = {}
@@ -490,6 +492,31 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
 
     return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance, round_to,
                             margin, latency)
+
+
+def _time_equal_drop(table, cost: CostModel, latency):
+    """``score(operator, unit)``: the unit's mean drop rescaled to equal time saved, for latency budgets.
+
+    Level ``c`` removes a fraction ``c`` of the unit's FLOPs; if it saves a fraction ``s`` of the affected
+    layers' measured time, its drop counts ``c / s`` times (a decomposition that saves half the time its
+    FLOPs promise counts double). Levels that save no time are left out; ``inf`` if none saves any.
+    """
+    @functools.lru_cache(maxsize=None)
+    def saved_fraction(operator: str, unit: str, level: float) -> float:
+        if operator == 'decompose':
+            return 1.0 - latency.decomposition_factor(unit, level)
+        affected = cost.affected.get(unit, [])
+        before = sum(latency.layer_ms(name, {}, {}) for name in affected)
+        after = sum(latency.layer_ms(name, {unit: level}, {}) for name in affected)
+        return (before - after) / before if before > 0 else 0.0
+
+    def score(operator: str, unit: str) -> float:
+        drops = getattr(table, operator)[unit]
+        rescaled = [max(drop, 0.0) * level / saved for level, drop in zip(table.levels, drops)
+                    if (saved := saved_fraction(operator, unit, level)) > 1e-9]
+        return sum(rescaled) / len(rescaled) if rescaled else math.inf
+
+    return score
 
 
 def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: dict[str, float],

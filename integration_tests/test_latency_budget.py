@@ -141,3 +141,18 @@ def test_cli_compress_with_a_latency_budget_reports_predicted_and_measured_time(
     assert row['latency_budget']['batch'] == 8 and row['latency_budget']['measured'] > 0
     assert (tmp_path / 'latency.json').exists()
     assert 'target_latency=0.7 at batch 8' in (tmp_path / 'report.md').read_text()
+
+
+def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
+    import json
+
+    model, dummy, groups, _ = scanned
+    cache_path = tmp_path / 'latency.json'
+    cost = CostModel(model, dummy, groups)
+    LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
+    data = json.loads(cache_path.read_text())
+    data['ms'] = {key: value * (10 if '|model ' in key else 1) for key, value in data['ms'].items()}
+    cache_path.write_text(json.dumps(data))
+    with caplog.at_level('WARNING', logger='hmc_plugin.latency'):
+        LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
+    assert 'Delete the cache to re-measure' in caplog.text and str(cache_path) in caplog.text
