@@ -169,19 +169,20 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
                                                                 repeats=7, num_threads=latency.threads)
         measured = measured_ms / original_ms
         if best is None or abs(measured - target_latency) < abs(best[1] - target_latency):
-            best = (plan, measured, original_ms, measured_ms, compressed)
+            best = (plan, measured, original_ms, measured_ms, compressed, exhausted)
         if abs(measured - target_latency) <= tolerance or exhausted:
             break
         internal_target = min(1.0, max(1e-3, internal_target * target_latency / measured))
-    plan, measured, original_ms, measured_ms, compressed = best
+    plan, measured, original_ms, measured_ms, compressed, exhausted = best
     latency.cache.save()
     if measured > target_latency + tolerance and exhausted:
+        mode = plan_kwargs.get('mode', 'nahc')
+        hint = '' if mode == 'prune' else " or use mode='prune' (pruning saves the most time on a CPU)"
         raise HMCConfigError(
-            f"Got target_latency={target_latency:g} but mode {plan_kwargs.get('mode', 'nahc')!r} cannot make the model "
-            f"faster than {measured:.3f} of its time at batch {latency.batch} and {latency.threads} threads (measured), "
-            f"even with every selected layer at the highest level ({max(table.levels):g}): raise target_latency, "
-            f"select more layers, add a higher level to 'levels' or use mode='prune' (pruning saves the most time on "
-            f"a CPU)") from None
+            f"Got target_latency={target_latency:g} but mode {mode!r} cannot make the model faster than "
+            f"{measured:.3f} of its time at batch {latency.batch} and {latency.threads} threads (measured), even with "
+            f"every selected layer at the highest level ({max(table.levels):g}): raise target_latency, select more "
+            f"layers or add a higher level to 'levels'{hint}") from None
     predicted_fraction = plan.predicted['latency']
     report = {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads,
               'original_ms': original_ms, 'measured_ms': measured_ms, 'measured': measured,

@@ -43,6 +43,7 @@ class RunSettings:
     target_params: float | None = None
     target_latency: float | None = None
     latency_batch: int = 1
+    latency_cache: str | None = None   # None: $HMC_LATENCY_CACHE or ~/.cache/hmc_plugin/latency.json
     methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
     op_types: Sequence[str] = ('Conv2d',)
     exclude_op_names: Sequence[str] = ()
@@ -117,7 +118,7 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
     calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
     return HMCCompressor(model, [entry], evaluator, dummy_input, calibration_inputs=calibration,
                          sensitivity_table=table, plan=plan, cache_path=str(cache_path) if cache_path else None,
-                         progress=progress)
+                         latency_cache=settings.latency_cache, progress=progress)
 
 
 def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
@@ -247,7 +248,8 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
             if settings.target_latency is not None:
                 plan, _ = plan_for_latency(table, model, dummy_input, groups, mode='hmc', margin=margin,
                                                 importance=settings.importance, rank_method=settings.rank_method,
-                                                batch=settings.latency_batch, threads=settings.threads, **budget)
+                                                batch=settings.latency_batch, threads=settings.threads,
+                                                latency_cache=settings.latency_cache, **budget)
                 kept = plan.measured['flops']
             else:
                 plan, kept = plan_for_target(table, model, dummy_input, groups, mode='hmc', margin=margin,

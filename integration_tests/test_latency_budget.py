@@ -11,7 +11,7 @@ import torch
 from hmc_plugin import HMCCompressor
 from hmc_plugin.apply import plan_for_latency
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.latency import LatencyCache, LatencyModel
+from hmc_plugin.latency import LatencyModel
 from hmc_plugin.models import build_model
 from hmc_plugin.plan import CostModel, UnreachableTargetError, build_plan
 from hmc_plugin.pruning import find_pruning_groups

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -108,7 +107,8 @@ def digits_subject(model_name: str, seed: int, args: argparse.Namespace, work: P
                    progress: common.Progress) -> Subject:
     """A digits model's cached baseline and scan (``WORK/MODEL/seedN``), trained and scanned if missing."""
     settings = common.replace(common.settings_for(model_name, seed, train_epochs=args.train_epochs, threads=args.threads),
-                              levels=tuple(args.levels), latency_batch=args.batch)
+                              levels=tuple(args.levels), latency_batch=args.batch,
+                              latency_cache=str(work / 'latency.json'))
     model, splits, table = common.prepare(settings, work / model_name / f'seed{seed}', progress)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     return Subject(model_name, model, dummy_input, find_pruning_groups(model, dummy_input), table, args.batch,
@@ -277,8 +277,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     work = Path(args.work) if args.work else out / 'work'
     cache_path = work / 'latency.json'
-    # choose_margin times its plans in the default cache: make that this run's cache
-    os.environ['HMC_LATENCY_CACHE'] = str(cache_path.resolve())
     plans: dict = {}  # (model, seed, method, budget) -> (plan, info): the accuracy part reuses the landing plans
     landing = land(digits_subject(args.landing_model, args.seeds[0], args, work, progress), args, cache_path, plans,
                    progress)
@@ -385,13 +383,13 @@ def render_markdown(report: dict) -> str:
     models = ', '.join(common.MODEL_LABELS.get(m, m) for m in dict.fromkeys(row['model'] for row in report['landing']))
     return '\n'.join([
         f'# Latency budgets ({"quick" if settings["quick"] else "full"})', '',
-        f'Created {report["created"]} on {report["machine"]}, {settings["threads"]} threads; '
+        f'Created {report["created"]} on {report["machine"]}, {settings["threads"]} thread(s); '
         f'{report["wall_seconds"] / 60:.1f} min.', '',
         f'## Landing on target_latency={settings["target"]:g} ({models})', '',
         f'Each plan is applied (torch-pruning) and the compressed model timed again side by side with the original '
-        f'(median of {settings["repeats"]} interleaved runs after {settings["warmup"]} warm-up runs; batch '
+        f'(median of {settings["repeats"]} interleaved runs after {settings["warmup"]} warm-up run(s); batch '
         f'{settings["digits_batch"]} for the digits models, {settings["resnet50_batch"]} for ResNet-50; '
-        f'{settings["threads"]} threads). Latency kept = compressed / original time; within ±10 % = between '
+        f'{settings["threads"]} thread(s)). Latency kept = compressed / original time; within ±10 % = between '
         f'{(1 - settings["tolerance"]) * settings["target"]:.3f} and {(1 + settings["tolerance"]) * settings["target"]:.3f}; '
         f'predicted = the latency model\'s kept fraction, prediction error = predicted / latency kept − 1; speed-up = '
         f'original / compressed time; FLOPs reduction = 1 / FLOPs kept. New latency measurements = timings added to '
