@@ -61,13 +61,15 @@ class LatencyCache:
     """Milliseconds per measurement key, in a JSON file shared by all plans on this machine.
 
     ``measured`` counts the keys this object had to measure (0 when everything came from the file).
-    Writes merge with the file under a lock, so concurrent runs (NNI trials) keep each other's entries.
+    Writes merge with the file under a lock, so concurrent runs (NNI trials) keep each other's entries;
+    every ``save_every`` new measurements are written (and logged), so an interrupted plan keeps them.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, save_every: int = 50):
         self.path = Path(path) if path is not None else default_cache_path()
         self.entries: dict[str, float] = {}
         self.measured = 0
+        self.save_every = save_every
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
@@ -80,6 +82,9 @@ class LatencyCache:
         if key not in self.entries:
             self.entries[key] = float(measure())
             self.measured += 1
+            if self.measured % self.save_every == 0:
+                self.save()
+                _logger.info('Timed %d layer shapes so far (saved to %s)', self.measured, self.path)
         return self.entries[key]
 
     def save(self) -> None:

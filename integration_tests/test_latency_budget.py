@@ -156,3 +156,26 @@ def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
     with caplog.at_level('WARNING', logger='hmc_plugin.latency'):
         LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
     assert 'Delete the cache to re-measure' in caplog.text and str(cache_path) in caplog.text
+
+
+def test_an_interrupted_plan_keeps_the_layer_times_it_measured(tmp_path):
+    import json
+
+    from hmc_plugin.latency import LatencyCache
+
+    cache = LatencyCache(tmp_path / 'latency.json', save_every=3)
+    calls = []
+
+    def interrupt_after_four():
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        for index in range(10):
+            cache.get(f'shape {index}', interrupt_after_four)
+    saved = json.loads((tmp_path / 'latency.json').read_text())['ms']
+    assert sorted(saved) == ['shape 0', 'shape 1', 'shape 2']  # the first save_every measurements survived
+    again = LatencyCache(tmp_path / 'latency.json')
+    assert again.get('shape 1', lambda: pytest.fail('measured again')) == 1.0 and again.measured == 0
