@@ -15,6 +15,7 @@ from torch import nn
 
 from .counting import count_flops, count_layer_flops, count_params, measure_latency_side_by_side
 from .errors import HMCConfigError
+from .latency import LatencyModel, batched_input
 from .lowrank import decompose_layers, flops_ratio, replacement_params
 from .plan import CompressionPlan, CostModel, UnreachableTargetError, build_plan, most_compressed_plan
 from .pruning import PruningGroup, channel_masks, prune_physically, speedup_with_nni
@@ -145,8 +146,6 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     and ``prediction_error`` (predicted / measured - 1); ``plan.predicted`` / ``plan.measured`` get
     ``'latency'`` (fraction kept) and the FLOPs and parameters the plan keeps.
     """
-    from .latency import LatencyModel, batched_input  # latency imports plan; keep the import graph one-way
-
     if not isinstance(target_latency, (int, float)) or not 0 < target_latency <= 1:
         raise HMCConfigError(f'Got target_latency={target_latency!r} but expected a fraction of the time to keep in (0, 1]')
     plan_kwargs.pop('target_flops', None)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 __all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'measure_latency_side_by_side',
-           'as_input_tuple']
+           'as_input_tuple', 'forward_with_hooks']
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
@@ -24,6 +24,21 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, example_inputs: Any, hooks: dict[nn.Module, Callable]) -> None:
+    """One eval-mode forward pass with ``module.register_forward_hook(hook)`` for each pair; hooks removed and
+    the train/eval mode restored afterwards (to record per-layer shapes)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*as_input_tuple(example_inputs))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ corrects the plan's target by the miss.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .counting import as_input_tuple, measure_latency
+from .counting import as_input_tuple, forward_with_hooks, measure_latency
 from .lowrank import decomposable, replacement_architecture
 from .plan import CostModel, LayerCost, _decomposed_cost, _shape_module
 from .pruning import kept_channels
@@ -301,24 +302,16 @@ def _input_sizes(model: nn.Module, dummy_input: Any, names: Sequence[str]) -> di
     """Each layer's input size besides batch and channels: (H, W) of a conv, the middle dims of a Linear."""
     sizes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
-    hooks = []
-    for name in names:
-        def record(module, inputs, output, name=name):
+
+    def recorder(name):
+        def record(module, inputs, output):
             shape = tuple(inputs[0].shape)
             sizes[name] = shape[1:-1] if isinstance(module, nn.Linear) else shape[2:]
-        hooks.append(modules[name].register_forward_hook(record))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*as_input_tuple(dummy_input))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+        return record
+
+    forward_with_hooks(model, dummy_input, {modules[name]: recorder(name) for name in names})
     return sizes
 
 
 def _digest(text: str) -> str:
-    import hashlib
     return hashlib.sha1(text.encode()).hexdigest()[:12]

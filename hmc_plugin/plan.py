@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
-from .counting import as_input_tuple
+from .counting import forward_with_hooks
 from .errors import HMCConfigError
 from .jsonio import read_json, write_json
 from .lowrank import decomposable, flops_ratio, method_for, replacement_params, resolve_ranks
@@ -167,21 +166,14 @@ class CostModel:
         self.rank_method = rank_method
         self.layers: dict[str, LayerCost] = {}
         positions: dict[str, int] = {}
-        hooks = []
-        for name, module in model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                def record(mod, inputs, output, name=name):
-                    positions[name] = int(np.prod(output.shape[2:])) if output.dim() > 2 else int(np.prod(output.shape[1:-1]) or 1)
-                hooks.append(module.register_forward_hook(record))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(*as_input_tuple(dummy_input))
-        finally:
-            model.train(was_training)
-            for hook in hooks:
-                hook.remove()
+
+        def recorder(name):
+            def record(module, inputs, output):
+                positions[name] = int(np.prod(output.shape[2:])) if output.dim() > 2 else int(np.prod(output.shape[1:-1]) or 1)
+            return record
+
+        forward_with_hooks(model, dummy_input, {module: recorder(name) for name, module in model.named_modules()
+                                                if isinstance(module, (nn.Conv2d, nn.Linear))})
         for name, module in model.named_modules():
             if name not in positions:
                 continue

@@ -207,6 +207,19 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def write_suite(out: Path, report: dict[str, Any], markdown: str, *, also: Sequence[str] = (),
+                quiet: bool = False) -> None:
+    """Write ``out/SUITE.json`` and ``out/SUITE.md`` (``markdown``, rendered from the report), print the markdown
+    unless ``quiet``, and say what was written (``also``: other files the suite wrote into ``out``)."""
+    suite = report['suite']
+    write_json(out / f'{suite}.json', report)
+    (out / f'{suite}.md').write_text(markdown)
+    if not quiet:
+        print(markdown)
+    files = [f'{suite}.json', f'{suite}.md', *also]
+    print(f'Wrote {out}/{", ".join(files[:-1])} and {files[-1]} in {report["wall_seconds"] / 60:.1f} min.')
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 

@@ -412,12 +412,7 @@ def render_markdown(report: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    common.write_json(out / 'latency_budget.json', report)
-    (out / 'latency_budget.md').write_text(render_markdown(report))
-    if not args.quiet:
-        print(render_markdown(report))
-    print(f'Wrote {out}/latency_budget.json and latency_budget.md in {report["wall_seconds"] / 60:.1f} min.')
+    common.write_suite(Path(args.out), report, render_markdown(report), quiet=args.quiet)
 
 
 if __name__ == '__main__':

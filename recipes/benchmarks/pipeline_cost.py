@@ -331,11 +331,7 @@ def main(argv=None) -> None:
         child_main(args.child)
         return
     report = run(args)
-    out = Path(args.out)
-    common.write_json(out / 'pipeline_cost.json', report)
-    (out / 'pipeline_cost.md').write_text(render_markdown(report))
-    print(render_markdown(report))
-    print(f'Wrote {out}/pipeline_cost.json and pipeline_cost.md in {report["wall_seconds"] / 60:.1f} min.')
+    common.write_suite(Path(args.out), report, render_markdown(report))
 
 
 if __name__ == '__main__':

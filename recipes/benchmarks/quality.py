@@ -344,11 +344,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     report = run(args)
     out = Path(args.out)
-    common.write_json(out / 'quality.json', report)
-    (out / 'quality.md').write_text(render_markdown(report))
+    out.mkdir(parents=True, exist_ok=True)
     plot(report, out / 'quality_pareto.png')
-    print(render_markdown(report))
-    print(f'Wrote {out}/quality.json, quality.md and quality_pareto.png in {report["wall_seconds"] / 60:.1f} min.')
+    common.write_suite(out, report, render_markdown(report), also=['quality_pareto.png'])
 
 
 if __name__ == '__main__':

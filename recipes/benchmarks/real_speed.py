@@ -120,11 +120,7 @@ def render_markdown(report: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    common.write_json(out / 'real_speed.json', report)
-    (out / 'real_speed.md').write_text(render_markdown(report))
-    print(render_markdown(report))
-    print(f'Wrote {out}/real_speed.json and real_speed.md in {report["wall_seconds"] / 60:.1f} min.')
+    common.write_suite(Path(args.out), report, render_markdown(report))
 
 
 if __name__ == '__main__':
