@@ -169,6 +169,7 @@ class LatencyModel:
         self.round_to = round_to
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(cache)
         self.machine = machine_description()
+        self._factors: dict[tuple[str, int, int], list[float]] = {}   # decomposed / dense time per grid shape
         self.input_sizes = _input_sizes(model, dummy_input, list(cost.layers))
         now_ms = measure_latency(model, batched_input(dummy_input, self.batch), warmup=2, repeats=7,
                                  num_threads=self.threads)
@@ -276,9 +277,12 @@ class LatencyModel:
                            layer.in_channels if in_channels is None else in_channels)
         out_node = _nearest(self._grid(layer.out_channels, self.cost.out_group.get(name)),
                             layer.out_channels if out_channels is None else out_channels)
-        dense = self._dense_ms(name, in_node, out_node)
-        factors = [self._decomposed_ms(name, in_node, out_node, scanned) / dense for scanned in self.levels]
-        return float(np.interp(level, self.levels, factors))
+        key = (name, in_node, out_node)
+        if key not in self._factors:  # the allocation asks for every unit at every step
+            dense = self._dense_ms(name, in_node, out_node)
+            self._factors[key] = [self._decomposed_ms(name, in_node, out_node, scanned) / dense
+                                  for scanned in self.levels]
+        return float(np.interp(level, self.levels, self._factors[key]))
 
     def layer_ms(self, name: str, prune_ratios: dict[str, float], dec_levels: dict[str, float],
                  round_to: int = 1) -> float:
