@@ -2,6 +2,8 @@
 
 Times are measured for real but never asserted: the tests pin what the user relies on (the cache is
 reused, the error is computed from a real measurement, a slower decomposition is never chosen).
+Targets are mild (0.85): these models are tiny and overhead-bound, so even every layer pruned at the top
+level keeps about 0.7 of the time on some machines, and a reachable target keeps the tests off that floor.
 """
 import copy
 
@@ -38,15 +40,15 @@ def test_second_plan_on_the_same_machine_measures_nothing_new(scanned, tmp_path)
     cache_path = tmp_path / 'latency.json'
     cost = CostModel(model, dummy, groups)
     first = LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
-    build_plan(table, cost, mode='ahc', target_latency=0.7, latency=first)
+    build_plan(table, cost, mode='ahc', target_latency=0.85, latency=first)
     first.cache.save()
     assert first.cache.measured > 0 and cache_path.exists()
 
     second = LatencyModel(model, dummy, CostModel(model, dummy, groups), LEVELS, batch=BATCH, threads=1,
                           cache=cache_path)
-    plan = build_plan(table, second.cost, mode='ahc', target_latency=0.7, latency=second)
+    plan = build_plan(table, second.cost, mode='ahc', target_latency=0.85, latency=second)
     assert second.cache.measured == 0
-    assert plan.predicted['latency'] <= 0.7 + 1e-9
+    assert plan.predicted['latency'] <= 0.85 + 1e-9
     # another batch size is another measurement: cached times are only reused for the same setting
     other = LatencyModel(model, dummy, second.cost, LEVELS, batch=BATCH + 1, threads=1, cache=cache_path)
     assert other.cache.measured > 0
@@ -55,13 +57,13 @@ def test_second_plan_on_the_same_machine_measures_nothing_new(scanned, tmp_path)
 def test_plan_for_latency_reports_predicted_and_measured_time(scanned, tmp_path):
     model, dummy, groups, table = scanned
     before = model_fingerprint(model)
-    plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.6, batch=BATCH, threads=1,
+    plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
                                     mode='prune', latency_cache=tmp_path / 'latency.json', max_rounds=2)
     assert model_fingerprint(model) == before
     assert report['original_ms'] > 0 and report['measured_ms'] > 0
     assert report['measured'] == pytest.approx(report['measured_ms'] / report['original_ms'])
     assert report['prediction_error'] == pytest.approx(report['predicted'] / report['measured'] - 1)
-    assert plan.target == {'latency': 0.6}
+    assert plan.target == {'latency': 0.85}
     assert plan.measured['latency'] == report['measured']
     assert 0 < plan.measured['flops'] < 1 and plan.prune_ratios and not plan.ranks
 
@@ -98,14 +100,14 @@ def test_a_decomposition_slower_than_its_layer_is_never_chosen(scanned, tmp_path
 def test_target_latency_through_hmc_compressor(scanned, tmp_path):
     model, dummy, groups, table = scanned
     original = copy.deepcopy(model)
-    compressor = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'prune', 'target_latency': 0.7,
+    compressor = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'prune', 'target_latency': 0.85,
                                         'latency_batch': BATCH, 'latency_threads': 1, 'levels': LEVELS}],
                                dummy_input=dummy, sensitivity_table=table, latency_cache=str(tmp_path / 'lat.json'),
                                progress=False)
     compressed, masks = compressor.compress()
     report = compressor.latency_report
     assert report['batch'] == BATCH and report['threads'] == 1
-    assert compressor.plan.target == {'latency': 0.7} and masks
+    assert compressor.plan.target == {'latency': 0.85} and masks
     assert sum(p.numel() for p in compressed.parameters()) < sum(p.numel() for p in original.parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
 
@@ -132,15 +134,15 @@ def test_cli_compress_with_a_latency_budget_reports_predicted_and_measured_time(
     monkeypatch.setenv('HMC_LATENCY_CACHE', str(tmp_path / 'latency.json'))
     out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet',
            '--threads', '1']
-    assert main(['compress', '--mode', 'prune', '--target-latency', '0.7', '--latency-batch', '8',
+    assert main(['compress', '--mode', 'prune', '--target-latency', '0.85', '--latency-batch', '8',
                  '--finetune-epochs', '1', *out]) == 0
     printed = capsys.readouterr().out
     assert 'CPU time at batch 8, 1 threads' in printed and 'predicted by the latency model' in printed
     row = json.loads((tmp_path / 'report.json').read_text())['methods'][-1]
-    assert row['target_latency'] == 0.7 and row['target_flops'] is None
+    assert row['target_latency'] == 0.85 and row['target_flops'] is None
     assert row['latency_budget']['batch'] == 8 and row['latency_budget']['measured'] > 0
     assert (tmp_path / 'latency.json').exists()
-    assert 'target_latency=0.7 at batch 8' in (tmp_path / 'report.md').read_text()
+    assert 'target_latency=0.85 at batch 8' in (tmp_path / 'report.md').read_text()
 
 
 def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
