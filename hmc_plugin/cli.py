@@ -46,6 +46,9 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--latency-batch', type=int, help='batch size at which --target-latency is measured (default 1)')
     parser.add_argument('--importance', choices=('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'))
     parser.add_argument('--margin', type=float, help="HMC margin tau ('inf' = AHC)")
+    parser.add_argument('--decompose-weight', type=float,
+                        help='each decomposition drop of the scan counts this many times (default 1; above 1 when '
+                             'decomposed layers recover less than the zero-shot scan says)')
     parser.add_argument('--finetune-epochs', type=int, help='fine-tuning epochs per method (default 3)')
 
 

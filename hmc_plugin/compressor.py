@@ -54,7 +54,8 @@ class HMCCompressor(Pruner):
         one budget: ``target_flops``, ``target_params`` or ``target_latency`` (fraction to keep; latency is
         measured on this machine at ``latency_batch`` (default 1) and ``latency_threads`` (default: torch's
         current thread count), and decompositions slower than their layer are never chosen), ``levels``, ``importance``,
-        ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``sensitivity`` ('proxy', 'kl' or 'evaluator'),
+        ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``decompose_weight`` (each decomposition drop of
+        the scan counts this many times; default 1), ``sensitivity`` ('proxy', 'kl' or 'evaluator'),
         ``round_to``, ``speedup`` ('nni' or 'torch_pruning'), ``distill``, ``distill_alpha``,
         ``distill_temperature``. Unknown keys and bad values raise ``HMCConfigError`` before the model is
         touched, and so do names that match no module, entries that select nothing and budgets below what
@@ -363,7 +364,8 @@ class HMCCompressor(Pruner):
                                    for name, value in wrapped.items()})
 
     def _build_plan(self, table: SensitivityTable) -> CompressionPlan:
-        common = dict(mode=self.settings['mode'], margin=self.settings['margin'], importance=self.settings['importance'],
+        common = dict(mode=self.settings['mode'], margin=self.settings['margin'],
+                      decompose_weight=self.settings['decompose_weight'], importance=self.settings['importance'],
                       round_to=self.settings['round_to'], rank_method=self.settings['rank_method'],
                       max_ratios=self.max_ratios)
         metric, target = budget(self.settings)

@@ -29,8 +29,8 @@ DECOMPOSITIONS = ('auto', 'tucker2', 'cp')
 HMC_DEFAULTS: dict[str, Any] = {
     'mode': 'nahc', 'target_flops': None, 'target_params': None, 'target_latency': None, 'latency_batch': 1,
     'latency_threads': None, 'levels': [0.2, 0.4, 0.6, 0.8],
-    'importance': 'l1', 'rank_method': 'auto', 'margin': None, 'sensitivity': 'proxy', 'round_to': 1,
-    'speedup': 'nni', 'distill': False, 'distill_alpha': 0.5, 'distill_temperature': 4.0,
+    'importance': 'l1', 'rank_method': 'auto', 'margin': None, 'decompose_weight': 1.0, 'sensitivity': 'proxy',
+    'round_to': 1, 'speedup': 'nni', 'distill': False, 'distill_alpha': 0.5, 'distill_temperature': 4.0,
 }
 
 
@@ -64,6 +64,8 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
                    f"batches: use it through hmc_plugin.pruning.channel_masks(..., calibration=(inputs, targets)))"),
     'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
     'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC)"),
+    'decompose_weight': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+                         'a number > 0: each decomposition drop of the scan counts this many times (1 = as scanned)'),
     'sensitivity': (lambda v: v in ('proxy', 'kl', 'evaluator'),
                     "'proxy' (Fisher estimate of the KL, one pass), 'kl' (KL per unit and level) or 'evaluator'"),
     'round_to': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1'),

@@ -7,10 +7,12 @@ be on disk. Every split and every order is seeded, so the same arguments give id
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +24,8 @@ from .errors import HMCConfigError
 
 __all__ = [
     'DataSplits', 'load_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec',
-    'make_loaders', 'calibration_batch', 'subset_splits', 'CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
+    'make_loaders', 'calibration_batch', 'train_permutation', 'without_train_images', 'subset_splits', 'CIFAR10_MEAN',
+    'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -360,6 +363,18 @@ def make_loaders(splits: DataSplits, batch_size: int = 64, seed: int = 0,
     return train_loader, test_loader
 
 
+def train_permutation(splits: DataSplits, seed: int = 0) -> list[int]:
+    """The seeded order of the train split's indices that ``calibration_batch`` takes its images from."""
+    return torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def without_train_images(splits: DataSplits, indices: Sequence[int]) -> DataSplits:
+    """``splits`` whose train split leaves out ``indices`` (e.g. images held out to choose a setting on)."""
+    left_out = set(indices)
+    kept = [index for index in range(len(splits.train)) if index not in left_out]
+    return dataclasses.replace(splits, train=Subset(splits.train, kept))
+
+
 def calibration_batch(splits: DataSplits, size: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A fixed batch from the train split for cheap proxy scans: the first ``size`` of a seeded permutation.
 
@@ -372,8 +387,7 @@ def calibration_batch(splits: DataSplits, size: int = 64, seed: int = 0) -> tupl
     if size > n_train:
         _logger.info('calibration_batch: asked for %d images, train split has %d; using all', size, n_train)
         size = n_train
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(n_train, generator=generator)[:size].tolist()
+    indices = train_permutation(splits, seed)[:size]
     # fork_rng: random train transforms (ImageFolder's flip) draw from a seeded, private RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

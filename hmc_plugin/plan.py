@@ -18,6 +18,7 @@ cost is at most the target fraction of the original.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -36,7 +37,7 @@ from .lowrank import decomposable, flops_ratio, method_for, replacement_params, 
 from .pruning import PruningGroup, kept_channels
 
 __all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'LayerCost', 'CostModel', 'group_layers', 'build_plan',
-           'most_compressed_plan', 'UnreachableTargetError', 'check_table']
+           'most_compressed_plan', 'UnreachableTargetError', 'check_table', 'weigh_decomposition']
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class CompressionPlan:
     importance: str = 'l1'
     round_to: int = 1
     margin: float | None = None
+    decompose_weight: float = 1.0         # decomposition drops counted this many times (operator exchange rate)
     predicted: dict[str, float] = field(default_factory=dict)  # cost model's kept fractions {'flops', 'params'}
     measured: dict[str, float] = field(default_factory=dict)   # kept fraction of the compressed model, when measured
 
@@ -119,7 +121,8 @@ class CompressionPlan:
         counts = ', '.join(f'{group}: {count}' for group, count in self.group_counts().items())
         target = ', '.join(f'{key}={value:g}' for key, value in self.target.items())
         predicted = ', '.join(f'{key}={value:.3f}' for key, value in self.predicted.items())
-        header = f'CompressionPlan(mode={self.mode}, target {target}, predicted kept {predicted}; {counts})'
+        weight = f', decompose_weight={self.decompose_weight:g}' if self.decompose_weight != 1 else ''
+        header = f'CompressionPlan(mode={self.mode}{weight}, target {target}, predicted kept {predicted}; {counts})'
         return '\n'.join([header, lines[0], '-' * len(lines[0])] + lines[1:])
 
     def __str__(self) -> str:
@@ -327,8 +330,9 @@ def check_table(table) -> None:
 
 def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: float | None = None,
                target_params: float | None = None, target_latency: float | None = None, latency=None,
-               margin: float | None = None, keep_factor: float = DEFAULT_KEEP_FACTOR, importance: str = 'l1',
-               round_to: int = 1, max_ratios: dict[str, float] | None = None, step: float = 0.05) -> CompressionPlan:
+               margin: float | None = None, decompose_weight: float = 1.0, keep_factor: float = DEFAULT_KEEP_FACTOR,
+               importance: str = 'l1', round_to: int = 1, max_ratios: dict[str, float] | None = None,
+               step: float = 0.05) -> CompressionPlan:
     """Group layers by sensitivity, then allocate levels until the cost meets the target.
 
     Parameters
@@ -341,6 +345,11 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         ``latency.LatencyModel`` of the same model, needed by ``target_latency``. The allocation then
         takes the least drop per millisecond saved, decomposes only at the scanned (timed) levels, and
         never takes a step that does not save time (a decomposition slower than the layer it replaces).
+    decompose_weight
+        The operators' exchange rate: every decomposition drop counts this many times, in grouping and
+        allocation alike (> 0; 1 takes the scan as it is). A zero-shot scan says how much each operator
+        changes the outputs, not how well fine-tuning recovers from it; a weight above 1 says that
+        decomposed layers recover less (``workflow.choose_margin`` can pick it by short fine-tunes).
     max_ratios
         Layer name -> cap on the prune ratio of its group (NNI's ``max_sparse_ratio``); a group takes the
         smallest cap of its members.
@@ -356,6 +365,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     if metric == 'latency' and latency is None:
         raise HMCConfigError('target_latency needs a latency model: build_plan(..., latency=LatencyModel(...))')
     check_table(table)
+    table = weigh_decomposition(table, decompose_weight)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
     # Grouping compares the operators at equal savings: of FLOPs (the levels), or of measured time.
     score = _time_equal_drop(table, cost, latency) if metric == 'latency' else None
@@ -476,14 +486,27 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
                 f'{metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
                 f'to the selection or add a higher level',
                 _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance,
-                                 round_to, margin, latency), metric, target)
+                                 round_to, margin, latency, decompose_weight), metric, target)
         _, unit, new_level, new_costs, saved = best
         (prune_ratios if unit[0] == 'prune' else dec_levels)[unit[1]] = new_level
         layer_costs.update(new_costs)
         total -= saved
 
     return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance, round_to,
-                            margin, latency)
+                            margin, latency, decompose_weight)
+
+
+def weigh_decomposition(table, decompose_weight: float):
+    """``table`` with every decomposition drop multiplied by ``decompose_weight`` (a copy; ``table`` itself when 1)."""
+    if isinstance(decompose_weight, bool) or not isinstance(decompose_weight, (int, float)) \
+            or not math.isfinite(decompose_weight) or decompose_weight <= 0:
+        raise HMCConfigError(f'Got decompose_weight={decompose_weight!r} but expected a finite number > 0 (1 takes the '
+                             f'scan as it is; above 1, decomposition counts as more harmful than the scan says)')
+    if decompose_weight == 1:
+        return table
+    weighed = copy.copy(table)
+    weighed.decompose = {name: [drop * decompose_weight for drop in drops] for name, drops in table.decompose.items()}
+    return weighed
 
 
 def _time_equal_drop(table, cost: CostModel, latency):
@@ -513,7 +536,7 @@ def _time_equal_drop(table, cost: CostModel, latency):
 
 def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: dict[str, float],
                      dec_levels: dict[str, float], mode: str, target: dict[str, float], importance: str,
-                     round_to: int, margin: float | None, latency=None) -> CompressionPlan:
+                     round_to: int, margin: float | None, latency=None, decompose_weight: float = 1.0) -> CompressionPlan:
     """The plan of an allocation state: group prune ratios and per-layer decomposition levels."""
     plan_layers = []
     for name in candidates:
@@ -528,7 +551,7 @@ def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: d
     if latency is not None:
         predicted['latency'] = latency.predict_ms(prune_ratios, dec_levels, round_to) / latency.predict_ms({}, {})
     return CompressionPlan(plan_layers, mode, dict(target), importance, round_to,
-                           margin if mode in ('hmc', 'nahc') else None, predicted)
+                           margin if mode in ('hmc', 'nahc') else None, float(decompose_weight), predicted)
 
 
 def most_compressed_plan(cost: CostModel, groups: Sequence[PruningGroup], layers: Sequence[str], *, mode: str,

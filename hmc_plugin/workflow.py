@@ -18,7 +18,7 @@ from torch import nn
 from .apply import apply_plan, plan_for_latency, plan_for_target
 from .compressor import HMCCompressor
 from .counting import count_flops, count_params, measure_latency, measure_latency_side_by_side
-from .data import DataSplits, calibration_batch, make_loaders
+from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
 from .errors import HMCConfigError
 from .export import save_compressed
 from .plan import CompressionPlan
@@ -27,7 +27,7 @@ from .sensitivity import SensitivityTable
 from .training import evaluate_accuracy, make_torch_evaluator, output_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
-           'MARGIN_CANDIDATES', 'choose_margin']
+           'MARGIN_CANDIDATES', 'choose_margin', 'sgd_finetune']
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RunSettings:
     importance: str = 'l1'
     rank_method: str = 'auto'
     margin: float | None = None
+    decompose_weight: float = 1.0
     sensitivity: str = 'proxy'
     calibration_size: int = 64
     train_epochs: int = 15
@@ -115,6 +116,8 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
         entry.update(latency_batch=settings.latency_batch, latency_threads=settings.threads)
     if settings.margin is not None:
         entry['margin'] = settings.margin
+    if settings.decompose_weight != 1:
+        entry['decompose_weight'] = settings.decompose_weight
     calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
     return HMCCompressor(model, [entry], evaluator, dummy_input, calibration_inputs=calibration,
                          sensitivity_table=table, plan=plan, cache_path=str(cache_path) if cache_path else None,
@@ -218,55 +221,86 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
 MARGIN_CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 
 
-def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
-                  candidates: Sequence[float] = MARGIN_CANDIDATES, held_out: int = 256
-                  ) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
-    """HMC's margin rule: the ``tau`` whose compressed model stays closest to the original on held-out data.
+def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
+    """Fine-tune ``model`` in place for ``settings.finetune_epochs`` epochs (or ``max_steps`` steps): SGD at
+    ``settings.finetune_lr``, momentum 0.9, weight decay 5e-4 (as ``make_torch_evaluator``), batch order seeded
+    by ``settings.seed``. Leaves the model in eval mode; returns the seconds it took."""
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
+    train(model, optimizer, training_step, train_loader, max_steps=max_steps,
+          max_epochs=None if max_steps is not None else settings.finetune_epochs, progress=False)
+    model.eval()
+    return time.perf_counter() - started
 
-    For each candidate ``tau`` (default 0, 0.25, 0.5 = NaHC's default, 1, 2 and inf = AHC) the ``hmc``
+
+def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
+                  candidates: Sequence[float] = MARGIN_CANDIDATES, decompose_weights: Sequence[float] = (1.0,),
+                  probe_steps: int = 0, held_out: int = 256) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
+    """HMC's margin rule: the ``tau`` (and exchange rate) whose compressed model stays closest to the original.
+
+    For each candidate ``tau`` (default 0, 0.25, 0.5 = NaHC's default, 1, 2 and inf = AHC) and each
+    ``decompose_weight`` (``plan.build_plan``: decomposition drops count that many times), the ``hmc``
     plan at the settings' target is built from ``table`` and applied (torch-pruning fast path), and the
-    KL divergence of the compressed model's outputs from the original's is measured, before any
-    fine-tuning, on ``held_out`` training images that the scan's calibration batch does not contain
-    (the next ones of the same seeded permutation; the test split is never used). The lowest KL wins;
-    ties go to the smaller ``tau``. Candidates that give the same plan are applied once.
+    KL divergence of the compressed model's outputs from the original's is measured on ``held_out``
+    training images that the scan's calibration batch does not contain (the next ones of the same seeded
+    permutation; the test split is never used). The lowest KL wins; ties go to the smaller ``tau``, then
+    the smaller weight. Candidates that give the same plan are applied (and probed) once.
+
+    ``probe_steps=0`` measures the KL zero-shot. With ``probe_steps > 0`` each compressed model is first
+    fine-tuned for that many steps (``sgd_finetune``) on the train split without the held-out images, so
+    the rule sees how well a plan *recovers*: a zero-shot scan rates decomposition as cheap, and heavily
+    decomposed models can recover less than pruned ones.
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 
-    Returns ``(tau, plan, trials)``, ``trials`` one ``{'margin', 'kl', 'flops_kept', 'groups'}`` per candidate.
+    Returns ``(tau, plan, trials)``; ``plan.decompose_weight`` is the chosen weight and ``trials`` holds one
+    ``{'margin', 'decompose_weight', 'kl', 'flops_kept', 'groups', 'probe_steps'}`` per candidate.
     """
+    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
+        raise HMCConfigError(f'Got probe_steps={probe_steps!r} but expected an int >= 0 (0 measures zero-shot)')
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     images, _ = calibration_batch(splits, settings.calibration_size + held_out, seed=settings.seed)
     held_out_images = images[settings.calibration_size:]
     if len(held_out_images) == 0:
         raise ValueError(f'choose_margin: the train split has no images beyond the {settings.calibration_size} '
                          f'calibration images to hold out')
+    probe_splits = without_train_images(splits, train_permutation(splits, settings.seed)[
+        settings.calibration_size:settings.calibration_size + held_out]) if probe_steps else None
     groups = find_pruning_groups(model, dummy_input)
     budget = _budget(settings)
     trials, plans, measured_kl = [], {}, {}
-    for margin in candidates:
-        try:
-            if settings.target_latency is not None:
-                plan, _ = plan_for_latency(table, model, dummy_input, groups, mode='hmc', margin=margin,
-                                                importance=settings.importance, rank_method=settings.rank_method,
-                                                batch=settings.latency_batch, threads=settings.threads,
-                                                latency_cache=settings.latency_cache, **budget)
-                kept = plan.measured['flops']
-            else:
-                plan, kept = plan_for_target(table, model, dummy_input, groups, mode='hmc', margin=margin,
-                                             importance=settings.importance, rank_method=settings.rank_method, **budget)
-        except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
-            trials.append({'margin': margin, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
-            continue
-        key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}], sort_keys=True)
-        if key not in measured_kl:
-            compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
-            measured_kl[key] = output_kl(model, compressed, [held_out_images])
-        plans[margin] = plan
-        trials.append({'margin': margin, 'kl': measured_kl[key], 'flops_kept': kept, 'groups': plan.group_counts()})
+    for weight in decompose_weights:
+        for margin in candidates:
+            common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
+                          rank_method=settings.rank_method, **budget)
+            trial: dict[str, Any] = {'margin': margin, 'decompose_weight': weight, 'probe_steps': probe_steps}
+            try:
+                if settings.target_latency is not None:
+                    plan, _ = plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
+                                               threads=settings.threads, latency_cache=settings.latency_cache, **common)
+                    kept = plan.measured['flops']
+                else:
+                    plan, kept = plan_for_target(table, model, dummy_input, groups, **common)
+            except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
+                trials.append({**trial, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
+                continue
+            key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}],
+                             sort_keys=True)
+            if key not in measured_kl:
+                compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+                if probe_steps:
+                    sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
+                measured_kl[key] = output_kl(model, compressed, [held_out_images])
+            plans[(margin, weight)] = plan
+            trials.append({**trial, 'kl': measured_kl[key], 'flops_kept': kept, 'groups': plan.group_counts()})
     if not plans:
         raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
-    best = min((trial for trial in trials if trial['margin'] in plans), key=lambda trial: (trial['kl'], trial['margin']))
-    _logger.info('HMC margin rule: tau=%s (held-out KL %.4g; candidates %s)', best['margin'], best['kl'],
-                 ', '.join(f"{trial['margin']}: {'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')}"
-                           for trial in trials))
-    return best['margin'], plans[best['margin']], trials
+    best = min((trial for trial in trials if (trial['margin'], trial['decompose_weight']) in plans),
+               key=lambda trial: (trial['kl'], trial['margin'], trial['decompose_weight']))
+    _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
+                 best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
+                 ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "
+                           f"{'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')}" for trial in trials))
+    return best['margin'], plans[(best['margin'], best['decompose_weight'])], trials

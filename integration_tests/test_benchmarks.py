@@ -136,15 +136,19 @@ def test_latency_budget_quick(tmp_path):
             else:
                 assert row['new_measurements'] == 0  # FLOPs budgets time nothing
         hmc = next(row for row in report['landing'] if (row['budget'], row['method']) == ('latency', 'hmc'))
-        assert hmc['margin_rule'] == 'choose_margin' and hmc['margin'] in {t['margin'] for t in hmc['margin_trials']}
+        assert hmc['margin_rule'] == 'choose_margin'
+        assert (hmc['margin'], hmc['decompose_weight']) in {(t['margin'], t['decompose_weight']) for t in hmc['margin_trials']}
+        assert all(t['probe_steps'] == 2 for t in hmc['margin_trials'])
         assert sorted(cell['method'] for cell in report['cells']) == ['hmc', 'prune']
         for cell in report['cells']:
             assert 'error' not in cell, cell['error']
             assert 0 < cell['latency_kept'] < 1.5 and 0 < cell['flops_kept'] < 1.5
-            assert 0 <= cell['acc_zero_shot'] <= 1 and 0 <= cell['acc_finetuned'] <= 1
+            assert all(0 <= cell[phase] <= 1 for phase in ('acc_zero_shot', 'acc_finetuned', 'acc_finetuned_long'))
         summary = next(row for row in report['summary'] if row['method'] == 'hmc')
-        assert summary['at_least_as_accurate'] == (summary['vs_prune']['acc_finetuned'] >= 0)
-    # The first run times the layers; the second finds them in WORK/latency.json. Not always exactly 0: the greedy
-    # allocation times the grid shapes it passes lazily, and its path follows the (noisy) whole-model timings.
+        assert summary['at_least_as_accurate'] == {phase: summary['vs_prune'][phase] >= 0
+                                                   for phase in ('acc_finetuned', 'acc_finetuned_long')}
+    # The first run times the layers; the second finds most in WORK/latency.json. Not always all: the greedy
+    # allocation times the grid shapes it passes lazily, and its path follows the (noisy) whole-model timings of the
+    # correction rounds, for each of HMC's candidates (test_latency_budget.py pins that one plan measures nothing new).
     new = [sum(row['new_measurements'] for row in report['landing']) for report in reports]
-    assert new[0] > 0 and new[1] <= new[0] // 10, new
+    assert new[0] > 0 and new[1] <= new[0] // 3, new

@@ -231,3 +231,17 @@ def test_calibration_batch_caps_size_and_is_fixed_under_random_flips(tmp_path):
     assert inputs.shape[0] == len(splits.train)
     for _ in range(3):
         assert torch.equal(inputs, calibration_batch(splits, size=100)[0])
+
+
+def test_held_out_train_images_are_left_out_of_the_probe_split():
+    from hmc_plugin.data import calibration_batch, load_digits_data, train_permutation, without_train_images
+
+    splits = load_digits_data()
+    order = train_permutation(splits, seed=3)
+    assert sorted(order) == list(range(len(splits.train)))
+    images, _ = calibration_batch(splits, 5, seed=3)
+    assert all(torch.equal(images[i], splits.train[order[i]][0]) for i in range(5))  # the same seeded order
+    held_out = order[5:25]
+    probe = without_train_images(splits, held_out)
+    assert len(probe.train) == len(splits.train) - 20 and probe.test is splits.test
+    assert not set(probe.train.indices) & set(held_out)

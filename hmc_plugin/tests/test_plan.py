@@ -56,3 +56,27 @@ def test_plan_round_trips_through_json_with_infinite_margin():
     assert again.ranks == {'layer1.0.conv1': (8, 12)}
     text = plan.table()
     assert 'layer1.0.conv1' in text and '8x12' in text and 'both: 1' in text
+
+
+def test_decompose_weight_counts_decomposition_drops_that_many_times():
+    from hmc_plugin.plan import weigh_decomposition
+
+    weighed = weigh_decomposition(SENSITIVITIES, 20)
+    assert weighed.decompose == {name: [value * 20] for name, [value] in SENSITIVITIES.decompose.items()}
+    assert weighed.prune == SENSITIVITIES.prune and SENSITIVITIES.decompose['b'] == [0.1]  # the table is not changed
+    assert weigh_decomposition(SENSITIVITIES, 1) is SENSITIVITIES
+    # 'b' decomposed cheaply as scanned; at 20x its decomposition drop pruning is the cheaper operator
+    assert group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=0.0)['b'] == 'decompose'
+    assert group_layers(weighed, LAYERS, 'hmc', margin=0.0)['b'] == 'prune'
+    for bad in (0, -1.0, math.inf, True, '2'):
+        with pytest.raises(HMCConfigError, match='decompose_weight='):
+            weigh_decomposition(SENSITIVITIES, bad)
+
+
+def test_plan_keeps_its_decompose_weight_and_old_plans_load_with_weight_one():
+    plan = CompressionPlan(layers=[LayerPlan('conv1', 'prune', 0.5, 'conv1')], mode='hmc', target={'latency': 0.5},
+                           margin=0.5, decompose_weight=10.0)
+    assert CompressionPlan.from_json(plan.to_json()).decompose_weight == 10.0
+    old = plan.to_dict()
+    del old['decompose_weight']  # a plan.json written before the weight existed
+    assert CompressionPlan.from_dict(old).decompose_weight == 1.0

@@ -28,12 +28,12 @@ from torch import nn
 
 from hmc_plugin.baselines import nni_l1_prune
 from hmc_plugin.counting import count_flops, count_params
-from hmc_plugin.data import DataSplits, load_digits_data, make_loaders
+from hmc_plugin.data import DataSplits, load_digits_data
 from hmc_plugin.models import build_model
 from hmc_plugin.report import machine_description
 from hmc_plugin.sensitivity import SensitivityTable
-from hmc_plugin.training import train, training_step
-from hmc_plugin.workflow import MARGIN_CANDIDATES, RunSettings, choose_margin, make_compressor, scan, train_or_load_baseline
+from hmc_plugin.workflow import (MARGIN_CANDIDATES, RunSettings, choose_margin, make_compressor, scan, sgd_finetune,
+                                 train_or_load_baseline)
 
 METHODS = ('nahc', 'hmc', 'ahc', 'prune', 'decompose', 'nni_l1')
 METHOD_LABELS = {'uncompressed': 'uncompressed', 'nahc': 'NaHC', 'hmc': 'HMC', 'ahc': 'AHC', 'prune': 'prune-only',
@@ -147,16 +147,9 @@ def compress(model: nn.Module, splits: DataSplits, settings: RunSettings, method
 
 def finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
     """The one fine-tuning budget every method gets: ``settings.finetune_epochs`` epochs (or ``max_steps``) of
-    SGD (lr ``settings.finetune_lr``, momentum 0.9, weight decay 5e-4, as ``make_torch_evaluator``), batch
-    order seeded by ``settings.seed``. Returns the seconds it took."""
-    started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
-    train(model, optimizer, training_step, train_loader, max_steps=max_steps,
-          max_epochs=None if max_steps is not None else settings.finetune_epochs, progress=False)
-    model.eval()
-    return time.perf_counter() - started
+    ``hmc_plugin.workflow.sgd_finetune`` (SGD as ``make_torch_evaluator``, batch order seeded by
+    ``settings.seed``). Returns the seconds it took."""
+    return sgd_finetune(model, splits, settings, max_steps=max_steps)
 
 
 def _json_float(value: float) -> float | str:

@@ -9,11 +9,15 @@ HMC buy over prune-only at the same time?
    the planner used: the latency kept, whether it is within +-10 % of the target, the planner's
    prediction and its error, the FLOPs kept, the real speed-up, the FLOPs reduction and their ratio, and
    how many layer timings the plan had to measure (the rest came from the latency cache: a second run
-   measures nothing new). HMC's margin tau comes from ``hmc_plugin.workflow.choose_margin`` on digits;
-   ResNet-50 has no held-out training images for that rule, so it gets NaHC (tau 0.5).
+   measures nothing new). HMC's margin tau and exchange rate (``decompose_weight``) come from
+   ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, 100, each
+   candidate fine-tuned for ``--probe-steps`` steps on the train split without 256 held-out images, the
+   closest to the original on those images (KL) wins. ResNet-50 has no held-out training images for that
+   rule, so it gets NaHC (tau 0.5, weight 1).
 2. Accuracy at equal latency. ResNet-56 (``--resnet20``: ResNet-20 too) on digits, seeds 0, 1, 2 (one
    baseline, scan and fine-tuning order per seed, as ``quality.py``): HMC and prune-only at
-   ``target_latency``, accuracy zero-shot and after the quality suite's fine-tuning budget.
+   ``target_latency``, accuracy zero-shot, after the quality suite's fine-tuning budget (1 epoch) and after
+   ``--long-finetune-epochs`` epochs in all (the same model fine-tuned on).
 
 Baselines and scans (``WORK/MODEL/seedN``, the quality suite's layout: its folders can be copied in),
 the ResNet-50 scan (``WORK/resnet50``), the accuracy cells and the latency cache (``WORK/latency.json``)
@@ -56,6 +60,7 @@ from hmc_plugin.workflow import RunSettings, choose_margin  # noqa: E402
 METHODS = ('hmc', 'prune')
 BUDGETS = ('latency', 'flops')
 QUICK_LEVELS = (0.4, 0.8)
+HMC_MARGINS = (0.0, 0.5, math.inf)  # NaHC without 'both', NaHC's default, AHC
 TOLERANCE = 0.10  # "lands": the re-measured latency kept is within 10 % of the target
 
 
@@ -78,16 +83,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--warmup', type=int, default=3, help='warm-up runs of the final side-by-side timing')
     parser.add_argument('--repeats', type=int, default=15, help='timed runs (median) of the final side-by-side timing')
+    parser.add_argument('--probe-steps', type=int, default=20,
+                        help="fine-tuning steps of each of HMC's margin-rule candidates (0: zero-shot rule)")
+    parser.add_argument('--decompose-weights', default='1,10,100', help="HMC's candidate exchange rates")
+    parser.add_argument('--long-finetune-epochs', type=int, default=5,
+                        help='fine-tuning epochs in all of the second accuracy figure')
     parser.add_argument('--quiet', action='store_true')
     args = parser.parse_args(argv)
+    args.margins = HMC_MARGINS
     args.landing_model, args.accuracy_models = 'resnet56', ['resnet56'] + (['resnet20'] if args.resnet20 else [])
     args.levels = common.LEVELS
     if args.quick:
         args.landing_model, args.accuracy_models, args.seeds, args.train_epochs = 'resnet20', ['resnet20'], '0', 1
         args.levels, args.batch, args.skip_resnet50, args.warmup, args.repeats = QUICK_LEVELS, 8, True, 1, 5
+        args.margins, args.probe_steps, args.decompose_weights = (0.5, math.inf), 2, '1,100'
     if args.target is None:
         args.target = 0.75 if args.quick else 0.5
     args.seeds = [int(seed) for seed in args.seeds.split(',')]
+    args.decompose_weights = [float(weight) for weight in args.decompose_weights.split(',')]
     return args
 
 
@@ -137,19 +150,21 @@ def make_plan(subject: Subject, method: str, budget: str, target: float, args: a
               cache_path: Path) -> tuple[CompressionPlan, dict[str, Any]]:
     """The plan of ``method`` ('hmc' or 'prune') at ``target`` of the ``budget`` ('latency' or 'flops').
 
-    HMC's margin comes from ``choose_margin`` where there is data to hold out (digits); otherwise the
-    plan is NaHC's. Returns the plan and ``{'mode', 'margin', 'margin_trials'?, 'planner'?}``.
+    HMC's margin and decompose_weight come from ``choose_margin`` (with probe fine-tunes) where there is
+    data to hold out (digits); otherwise the plan is NaHC's. Returns the plan and ``{'mode', 'margin',
+    'decompose_weight', 'margin_trials'?, 'planner'?}``.
     """
     if method == 'hmc' and subject.settings is not None:
         settings = common.replace(subject.settings, target_latency=target if budget == 'latency' else None,
                                   target_flops=target if budget == 'flops' else None, target_params=None)
-        candidates = (0.5, math.inf) if args.quick else common.MARGIN_CANDIDATES
         margin, plan, trials = choose_margin(subject.model, subject.splits, settings, subject.table,
-                                             candidates=candidates)
-        return plan, {'mode': 'hmc', 'margin': common._json_float(margin), 'margin_rule': 'choose_margin',
+                                             candidates=args.margins, decompose_weights=args.decompose_weights,
+                                             probe_steps=args.probe_steps)
+        return plan, {'mode': 'hmc', 'margin': common._json_float(margin), 'decompose_weight': plan.decompose_weight,
+                      'margin_rule': 'choose_margin',
                       'margin_trials': [{**trial, 'margin': common._json_float(trial['margin'])} for trial in trials]}
     mode = 'nahc' if method == 'hmc' else 'prune'
-    info: dict[str, Any] = {'mode': mode, 'margin': 0.5 if mode == 'nahc' else None,
+    info: dict[str, Any] = {'mode': mode, 'margin': 0.5 if mode == 'nahc' else None, 'decompose_weight': 1.0,
                             'margin_rule': 'NaHC default (no held-out images)' if mode == 'nahc' else None}
     if budget == 'latency':
         plan, report = plan_for_latency(subject.table, subject.model, subject.dummy_input, subject.groups,
@@ -222,9 +237,14 @@ def accuracy_cell(subject: Subject, method: str, args: argparse.Namespace, cache
     cell.update(timed_ratio(subject, compressed, args.threads, args))
     cell['flops_kept'] = count_flops(compressed, subject.dummy_input) / count_flops(subject.model, subject.dummy_input)
     cell['margin'] = info.get('margin')
+    cell['decompose_weight'] = info.get('decompose_weight')
+    cell['groups'] = plan.group_counts()
     cell['acc_zero_shot'] = evaluate_accuracy(compressed, test_loader)
     cell['seconds_finetune'] = common.finetune(compressed, subject.splits, settings, max_steps=2 if args.quick else None)
     cell['acc_finetuned'] = evaluate_accuracy(compressed, test_loader)
+    more = common.replace(settings, finetune_epochs=args.long_finetune_epochs - common.FINETUNE_EPOCHS)
+    cell['seconds_finetune'] += common.finetune(compressed, subject.splits, more, max_steps=2 if args.quick else None)
+    cell['acc_finetuned_long'] = evaluate_accuracy(compressed, test_loader)
     return cell
 
 
@@ -242,14 +262,16 @@ def summarise(cells: list[dict], baselines: list[dict]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {'model': model, 'method': method, 'seeds': len(group), 'reached': len(reached),
                                    'errors': [cell['error'] for cell in group if 'error' in cell]}
             if reached:
-                for metric in ('acc_zero_shot', 'acc_finetuned', 'latency_kept', 'flops_kept'):
+                for metric in ('acc_zero_shot', 'acc_finetuned', 'acc_finetuned_long', 'latency_kept', 'flops_kept'):
                     row[metric] = common.mean_std([cell[metric] for cell in reached])
                 row['margins'] = [cell['margin'] for cell in reached]
+                row['decompose_weights'] = [cell['decompose_weight'] for cell in reached]
             summary.append(row)
         hmc, prune = (next(row for row in summary if (row['model'], row['method']) == (model, m)) for m in METHODS)
         if 'acc_finetuned' in hmc and 'acc_finetuned' in prune:
-            hmc['vs_prune'] = {phase: hmc[phase][0] - prune[phase][0] for phase in ('acc_zero_shot', 'acc_finetuned')}
-            hmc['at_least_as_accurate'] = hmc['vs_prune']['acc_finetuned'] >= 0
+            phases = ('acc_zero_shot', 'acc_finetuned', 'acc_finetuned_long')
+            hmc['vs_prune'] = {phase: hmc[phase][0] - prune[phase][0] for phase in phases}
+            hmc['at_least_as_accurate'] = {phase: hmc['vs_prune'][phase] >= 0 for phase in phases[1:]}
     return summary
 
 
@@ -294,7 +316,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 path = work / model_name / f'seed{seed}' / 'latency_cells' / f'{args.target:g}_{method}.json'
                 key = {'settings': common.settings_dict(subject.settings), 'quick': args.quick, 'target': args.target,
                        'baseline': model_fingerprint(subject.model), 'scan': common.table_fingerprint(subject.table),
-                       'repeats': args.repeats}
+                       'repeats': args.repeats, 'margins': [common._json_float(m) for m in args.margins],
+                       'decompose_weights': args.decompose_weights, 'probe_steps': args.probe_steps,
+                       'long_finetune_epochs': args.long_finetune_epochs}
                 cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
@@ -302,7 +326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     progress(f'{label}: cannot reach the budget: {cell["error"]}')
                 else:
                     progress(f'{label}: latency kept {cell["latency_kept"]:.3f}, acc {cell["acc_zero_shot"]:.3f} -> '
-                             f'{cell["acc_finetuned"]:.3f}' + (f', tau {cell["margin"]}' if method == 'hmc' else ''))
+                             f'{cell["acc_finetuned"]:.3f} -> {cell["acc_finetuned_long"]:.3f}'
+                             + (f', tau {cell["margin"]}, decompose_weight {cell["decompose_weight"]:g}'
+                                if method == 'hmc' else ''))
     if not args.skip_resnet50:  # last: the longest part
         landing = land(resnet50_subject(args, work, progress), args, cache_path, plans, progress) + landing
     settings_out = {'target': args.target, 'tolerance': TOLERANCE, 'threads': args.threads, 'levels': list(args.levels),
@@ -311,6 +337,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     'accuracy_models': args.accuracy_models, 'seeds': args.seeds, 'train_epochs': args.train_epochs,
                     'train_lr': common.TRAIN_LR, 'finetune_epochs': None if args.quick else common.FINETUNE_EPOCHS,
                     'finetune_steps': 2 if args.quick else None, 'finetune_lr': common.FINETUNE_LR,
+                    'long_finetune_epochs': None if args.quick else args.long_finetune_epochs,
+                    'margins': [common._json_float(m) for m in args.margins], 'decompose_weights': args.decompose_weights,
+                    'probe_steps': args.probe_steps,
                     'warmup': args.warmup, 'repeats': args.repeats, 'sensitivity': 'proxy', 'quick': args.quick}
     return {**common.header('latency_budget', settings_out), 'wall_seconds': progress.elapsed,
             'latency_cache_entries': cache_size(cache_path), 'landing': landing, 'baselines': baselines,
@@ -324,8 +353,12 @@ def _method_label(row: dict) -> str:
         return common.METHOD_LABELS['prune']
     if row.get('mode') == 'nahc':
         return 'NaHC (τ 0.5; no held-out data for choose_margin)'
-    margin = row.get('margin')
-    return 'HMC' + ('' if margin is None else f' (τ {"∞" if margin == "inf" else format(margin, "g")})')
+    margin, weight = row.get('margin'), row.get('decompose_weight')
+    return 'HMC' + ('' if margin is None else f' (τ {_tau(margin)}, w {weight:g})')
+
+
+def _tau(margin) -> str:
+    return '∞' if margin == 'inf' else format(margin, 'g')
 
 
 def _pm(value: tuple[float, float] | list[float]) -> str:
@@ -352,29 +385,34 @@ def landing_table(report: dict) -> str:
 
 
 def accuracy_table(report: dict) -> str:
-    header = ['model', 'method', 'seeds', 'latency kept', 'FLOPs kept', 'acc zero-shot', 'acc fine-tuned',
-              'HMC at least as accurate as prune-only']
+    epochs = report['settings']['long_finetune_epochs']
+    long = f'{epochs} epochs' if epochs else 'twice the steps'
+    header = ['model', 'method', 'seeds', 'latency kept', 'FLOPs kept', 'acc zero-shot',
+              f'acc fine-tuned ({common.finetune_budget(report["settings"])})', f'acc fine-tuned ({long})',
+              'HMC minus prune-only (fine-tuned, both budgets)']
     rows = []
     for row in report['summary']:
         model = common.MODEL_LABELS.get(row['model'], row['model'])
         if row['method'] == 'uncompressed':
             rows.append([model, 'uncompressed', str(row['seeds']), '1', '1', _pm(row['acc_zero_shot']),
-                         _pm(row['acc_finetuned']), ''])
+                         _pm(row['acc_finetuned']), _pm(row['acc_finetuned']), ''])
             continue
         label = common.METHOD_LABELS[row['method']]
         if row['method'] == 'hmc' and row.get('margins'):
-            label += ' (τ ' + '/'.join('∞' if m == 'inf' else f'{m:g}' for m in row['margins']) + ')'
+            label += (' (τ ' + '/'.join(map(_tau, row['margins'])) + ', w '
+                      + '/'.join(f'{w:g}' for w in row['decompose_weights']) + ')')
         if 'acc_finetuned' not in row:
-            rows.append([model, label, str(row['seeds']), f'cannot reach: {row["errors"][0]}'] + [''] * 4)
+            rows.append([model, label, str(row['seeds']), f'cannot reach: {row["errors"][0]}'] + [''] * 5)
             continue
         if row['reached'] < row['seeds']:
             label += f' ({row["reached"]} of {row["seeds"]} seeds reach the budget)'
         verdict = ''
         if 'vs_prune' in row:
-            points = 100 * row['vs_prune']['acc_finetuned']
-            verdict = f'yes, {points:+.1f} pp' if row['at_least_as_accurate'] else f'**no**, {points:+.1f} pp'
+            verdict = ' / '.join(f'{100 * row["vs_prune"][phase]:+.1f} pp'
+                                 + ('' if row['at_least_as_accurate'][phase] else ' (**worse**)')
+                                 for phase in ('acc_finetuned', 'acc_finetuned_long'))
         rows.append([model, label, str(row['seeds']), _pm(row['latency_kept']), _pm(row['flops_kept']),
-                     _pm(row['acc_zero_shot']), _pm(row['acc_finetuned']), verdict])
+                     _pm(row['acc_zero_shot']), _pm(row['acc_finetuned']), _pm(row['acc_finetuned_long']), verdict])
     return markdown_table(header, rows)
 
 
@@ -398,17 +436,22 @@ def render_markdown(report: dict) -> str:
         f'predicted = the latency model\'s kept fraction, prediction error = predicted / latency kept − 1; speed-up = '
         f'original / compressed time; FLOPs reduction = 1 / FLOPs kept. New latency measurements = timings added to '
         f'the latency cache by the plan ({new} in this run, {report["latency_cache_entries"]} in the cache). The '
-        f'"flops" rows are the same methods at target_flops={settings["target"]:g}. HMC\'s τ is chosen by '
-        f'choose_margin (held-out KL) on digits.', '',
+        f'"flops" rows are the same methods at target_flops={settings["target"]:g}. HMC\'s τ and decompose_weight '
+        f'w are chosen by choose_margin on digits: τ in {", ".join(map(_tau, settings["margins"]))} times w in '
+        f'{", ".join(format(w, "g") for w in settings["decompose_weights"])}, each candidate fine-tuned '
+        f'{settings["probe_steps"]} steps on the train split without 256 held-out training images, the lowest KL '
+        f'from the original on those images wins.', '',
         landing_table(report), '',
         f'{sum(row.get("within_tolerance", False) for row in landing)} of '
         f'{sum(row["budget"] == "latency" for row in report["landing"])} latency rows land within ±10 %.', '',
         f'## Accuracy at equal latency (target_latency={settings["target"]:g}, digits)', '',
         f'Baselines trained {settings["train_epochs"]} epochs, one per seed ({", ".join(map(str, settings["seeds"]))}); '
-        f'every method gets the quality suite\'s fine-tuning: {budget} of SGD at lr {settings["finetune_lr"]}. '
+        f'every method gets the quality suite\'s fine-tuning: {budget} of SGD at lr {settings["finetune_lr"]}, '
+        f'then the same model is fine-tuned on to {settings["long_finetune_epochs"] or "twice the steps"} '
+        f'{"epochs " if settings["long_finetune_epochs"] else ""}in all. '
         f'Mean ± sample std over the seeds; accuracy on the test split; latency kept at batch '
-        f'{settings["digits_batch"]}. "HMC at least as accurate": mean fine-tuned accuracy of HMC minus '
-        f'prune-only\'s, in percentage points.', '',
+        f'{settings["digits_batch"]}. Last column: mean fine-tuned accuracy of HMC minus prune-only\'s, in '
+        f'percentage points, after the short and the long fine-tuning.', '',
         accuracy_table(report), '',
         'Produced by:', '', '```bash', report['command'], '```', ''])
 

@@ -1,0 +1,67 @@
+"""HMC's margin rule (workflow.choose_margin) and the operators' exchange rate (decompose_weight), on digits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hmc_plugin import HMCCompressor
+from hmc_plugin.apply import plan_for_target
+from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.pruning import find_pruning_groups
+from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+from hmc_plugin.workflow import RunSettings, choose_margin
+
+
+@pytest.fixture
+def scanned(trained_resnet20, dummy_input, calibration):
+    groups = find_pruning_groups(trained_resnet20, dummy_input)
+    convs = [name for name, module in trained_resnet20.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    table = scan_sensitivity(trained_resnet20, dummy_input, groups=groups, layers=convs, mode='proxy',
+                             calibration_inputs=calibration[0], progress=False)
+    return trained_resnet20, dummy_input, groups, table
+
+
+def test_a_higher_decompose_weight_decomposes_less_at_the_same_budget(scanned):
+    model, dummy, groups, table = scanned
+    as_scanned, _ = plan_for_target(table, model, dummy, groups, mode='ahc', target_flops=0.5)
+    weighed, kept = plan_for_target(table, model, dummy, groups, mode='ahc', target_flops=0.5, decompose_weight=100)
+    assert as_scanned.decompose_weight == 1.0 and weighed.decompose_weight == 100.0
+    assert len(weighed.ranks) < len(as_scanned.ranks)
+    assert sum(weighed.prune_ratios.values()) > sum(as_scanned.prune_ratios.values())
+    assert kept == pytest.approx(0.5, abs=0.02)
+
+
+def test_decompose_weight_is_a_config_key(scanned):
+    model, dummy, _, table = scanned
+    before = model_fingerprint(model)
+    compressor = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'ahc', 'target_flops': 0.5, 'decompose_weight': 100,
+                                        'speedup': 'torch_pruning'}], dummy_input=dummy, sensitivity_table=table,
+                               progress=False)
+    compressor.compress()
+    assert compressor.plan.decompose_weight == 100.0
+    assert model_fingerprint(model) == before
+    with pytest.raises(HMCConfigError, match='decompose_weight=0'):
+        HMCCompressor(model, [{'op_types': ['Conv2d'], 'target_flops': 0.5, 'decompose_weight': 0}], dummy_input=dummy,
+                      sensitivity_table=table)
+
+
+def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(scanned, digits):
+    model, _, _, table = scanned
+    before = model_fingerprint(model)
+    settings = RunSettings(model='resnet20', target_flops=0.5, calibration_size=32, finetune_lr=0.01)
+    candidates, weights = (0.5, math.inf), (1.0, 100.0)
+    zero_shot = choose_margin(model, digits, settings, table, candidates=candidates, decompose_weights=weights,
+                              held_out=128)
+    margin, plan, trials = choose_margin(model, digits, settings, table, candidates=candidates,
+                                         decompose_weights=weights, probe_steps=8, held_out=128)
+    assert model_fingerprint(model) == before
+    assert [(t['margin'], t['decompose_weight']) for t in trials] == [(m, w) for w in weights for m in candidates]
+    best = min(trials, key=lambda t: t['kl'])
+    assert (margin, plan.decompose_weight) == (best['margin'], best['decompose_weight'])
+    assert all(t['probe_steps'] == 8 and t['flops_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
+    # the probes fine-tune: every candidate ends closer to the original than it starts
+    assert all(probed['kl'] < shot['kl'] for probed, shot in zip(trials, zero_shot[2]))
+    with pytest.raises(HMCConfigError, match='probe_steps=-1'):
+        choose_margin(model, digits, settings, table, probe_steps=-1)
