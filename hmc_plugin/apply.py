@@ -135,7 +135,7 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
 
 def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], *,
                      target_latency: float, batch: int = 1, threads: int | None = None, rank_method: str = 'auto',
-                     latency_cache=None, tolerance: float = 0.03, max_rounds: int = 4,
+                     latency_cache=None, tolerance: float = 0.015, max_rounds: int = 6,
                      **plan_kwargs) -> tuple[CompressionPlan, dict[str, float]]:
     """Build a plan whose compressed model's *measured* CPU time is within ``tolerance`` of the target fraction.
 

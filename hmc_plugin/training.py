@@ -15,7 +15,7 @@ from nni.compression import TorchEvaluator
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ['evaluate_accuracy', 'output_log_probs', 'output_kl', 'training_step', 'kd_loss', 'train', 'make_torch_evaluator']
+__all__ = ['evaluate_accuracy', 'output_log_probs', 'output_kl', 'per_input_kl', 'training_step', 'kd_loss', 'train', 'make_torch_evaluator']
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +64,19 @@ def output_kl(reference: nn.Module | Sequence[torch.Tensor], model: nn.Module, b
     total = sum(float(F.kl_div(mine, theirs, log_target=True, reduction='sum'))
                 for mine, theirs in zip(log_probs, reference_log_probs))
     return max(0.0, total) / max(1, sum(len(mine) for mine in log_probs))  # >= 0 up to rounding
+
+
+@torch.no_grad()
+def per_input_kl(reference: nn.Module | Sequence[torch.Tensor], model: nn.Module, batches: Iterable) -> torch.Tensor:
+    """KL(p_reference || p_model) of every input, float64 ``(N,)`` in nats: ``output_kl`` before the mean, for
+    paired comparisons of several models on the same inputs."""
+    batches = list(batches)
+    reference_log_probs = output_log_probs(reference, batches) if isinstance(reference, nn.Module) else reference
+    log_probs = output_log_probs(model, batches)
+    if len(reference_log_probs) != len(log_probs):
+        raise ValueError(f'Got reference outputs for {len(reference_log_probs)} batches but {len(log_probs)} batches')
+    return torch.cat([F.kl_div(mine, theirs, log_target=True, reduction='none').sum(1)
+                      for mine, theirs in zip(log_probs, reference_log_probs)])
 
 
 def _inputs(batch):

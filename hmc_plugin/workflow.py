@@ -24,7 +24,7 @@ from .export import save_compressed
 from .plan import CompressionPlan
 from .pruning import find_pruning_groups
 from .sensitivity import SensitivityTable
-from .training import evaluate_accuracy, make_torch_evaluator, output_kl, train, training_step
+from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
            'MARGIN_CANDIDATES', 'choose_margin', 'sgd_finetune']
@@ -251,12 +251,17 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     ``probe_steps=0`` measures the KL zero-shot. With ``probe_steps > 0`` each compressed model is first
     fine-tuned for that many steps (``sgd_finetune``) on the train split without the held-out images, so
     the rule sees how well a plan *recovers*: a zero-shot scan rates decomposition as cheap, and heavily
-    decomposed models can recover less than pruned ones.
+    decomposed models can recover less than pruned ones. Short fine-tunes leave several candidates close
+    together, so the probe rule takes the one-standard-error rule: of the candidates whose KL exceeds the
+    lowest by at most one standard error of the paired per-image difference, the one that keeps the most
+    parameters wins (the same budget, statistically the same recovery so far: more capacity to recover
+    further).
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 
     Returns ``(tau, plan, trials)``; ``plan.decompose_weight`` is the chosen weight and ``trials`` holds one
-    ``{'margin', 'decompose_weight', 'kl', 'flops_kept', 'groups', 'probe_steps'}`` per candidate.
+    ``{'margin', 'decompose_weight', 'kl', 'kl_se', 'flops_kept', 'params_kept', 'groups', 'probe_steps'}``
+    per candidate (``kl_se``: standard error of its per-image KL minus the lowest-KL candidate's).
     """
     if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
         raise HMCConfigError(f'Got probe_steps={probe_steps!r} but expected an int >= 0 (0 measures zero-shot)')
@@ -270,7 +275,9 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         settings.calibration_size:settings.calibration_size + held_out]) if probe_steps else None
     groups = find_pruning_groups(model, dummy_input)
     budget = _budget(settings)
-    trials, plans, measured_kl = [], {}, {}
+    reference = output_log_probs(model, [held_out_images])
+    full_params = count_params(model)
+    trials, plans, measured = [], {}, {}  # measured: plan key -> (per-image KL, params kept)
     for weight in decompose_weights:
         for margin in candidates:
             common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
@@ -288,17 +295,28 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                 continue
             key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}],
                              sort_keys=True)
-            if key not in measured_kl:
+            if key not in measured:
                 compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
                 if probe_steps:
                     sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
-                measured_kl[key] = output_kl(model, compressed, [held_out_images])
+                measured[key] = (per_input_kl(reference, compressed, [held_out_images]),
+                                 count_params(compressed) / full_params)
+            per_image, params_kept = measured[key]
             plans[(margin, weight)] = plan
-            trials.append({**trial, 'kl': measured_kl[key], 'flops_kept': kept, 'groups': plan.group_counts()})
+            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': kept,
+                           'params_kept': params_kept, 'groups': plan.group_counts(), '_per_image': per_image})
     if not plans:
         raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
-    best = min((trial for trial in trials if (trial['margin'], trial['decompose_weight']) in plans),
-               key=lambda trial: (trial['kl'], trial['margin'], trial['decompose_weight']))
+    reached = [trial for trial in trials if 'error' not in trial]
+    lowest = min(reached, key=lambda trial: (trial['kl'], trial['margin'], trial['decompose_weight']))
+    for trial in reached:
+        difference = trial.pop('_per_image') - lowest['_per_image'] if trial is not lowest else None
+        trial['kl_se'] = 0.0 if difference is None else float(difference.std() / math.sqrt(len(difference)))
+    lowest.pop('_per_image')
+    best = lowest
+    if probe_steps:  # one-standard-error rule: among the statistically equal, the most parameters
+        equal = [trial for trial in reached if trial['kl'] - lowest['kl'] <= trial['kl_se']]
+        best = max(equal, key=lambda trial: (trial['params_kept'], -trial['kl']))
     _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
                  best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
                  ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "

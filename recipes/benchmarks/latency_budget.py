@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        'baseline': model_fingerprint(subject.model), 'scan': common.table_fingerprint(subject.table),
                        'repeats': args.repeats, 'margins': [common._json_float(m) for m in args.margins],
                        'decompose_weights': args.decompose_weights, 'probe_steps': args.probe_steps,
-                       'long_finetune_epochs': args.long_finetune_epochs}
+                       'long_finetune_epochs': args.long_finetune_epochs,
+                       'margin_rule': 'probe KL, one standard error, most parameters', 'planner_tolerance': 0.015}
                 cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
