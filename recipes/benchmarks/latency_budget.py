@@ -11,8 +11,9 @@ HMC buy over prune-only at the same time?
    how many layer timings the plan had to measure (the rest came from the latency cache: a second run
    measures nothing new). HMC's margin tau and exchange rate (``decompose_weight``) come from
    ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, 100, each
-   candidate fine-tuned for ``--probe-steps`` steps on the train split without 256 held-out images, the
-   closest to the original on those images (KL) wins. ResNet-50 has no held-out training images for that
+   candidate fine-tuned for ``--probe-steps`` steps on the train split without 256 held-out images and
+   scored by its KL from the original there (one-standard-error rule, most parameters among the tied).
+   ResNet-50 has no held-out training images for that
    rule, so it gets NaHC (tau 0.5, weight 1).
 2. Accuracy at equal latency. ResNet-56 (``--resnet20``: ResNet-20 too) on digits, seeds 0, 1, 2 (one
    baseline, scan and fine-tuning order per seed, as ``quality.py``): HMC and prune-only at
@@ -238,6 +239,8 @@ def accuracy_cell(subject: Subject, method: str, args: argparse.Namespace, cache
     cell['flops_kept'] = count_flops(compressed, subject.dummy_input) / count_flops(subject.model, subject.dummy_input)
     cell['margin'] = info.get('margin')
     cell['decompose_weight'] = info.get('decompose_weight')
+    if 'margin_trials' in info:
+        cell['margin_trials'] = info['margin_trials']
     cell['groups'] = plan.group_counts()
     cell['acc_zero_shot'] = evaluate_accuracy(compressed, test_loader)
     cell['seconds_finetune'] = common.finetune(compressed, subject.splits, settings, max_steps=2 if args.quick else None)
@@ -440,8 +443,9 @@ def render_markdown(report: dict) -> str:
         f'"flops" rows are the same methods at target_flops={settings["target"]:g}. HMC\'s τ and decompose_weight '
         f'w are chosen by choose_margin on digits: τ in {", ".join(map(_tau, settings["margins"]))} times w in '
         f'{", ".join(format(w, "g") for w in settings["decompose_weights"])}, each candidate fine-tuned '
-        f'{settings["probe_steps"]} steps on the train split without 256 held-out training images, the lowest KL '
-        f'from the original on those images wins.', '',
+        f'{settings["probe_steps"]} steps on the train split without 256 held-out training images and scored by '
+        f'its KL from the original on those images; of the candidates within one standard error of the lowest '
+        f'KL, the one keeping the most parameters wins.', '',
         landing_table(report), '',
         f'{sum(row.get("within_tolerance", False) for row in landing)} of '
         f'{sum(row["budget"] == "latency" for row in report["landing"])} latency rows land within ±10 %.', '',
