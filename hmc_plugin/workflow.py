@@ -254,8 +254,9 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     decomposed models can recover less than pruned ones. Short fine-tunes leave several candidates close
     together, so the probe rule takes the one-standard-error rule: of the candidates whose KL exceeds the
     lowest by at most one standard error of the paired per-image difference, the one that keeps the most
-    parameters wins (the same budget, statistically the same recovery so far: more capacity to recover
-    further).
+    of what the budget leaves free wins: FLOPs under a latency or parameter budget, parameters under a
+    FLOPs budget (the same budget, statistically the same recovery so far: more capacity to recover
+    further; decomposed plans keep many parameters for few FLOPs, so at equal time FLOPs tell).
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 
@@ -276,8 +277,8 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     groups = find_pruning_groups(model, dummy_input)
     budget = _budget(settings)
     reference = output_log_probs(model, [held_out_images])
-    full_params = count_params(model)
-    trials, plans, measured = [], {}, {}  # measured: plan key -> (per-image KL, params kept)
+    full_flops, full_params = count_flops(model, dummy_input), count_params(model)
+    trials, plans, measured = [], {}, {}  # measured: plan key -> (per-image KL, FLOPs kept, params kept)
     for weight in decompose_weights:
         for margin in candidates:
             common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
@@ -287,9 +288,8 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                 if settings.target_latency is not None:
                     plan, _ = plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
                                                threads=settings.threads, latency_cache=settings.latency_cache, **common)
-                    kept = plan.measured['flops']
                 else:
-                    plan, kept = plan_for_target(table, model, dummy_input, groups, **common)
+                    plan, _ = plan_for_target(table, model, dummy_input, groups, **common)
             except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
                 trials.append({**trial, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
                 continue
@@ -297,13 +297,14 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                              sort_keys=True)
             if key not in measured:
                 compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+                flops_kept = count_flops(compressed, dummy_input) / full_flops
+                params_kept = count_params(compressed) / full_params
                 if probe_steps:
                     sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
-                measured[key] = (per_input_kl(reference, compressed, [held_out_images]),
-                                 count_params(compressed) / full_params)
-            per_image, params_kept = measured[key]
+                measured[key] = (per_input_kl(reference, compressed, [held_out_images]), flops_kept, params_kept)
+            per_image, flops_kept, params_kept = measured[key]
             plans[(margin, weight)] = plan
-            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': kept,
+            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': flops_kept,
                            'params_kept': params_kept, 'groups': plan.group_counts(), '_per_image': per_image})
     if not plans:
         raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
@@ -314,9 +315,10 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         trial['kl_se'] = 0.0 if difference is None else float(difference.std() / math.sqrt(len(difference)))
     lowest.pop('_per_image')
     best = lowest
-    if probe_steps:  # one-standard-error rule: among the statistically equal, the most parameters
+    if probe_steps:  # one-standard-error rule: among the statistically equal, the most capacity the budget leaves
+        free = 'params_kept' if 'target_flops' in budget else 'flops_kept'
         equal = [trial for trial in reached if trial['kl'] - lowest['kl'] <= trial['kl_se']]
-        best = max(equal, key=lambda trial: (trial['params_kept'], -trial['kl']))
+        best = max(equal, key=lambda trial: (trial[free], -trial['kl']))
     _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
                  best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
                  ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "

@@ -59,6 +59,7 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     assert model_fingerprint(model) == before
     assert [(t['margin'], t['decompose_weight']) for t in trials] == [(m, w) for w in weights for m in candidates]
     # one-standard-error rule: of the candidates within one standard error of the lowest KL, the most parameters
+    # (what a FLOPs budget leaves free)
     lowest = min(t['kl'] for t in trials)
     equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
@@ -69,5 +70,15 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     assert zero_shot[0] == min(zero_shot[2], key=lambda t: (t['kl'], t['margin'], t['decompose_weight']))['margin']
     # the probes fine-tune: every candidate ends closer to the original than it starts
     assert all(probed['kl'] < shot['kl'] for probed, shot in zip(trials, zero_shot[2]))
+    # under a parameter budget it is the FLOPs kept
+    settings_params = RunSettings(model='resnet20', target_flops=None, target_params=0.5, calibration_size=32,
+                                  finetune_lr=0.01)
+    margin, plan, trials = choose_margin(model, digits, settings_params, table, candidates=candidates,
+                                         decompose_weights=weights, probe_steps=8, held_out=128)
+    lowest = min(t['kl'] for t in trials)
+    equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
+    chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
+    assert chosen['flops_kept'] == max(t['flops_kept'] for t in equal)
+    assert all(t['params_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
     with pytest.raises(HMCConfigError, match='probe_steps=-1'):
         choose_margin(model, digits, settings, table, probe_steps=-1)

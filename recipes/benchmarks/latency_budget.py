@@ -12,7 +12,8 @@ HMC buy over prune-only at the same time?
    measures nothing new). HMC's margin tau and exchange rate (``decompose_weight``) come from
    ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, 100, each
    candidate fine-tuned for ``--probe-steps`` steps on the train split without 256 held-out images and
-   scored by its KL from the original there (one-standard-error rule, most parameters among the tied).
+   scored by its KL from the original there (one-standard-error rule: most FLOPs kept among the tied;
+   most parameters under a FLOPs budget).
    ResNet-50 has no held-out training images for that
    rule, so it gets NaHC (tau 0.5, weight 1).
 2. Accuracy at equal latency. ResNet-56 (``--resnet20``: ResNet-20 too) on digits, seeds 0, 1, 2 (one
@@ -322,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        'repeats': args.repeats, 'margins': [common._json_float(m) for m in args.margins],
                        'decompose_weights': args.decompose_weights, 'probe_steps': args.probe_steps,
                        'long_finetune_epochs': args.long_finetune_epochs,
-                       'margin_rule': 'probe KL, one standard error, most parameters', 'planner_tolerance': 0.015}
+                       'margin_rule': 'probe KL, one standard error, most FLOPs', 'planner_tolerance': 0.015}
                 cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
@@ -445,7 +446,7 @@ def render_markdown(report: dict) -> str:
         f'{", ".join(format(w, "g") for w in settings["decompose_weights"])}, each candidate fine-tuned '
         f'{settings["probe_steps"]} steps on the train split without 256 held-out training images and scored by '
         f'its KL from the original on those images; of the candidates within one standard error of the lowest '
-        f'KL, the one keeping the most parameters wins.', '',
+        f'KL, the one keeping the most FLOPs (parameters under a FLOPs budget) wins.', '',
         landing_table(report), '',
         f'{sum(row.get("within_tolerance", False) for row in landing)} of '
         f'{sum(row["budget"] == "latency" for row in report["landing"])} latency rows land within ±10 %.', '',
