@@ -97,13 +97,14 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
     """Build a plan whose *measured* kept fraction is within ``tolerance`` of the target.
 
     The cost model ignores BN/ReLU/pooling; each plan is measured exactly (``measure_plan``) and the
-    internal target is shifted by the miss. Returns ``(plan, measured kept fraction)``.
+    internal target is shifted by the miss. Returns ``(plan, measured kept fraction)``; ``plan.measured``
+    holds the kept fractions of both FLOPs and parameters.
     """
     cost = CostModel(model, dummy_input, groups, rank_method)
     metric = 'flops' if plan_kwargs.get('target_flops') is not None else 'params'
     target = plan_kwargs.pop(f'target_{metric}')
     plan_kwargs.pop('target_params' if metric == 'flops' else 'target_flops', None)
-    full = count_flops(model, dummy_input) if metric == 'flops' else count_params(model)
+    full = {'flops': count_flops(model, dummy_input), 'params': count_params(model)}
     internal_target = target
     best = None
     for _ in range(max_rounds):
@@ -112,18 +113,19 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
             plan = build_plan(table, cost, **{f'target_{metric}': internal_target}, **plan_kwargs)
         except UnreachableTargetError as error:  # every unit at its highest level: as far as this mode goes
             plan, exhausted = error.plan, True
-        measured = measure_plan(model, plan, dummy_input)[metric] / full
+        kept = {key: value / full[key] for key, value in measure_plan(model, plan, dummy_input).items()}
+        measured = kept[metric]
         if exhausted and measured > target + tolerance:
             raise HMCConfigError(unreachable_message(metric, target, measured, plan_kwargs.get('mode', 'nahc'),
                                                      max(table.levels))) from None
         if best is None or abs(measured - target) < abs(best[1] - target):
-            best = (plan, measured)
+            best = (plan, measured, kept)
         if abs(measured - target) <= tolerance or exhausted:
             break
         internal_target = min(1.0, max(1e-3, internal_target + (target - measured)))
-    plan, measured = best
+    plan, measured, kept = best
     plan.target = {metric: target}
-    plan.measured = {metric: measured}
+    plan.measured = kept
     if abs(measured - target) > tolerance:
         _logger.warning('The plan keeps %.3f of the %s for target_%s=%g: the selected layers are too coarse '
                         '(few channels or ranks) to land within %.0f %% of it', measured, metric, metric, target,

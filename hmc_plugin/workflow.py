@@ -277,8 +277,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     groups = find_pruning_groups(model, dummy_input)
     budget = _budget(settings)
     reference = output_log_probs(model, [held_out_images])
-    full_flops, full_params = count_flops(model, dummy_input), count_params(model)
-    trials, plans, measured = [], {}, {}  # measured: plan key -> (per-image KL, FLOPs kept, params kept)
+    trials, plans, measured = [], {}, {}  # measured: plan key -> per-image KL
     for weight in decompose_weights:
         for margin in candidates:
             common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
@@ -297,15 +296,14 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                              sort_keys=True)
             if key not in measured:
                 compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
-                flops_kept = count_flops(compressed, dummy_input) / full_flops
-                params_kept = count_params(compressed) / full_params
                 if probe_steps:
                     sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
-                measured[key] = (per_input_kl(reference, compressed, [held_out_images]), flops_kept, params_kept)
-            per_image, flops_kept, params_kept = measured[key]
+                measured[key] = per_input_kl(reference, compressed, [held_out_images])
+            per_image = measured[key]
             plans[(margin, weight)] = plan
-            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': flops_kept,
-                           'params_kept': params_kept, 'groups': plan.group_counts(), '_per_image': per_image})
+            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': plan.measured['flops'],
+                           'params_kept': plan.measured['params'], 'groups': plan.group_counts(),
+                           '_per_image': per_image})
     if not plans:
         raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
     reached = [trial for trial in trials if 'error' not in trial]

@@ -246,7 +246,7 @@ def accuracy_cell(subject: Subject, method: str, args: argparse.Namespace, cache
     cell['acc_zero_shot'] = evaluate_accuracy(compressed, test_loader)
     cell['seconds_finetune'] = common.finetune(compressed, subject.splits, settings, max_steps=2 if args.quick else None)
     cell['acc_finetuned'] = evaluate_accuracy(compressed, test_loader)
-    more = common.replace(settings, finetune_epochs=args.long_finetune_epochs - common.FINETUNE_EPOCHS)
+    more = common.replace(settings, finetune_epochs=args.long_finetune_epochs - settings.finetune_epochs)
     cell['seconds_finetune'] += common.finetune(compressed, subject.splits, more, max_steps=2 if args.quick else None)
     cell['acc_finetuned_long'] = evaluate_accuracy(compressed, test_loader)
     return cell
