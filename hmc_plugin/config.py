@@ -64,8 +64,10 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
                    f"batches: use it through hmc_plugin.pruning.channel_masks(..., calibration=(inputs, targets)))"),
     'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
     'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC)"),
-    'decompose_weight': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
-                         'a number > 0: each decomposition drop of the scan counts this many times (1 = as scanned)'),
+    'decompose_weight': (lambda v: v in ('inf', math.inf) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and 0 < v < math.inf),
+                         "a number > 0 or 'inf': each decomposition drop of the scan counts this many times "
+                         "(1 = as scanned, inf = never decompose)"),
     'sensitivity': (lambda v: v in ('proxy', 'kl', 'evaluator'),
                     "'proxy' (Fisher estimate of the KL, one pass), 'kl' (KL per unit and level) or 'evaluator'"),
     'round_to': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1'),
@@ -163,8 +165,9 @@ def hmc_settings(config_list: list[dict], **overrides) -> dict[str, Any]:
             if not check(value):
                 raise HMCConfigError(f'Got {key}={value!r} but expected {expected}')
             settings[key] = value
-    if settings['margin'] == 'inf':
-        settings['margin'] = math.inf
+    for key in ('margin', 'decompose_weight'):
+        if settings[key] == 'inf':
+            settings[key] = math.inf
     budgets = [key for key in BUDGET_KEYS if settings[key] is not None]
     if not budgets:
         raise HMCConfigError("config_list sets no budget: add 'target_flops' (fraction of FLOPs to keep, "

@@ -94,6 +94,7 @@ class CompressionPlan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data['margin'] = _encode_float(self.margin)
+        data['decompose_weight'] = _encode_float(self.decompose_weight)
         return data
 
     @classmethod
@@ -102,6 +103,8 @@ class CompressionPlan:
         data['layers'] = [LayerPlan(**{**layer, 'ranks': tuple(layer['ranks']) if layer['ranks'] is not None else None})
                           for layer in data['layers']]
         data['margin'] = _decode_float(data.get('margin'))
+        if 'decompose_weight' in data:
+            data['decompose_weight'] = _decode_float(data['decompose_weight'])
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -347,7 +350,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         never takes a step that does not save time (a decomposition slower than the layer it replaces).
     decompose_weight
         The operators' exchange rate: every decomposition drop counts this many times, in grouping and
-        allocation alike (> 0; 1 takes the scan as it is). A zero-shot scan says how much each operator
+        allocation alike (> 0; 1 takes the scan as it is; ``inf`` never decomposes). A zero-shot scan says how much each operator
         changes the outputs, not how well fine-tuning recovers from it; a weight above 1 says that
         decomposed layers recover less (``workflow.choose_margin`` can pick it by short fine-tunes).
     max_ratios
@@ -497,15 +500,21 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
 
 
 def weigh_decomposition(table, decompose_weight: float):
-    """``table`` with every decomposition drop multiplied by ``decompose_weight`` (a copy; ``table`` itself when 1)."""
+    """``table`` with every decomposition drop multiplied by ``decompose_weight`` (a copy; ``table`` itself when 1).
+
+    ``inf`` leaves no decomposition in the copy: decomposition is never chosen, and the ``hmc`` grouping at
+    ``margin=inf`` is then prune-only's (every prunable layer may be pruned).
+    """
     if isinstance(decompose_weight, bool) or not isinstance(decompose_weight, (int, float)) \
-            or not math.isfinite(decompose_weight) or decompose_weight <= 0:
-        raise HMCConfigError(f'Got decompose_weight={decompose_weight!r} but expected a finite number > 0 (1 takes the '
-                             f'scan as it is; above 1, decomposition counts as more harmful than the scan says)')
+            or math.isnan(decompose_weight) or decompose_weight <= 0:
+        raise HMCConfigError(f'Got decompose_weight={decompose_weight!r} but expected a number > 0 (1 takes the '
+                             f'scan as it is; above 1, decomposition counts as more harmful than the scan says; '
+                             f'inf never decomposes)')
     if decompose_weight == 1:
         return table
     weighed = copy.copy(table)
-    weighed.decompose = {name: [drop * decompose_weight for drop in drops] for name, drops in table.decompose.items()}
+    weighed.decompose = {} if math.isinf(decompose_weight) else {
+        name: [drop * decompose_weight for drop in drops] for name, drops in table.decompose.items()}
     return weighed
 
 

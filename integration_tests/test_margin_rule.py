@@ -42,28 +42,40 @@ def test_decompose_weight_is_a_config_key(scanned):
     compressor.compress()
     assert compressor.plan.decompose_weight == 100.0
     assert model_fingerprint(model) == before
+    never = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'ahc', 'target_flops': 0.5, 'decompose_weight': 'inf',
+                                   'speedup': 'torch_pruning'}], dummy_input=dummy, sensitivity_table=table,
+                          progress=False)
+    never.compress()
+    assert never.plan.decompose_weight == math.inf and never.plan.ranks == {}
+    assert model_fingerprint(model) == before
     with pytest.raises(HMCConfigError, match='decompose_weight=0'):
         HMCCompressor(model, [{'op_types': ['Conv2d'], 'target_flops': 0.5, 'decompose_weight': 0}], dummy_input=dummy,
                       sensitivity_table=table)
 
 
 def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(scanned, digits):
-    model, _, _, table = scanned
+    model, dummy, groups, table = scanned
     before = model_fingerprint(model)
     settings = RunSettings(model='resnet20', target_flops=0.5, calibration_size=32, finetune_lr=0.01)
-    candidates, weights = (0.5, math.inf), (1.0, 100.0)
+    candidates, weights = (0.5, math.inf), (1.0, math.inf)
     zero_shot = choose_margin(model, digits, settings, table, candidates=candidates, decompose_weights=weights,
                               held_out=128)
     margin, plan, trials = choose_margin(model, digits, settings, table, candidates=candidates,
                                          decompose_weights=weights, probe_steps=8, held_out=128)
     assert model_fingerprint(model) == before
     assert [(t['margin'], t['decompose_weight']) for t in trials] == [(m, w) for w in weights for m in candidates]
-    # one-standard-error rule: of the candidates within one standard error of the lowest KL, the most parameters
-    # (what a FLOPs budget leaves free)
+    # one-standard-error rule: of the candidates within one standard error of the lowest KL, the fewest decomposed
+    # layers, then the most parameters (what a FLOPs budget leaves free)
     lowest = min(t['kl'] for t in trials)
     equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
-    assert chosen in equal and chosen['params_kept'] == max(t['params_kept'] for t in equal)
+    simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
+    assert chosen in simplest and chosen['params_kept'] == max(t['params_kept'] for t in simplest)
+    assert chosen['decomposed'] == len(plan.ranks)
+    # tau inf with an infinite weight is prune-only's plan: the rule can always fall back to pruning alone
+    prune_only, _ = plan_for_target(table, model, dummy, groups, mode='prune', target_flops=0.5)
+    fallback = next(t for t in trials if (t['margin'], t['decompose_weight']) == (math.inf, math.inf))
+    assert fallback['decomposed'] == 0 and fallback['params_kept'] == pytest.approx(prune_only.measured['params'])
     assert all(t['probe_steps'] == 8 and t['flops_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
     assert all(0 < t['params_kept'] < 1 and t['kl_se'] >= 0 for t in trials)
     # zero-shot, the lowest KL wins outright
@@ -79,7 +91,8 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     lowest = min(t['kl'] for t in trials)
     equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
-    assert chosen['flops_kept'] == max(t['flops_kept'] for t in equal)
+    simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
+    assert chosen['flops_kept'] == max(t['flops_kept'] for t in simplest)
     assert all(t['params_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
     with pytest.raises(HMCConfigError, match='probe_steps=-1'):
         choose_margin(model, digits, settings, table, probe_steps=-1)

@@ -68,15 +68,28 @@ def test_decompose_weight_counts_decomposition_drops_that_many_times():
     # 'b' decomposed cheaply as scanned; at 20x its decomposition drop pruning is the cheaper operator
     assert group_layers(SENSITIVITIES, LAYERS, 'hmc', margin=0.0)['b'] == 'decompose'
     assert group_layers(weighed, LAYERS, 'hmc', margin=0.0)['b'] == 'prune'
-    for bad in (0, -1.0, math.inf, True, '2'):
+    for bad in (0, -1.0, math.nan, True, '2'):
         with pytest.raises(HMCConfigError, match='decompose_weight='):
             weigh_decomposition(SENSITIVITIES, bad)
+
+
+def test_infinite_decompose_weight_never_decomposes_and_with_infinite_margin_is_prune_only():
+    from hmc_plugin.plan import weigh_decomposition
+
+    never = weigh_decomposition(SENSITIVITIES, math.inf)
+    assert never.decompose == {} and SENSITIVITIES.decompose['b'] == [0.1]
+    assert group_layers(never, LAYERS, 'hmc', margin=math.inf) == group_layers(SENSITIVITIES, LAYERS, 'prune')
+    # a finite margin still keeps the layers too sensitive to pruning ('d': 9.0, far above the median)
+    assert group_layers(never, LAYERS, 'hmc', margin=0.0) == {'a': 'prune', 'b': 'prune', 'c': 'prune', 'd': 'keep'}
 
 
 def test_plan_keeps_its_decompose_weight_and_old_plans_load_with_weight_one():
     plan = CompressionPlan(layers=[LayerPlan('conv1', 'prune', 0.5, 'conv1')], mode='hmc', target={'latency': 0.5},
                            margin=0.5, decompose_weight=10.0)
     assert CompressionPlan.from_json(plan.to_json()).decompose_weight == 10.0
+    never = CompressionPlan(layers=plan.layers, mode='hmc', target={'latency': 0.5}, decompose_weight=math.inf)
+    assert '"decompose_weight": "inf"' in never.to_json()  # strict JSON, as the margin
+    assert CompressionPlan.from_json(never.to_json()).decompose_weight == math.inf
     old = plan.to_dict()
     del old['decompose_weight']  # a plan.json written before the weight existed
     assert CompressionPlan.from_dict(old).decompose_weight == 1.0

@@ -10,10 +10,11 @@ HMC buy over prune-only at the same time?
    prediction and its error, the FLOPs kept, the real speed-up, the FLOPs reduction and their ratio, and
    how many layer timings the plan had to measure (the rest came from the latency cache: a second run
    measures nothing new). HMC's margin tau and exchange rate (``decompose_weight``) come from
-   ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, 100, each
-   candidate fine-tuned for ``--probe-steps`` steps on the train split without 256 held-out images and
-   scored by its KL from the original there (one-standard-error rule: most FLOPs kept among the tied;
-   most parameters under a FLOPs budget).
+   ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, inf (inf never
+   decomposes: tau inf with weight inf is prune-only's plan), each candidate fine-tuned for ``--probe-steps``
+   steps (60, 3 epochs: past the chaotic first steps of recovery) on the train split without 256 held-out
+   images and scored by its KL from the original there (one-standard-error rule: among the tied, the fewest
+   decomposed layers, then the most FLOPs kept; most parameters under a FLOPs budget).
    ResNet-50 has no held-out training images for that
    rule, so it gets NaHC (tau 0.5, weight 1).
 2. Accuracy at equal latency. ResNet-56 (``--resnet20``: ResNet-20 too) on digits, seeds 0, 1, 2 (one
@@ -85,9 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--warmup', type=int, default=3, help='warm-up runs of the final side-by-side timing')
     parser.add_argument('--repeats', type=int, default=15, help='timed runs (median) of the final side-by-side timing')
-    parser.add_argument('--probe-steps', type=int, default=20,
+    parser.add_argument('--probe-steps', type=int, default=60,
                         help="fine-tuning steps of each of HMC's margin-rule candidates (0: zero-shot rule)")
-    parser.add_argument('--decompose-weights', default='1,10,100', help="HMC's candidate exchange rates")
+    parser.add_argument('--decompose-weights', default='1,10,inf',
+                        help="HMC's candidate exchange rates (inf: never decompose; with tau inf, prune-only's plan)")
     parser.add_argument('--long-finetune-epochs', type=int, default=5,
                         help='fine-tuning epochs in all of the second accuracy figure')
     parser.add_argument('--quiet', action='store_true')
@@ -98,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.landing_model, args.accuracy_models, args.seeds, args.train_epochs = 'resnet20', ['resnet20'], '0', 1
         args.levels, args.batch, args.skip_resnet50, args.warmup, args.repeats = QUICK_LEVELS, 8, True, 1, 5
-        args.margins, args.probe_steps, args.decompose_weights = (0.5, math.inf), 2, '1,100'
+        args.margins, args.probe_steps, args.decompose_weights = (0.5, math.inf), 2, '1,inf'
     if args.target is None:
         args.target = 0.75 if args.quick else 0.5
     args.seeds = [int(seed) for seed in args.seeds.split(',')]
@@ -162,9 +164,12 @@ def make_plan(subject: Subject, method: str, budget: str, target: float, args: a
         margin, plan, trials = choose_margin(subject.model, subject.splits, settings, subject.table,
                                              candidates=args.margins, decompose_weights=args.decompose_weights,
                                              probe_steps=args.probe_steps)
-        return plan, {'mode': 'hmc', 'margin': common._json_float(margin), 'decompose_weight': plan.decompose_weight,
+        return plan, {'mode': 'hmc', 'margin': common._json_float(margin),
+                      'decompose_weight': common._json_float(plan.decompose_weight), 'decomposed': len(plan.ranks),
                       'margin_rule': 'choose_margin',
-                      'margin_trials': [{**trial, 'margin': common._json_float(trial['margin'])} for trial in trials]}
+                      'margin_trials': [{**trial, 'margin': common._json_float(trial['margin']),
+                                         'decompose_weight': common._json_float(trial['decompose_weight'])}
+                                        for trial in trials]}
     mode = 'nahc' if method == 'hmc' else 'prune'
     info: dict[str, Any] = {'mode': mode, 'margin': 0.5 if mode == 'nahc' else None, 'decompose_weight': 1.0,
                             'margin_rule': 'NaHC default (no held-out images)' if mode == 'nahc' else None}
@@ -240,6 +245,7 @@ def accuracy_cell(subject: Subject, method: str, args: argparse.Namespace, cache
     cell['flops_kept'] = count_flops(compressed, subject.dummy_input) / count_flops(subject.model, subject.dummy_input)
     cell['margin'] = info.get('margin')
     cell['decompose_weight'] = info.get('decompose_weight')
+    cell['decomposed'] = len(plan.ranks)
     if 'margin_trials' in info:
         cell['margin_trials'] = info['margin_trials']
     cell['groups'] = plan.group_counts()
@@ -321,9 +327,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key = {'settings': common.settings_dict(subject.settings), 'quick': args.quick, 'target': args.target,
                        'baseline': model_fingerprint(subject.model), 'scan': common.table_fingerprint(subject.table),
                        'repeats': args.repeats, 'margins': [common._json_float(m) for m in args.margins],
-                       'decompose_weights': args.decompose_weights, 'probe_steps': args.probe_steps,
-                       'long_finetune_epochs': args.long_finetune_epochs,
-                       'margin_rule': 'probe KL, one standard error, most FLOPs', 'planner_tolerance': 0.015}
+                       'decompose_weights': [common._json_float(w) for w in args.decompose_weights],
+                       'probe_steps': args.probe_steps, 'long_finetune_epochs': args.long_finetune_epochs,
+                       'margin_rule': 'probe KL, one standard error, fewest decomposed, most FLOPs',
+                       'planner_tolerance': 0.015}
                 cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
@@ -332,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     progress(f'{label}: latency kept {cell["latency_kept"]:.3f}, acc {cell["acc_zero_shot"]:.3f} -> '
                              f'{cell["acc_finetuned"]:.3f} -> {cell["acc_finetuned_long"]:.3f}'
-                             + (f', tau {cell["margin"]}, decompose_weight {cell["decompose_weight"]:g}'
+                             + (f', tau {cell["margin"]}, decompose_weight {cell["decompose_weight"]}'
                                 if method == 'hmc' else ''))
     if not args.skip_resnet50:  # last: the longest part
         landing = land(resnet50_subject(args, work, progress), args, cache_path, plans, progress) + landing
@@ -343,7 +350,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     'train_lr': common.TRAIN_LR, 'finetune_epochs': None if args.quick else common.FINETUNE_EPOCHS,
                     'finetune_steps': 2 if args.quick else None, 'finetune_lr': common.FINETUNE_LR,
                     'long_finetune_epochs': None if args.quick else args.long_finetune_epochs,
-                    'margins': [common._json_float(m) for m in args.margins], 'decompose_weights': args.decompose_weights,
+                    'margins': [common._json_float(m) for m in args.margins],
+                    'decompose_weights': [common._json_float(w) for w in args.decompose_weights],
                     'probe_steps': args.probe_steps,
                     'warmup': args.warmup, 'repeats': args.repeats, 'sensitivity': 'proxy', 'quick': args.quick}
     return {**common.header('latency_budget', settings_out), 'wall_seconds': progress.elapsed,
@@ -359,11 +367,12 @@ def _method_label(row: dict) -> str:
     if row.get('mode') == 'nahc':
         return 'NaHC (τ 0.5; no held-out data for choose_margin)'
     margin, weight = row.get('margin'), row.get('decompose_weight')
-    return 'HMC' + ('' if margin is None else f' (τ {_tau(margin)}, w {weight:g})')
+    return 'HMC' + ('' if margin is None else f' (τ {_tau(margin)}, w {_tau(weight)})')
 
 
-def _tau(margin) -> str:
-    return '∞' if margin == 'inf' else format(margin, 'g')
+def _tau(value) -> str:
+    """A margin or decompose_weight as the tables print it (``'inf'`` in the JSON)."""
+    return '∞' if value in ('inf', math.inf) else format(value, 'g')
 
 
 def _pm(value: tuple[float, float] | list[float]) -> str:
@@ -405,7 +414,7 @@ def accuracy_table(report: dict) -> str:
         label = common.METHOD_LABELS[row['method']]
         if row['method'] == 'hmc' and row.get('margins'):
             label += (' (τ ' + '/'.join(map(_tau, row['margins'])) + ', w '
-                      + '/'.join(f'{w:g}' for w in row['decompose_weights']) + ')')
+                      + '/'.join(map(_tau, row['decompose_weights'])) + ')')
         if 'acc_finetuned' not in row:
             rows.append([model, label, str(row['seeds']), f'cannot reach: {row["errors"][0]}'] + [''] * 5)
             continue
@@ -443,10 +452,11 @@ def render_markdown(report: dict) -> str:
         f'the latency cache by the plan ({new} in this run, {report["latency_cache_entries"]} in the cache). The '
         f'"flops" rows are the same methods at target_flops={settings["target"]:g}. HMC\'s τ and decompose_weight '
         f'w are chosen by choose_margin on digits: τ in {", ".join(map(_tau, settings["margins"]))} times w in '
-        f'{", ".join(format(w, "g") for w in settings["decompose_weights"])}, each candidate fine-tuned '
-        f'{settings["probe_steps"]} steps on the train split without 256 held-out training images and scored by '
-        f'its KL from the original on those images; of the candidates within one standard error of the lowest '
-        f'KL, the one keeping the most FLOPs (parameters under a FLOPs budget) wins.', '',
+        f'{", ".join(map(_tau, settings["decompose_weights"]))} (w ∞ never decomposes; τ ∞ with w ∞ is '
+        f'prune-only\'s plan), each candidate fine-tuned {settings["probe_steps"]} steps on the train split without '
+        f'256 held-out training images and scored by its KL from the original on those images; of the candidates '
+        f'within one standard error of the lowest KL, the one with the fewest decomposed layers, then the most FLOPs '
+        f'kept (parameters under a FLOPs budget) wins.', '',
         landing_table(report), '',
         f'{sum(row.get("within_tolerance", False) for row in landing)} of '
         f'{sum(row["budget"] == "latency" for row in report["landing"])} latency rows land within ±10 %.', '',
