@@ -143,7 +143,8 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
 
     The allocation runs on a ``latency.LatencyModel`` (per-layer times, cached in ``latency_cache``); each
     plan is applied to a copy (torch-pruning fast path) and timed side by side with the original at
-    ``batch`` and ``threads``; the internal target is scaled by the miss. Returns ``(plan, latency)``
+    ``batch`` and ``threads``; the internal target is scaled by the miss. A timing within ``tolerance`` is
+    taken again, and the plan accepted only if the mean of the two is within it. Returns ``(plan, latency)``
     where ``latency`` holds ``original_ms``, ``predicted_ms``, ``measured_ms``, their fractions
     and ``prediction_error`` (predicted / measured - 1); ``plan.predicted`` / ``plan.measured`` get
     ``'latency'`` (fraction kept) and the FLOPs and parameters the plan keeps.
@@ -169,6 +170,12 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
         original_ms, measured_ms = measure_latency_side_by_side([model, compressed], timing_input, warmup=2,
                                                                 repeats=7, num_threads=latency.threads)
         measured = measured_ms / original_ms
+        if abs(measured - target_latency) <= tolerance and not exhausted:
+            # One side-by-side timing can be lucky on a busy machine: accept on the mean of two.
+            again_original_ms, again_ms = measure_latency_side_by_side([model, compressed], timing_input, warmup=1,
+                                                                      repeats=7, num_threads=latency.threads)
+            original_ms, measured_ms = (original_ms + again_original_ms) / 2, (measured_ms + again_ms) / 2
+            measured = measured_ms / original_ms
         if best is None or abs(measured - target_latency) < abs(best[1] - target_latency):
             best = (plan, measured, original_ms, measured_ms, compressed, exhausted)
         if abs(measured - target_latency) <= tolerance or exhausted:

@@ -48,7 +48,7 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--margin', type=float, help="HMC margin tau ('inf' = AHC)")
     parser.add_argument('--decompose-weight', type=float,
                         help='each decomposition drop of the scan counts this many times (default 1; above 1 when '
-                             'decomposed layers recover less than the zero-shot scan says)')
+                             'decomposed layers recover less than the zero-shot scan says; inf never decomposes)')
     parser.add_argument('--finetune-epochs', type=int, help='fine-tuning epochs per method (default 3)')
 
 

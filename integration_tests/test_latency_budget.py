@@ -68,6 +68,23 @@ def test_plan_for_latency_reports_predicted_and_measured_time(scanned, tmp_path)
     assert 0 < plan.measured['flops'] < 1 and plan.prune_ratios and not plan.ranks
 
 
+def test_a_timing_within_tolerance_is_confirmed_before_the_plan_is_accepted(scanned, tmp_path, monkeypatch):
+    # Scripted side-by-side timings (original ms, compressed ms): the first lands, its second timing does not
+    # (mean 0.90 of the time for a target of 0.85), so the planner corrects once more and accepts on two timings.
+    import hmc_plugin.apply
+
+    model, dummy, groups, table = scanned
+    timings = iter([(10.0, 8.5), (10.0, 9.5), (10.0, 8.4), (10.0, 8.6)])
+    calls = []
+    monkeypatch.setattr(hmc_plugin.apply, 'measure_latency_side_by_side',
+                        lambda models, *args, **kwargs: calls.append(len(models)) or next(timings))
+    plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
+                                    mode='prune', latency_cache=tmp_path / 'latency.json')
+    assert calls == [2, 2, 2, 2]
+    assert report['measured'] == pytest.approx(0.85) and report['original_ms'] == pytest.approx(10.0)
+    assert plan.measured['latency'] == report['measured']
+
+
 class _SlowDecompositions(LatencyModel):
     """Decompositions of the layers in ``slow`` take 3x their dense time, the others half."""
 
