@@ -102,10 +102,12 @@ def _settings(args: argparse.Namespace):
 def _load(args, settings):
     import torch
 
+    from .counting import steady_allocator
     from .data import parse_data_spec
     from .models import build_model
 
     torch.set_num_threads(settings.threads)
+    steady_allocator()  # timings (reports, target_latency) independent of what the process allocated before
     splits = parse_data_spec(settings.data, settings.image_size)
     torch.manual_seed(settings.seed)  # the initial weights, hence the trained baseline, are reproducible
     model = build_model(settings.model, splits.num_classes, splits.in_channels)

@@ -7,6 +7,7 @@ per element for BN (two with affine), ReLU and pooling. 1 MAC = 1 FLOP in every 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import statistics
 import time
 from typing import Any, Callable
@@ -16,7 +17,30 @@ import torch_pruning as tp
 from torch import nn
 
 __all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'measure_latency_side_by_side',
-           'as_input_tuple', 'forward_with_hooks']
+           'steady_allocator', 'as_input_tuple', 'forward_with_hooks']
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_STEADY_BYTES = 1 << 30
+
+
+def steady_allocator() -> bool:
+    """Keep freed activation buffers in the process heap, so that every timed forward allocates alike (glibc).
+
+    glibc gives allocations above its mmap threshold fresh pages and unmaps them on free, and the threshold
+    adapts to what the process freed before: a model with large activations pays page faults on every
+    forward, by an amount that depends on the process's history. Torchvision ResNet-50 at batch 16 timed
+    about 1.3 s per batch in a fresh process and 0.87 s after a few copies of the model had been freed,
+    which skewed side-by-side ratios and the latency planner's corrections. This sets the mmap and trim
+    thresholds to 1 GiB for the whole process (as ``MALLOC_MMAP_THRESHOLD_`` would): memory PyTorch frees
+    stays reserved for reuse instead of going back to the system. The ``hmc`` command and the benchmarks
+    call it; call it in your own process before timing or planning for ``target_latency``. Returns whether
+    it applied (False without glibc).
+    """
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _STEADY_BYTES))
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:

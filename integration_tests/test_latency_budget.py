@@ -6,6 +6,8 @@ Targets are mild (0.85): these models are tiny and overhead-bound, so even every
 level keeps about 0.7 of the time on some machines, and a reachable target keeps the tests off that floor.
 """
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +200,23 @@ def test_an_interrupted_plan_keeps_the_layer_times_it_measured(tmp_path):
     assert sorted(saved) == ['shape 0', 'shape 1', 'shape 2']  # the first save_every measurements survived
     again = LatencyCache(tmp_path / 'latency.json')
     assert again.get('shape 1', lambda: pytest.fail('measured again')) == 1.0 and again.measured == 0
+
+
+_RSS_AFTER_FREEING = '''
+import sys, torch
+from hmc_plugin.counting import steady_allocator
+if sys.argv[1] == 'steady':
+    assert steady_allocator()
+buffer = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, as a large activation
+del buffer
+print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmRSS')))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
+def test_steady_allocator_keeps_freed_buffers_for_reuse():
+    # Default glibc unmaps a freed 64 MiB buffer (the next forward faults its pages in again); with
+    # steady_allocator the process keeps it for the next allocation.
+    rss_kib = {mode: int(subprocess.run([sys.executable, '-c', _RSS_AFTER_FREEING, mode], capture_output=True, text=True,
+                                        check=True).stdout) for mode in ('default', 'steady')}
+    assert rss_kib['steady'] - rss_kib['default'] > 48 * 1024

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hmc_plugin.baselines import nni_l1_prune
-from hmc_plugin.counting import count_flops, count_params
+from hmc_plugin.counting import count_flops, count_params, steady_allocator
 from hmc_plugin.data import DataSplits, load_digits_data
 from hmc_plugin.models import build_model
 from hmc_plugin.report import machine_description
@@ -71,8 +71,10 @@ class Progress:
 
 
 def configure(threads: int) -> None:
-    """Fixed thread count and quiet libraries for a benchmark process."""
+    """Fixed thread count, a steady allocator for the timings (``counting.steady_allocator``) and quiet
+    libraries for a benchmark process."""
     torch.set_num_threads(threads)
+    steady_allocator()
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     for noisy in ('nni', 'torch_pruning', 'hmc_plugin'):
         logging.getLogger(noisy).setLevel(logging.WARNING)

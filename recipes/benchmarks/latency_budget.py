@@ -330,7 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        'decompose_weights': [common._json_float(w) for w in args.decompose_weights],
                        'probe_steps': args.probe_steps, 'long_finetune_epochs': args.long_finetune_epochs,
                        'margin_rule': 'probe KL, one standard error, fewest decomposed, most FLOPs',
-                       'planner_tolerance': 0.015, 'planner_confirms': True}
+                       'planner_tolerance': 0.015, 'planner_confirms': True,
+                       'steady_allocator': True}
                 cell = common.cached_cell(path, key, lambda: accuracy_cell(subject, method, args, cache_path, plans))
                 cells.append(cell)
                 label = f'{model_name} seed {seed} target_latency={args.target:g} {method}'
