@@ -104,9 +104,11 @@ layer_plans = st.builds(
 @given(layers=st.lists(layer_plans, max_size=8), mode=st.sampled_from(['prune', 'decompose', 'ahc', 'nahc', 'hmc']),
        target=st.dictionaries(st.sampled_from(['flops', 'params']), fractions, min_size=1, max_size=1),
        margin=st.one_of(st.none(), st.just(math.inf), st.floats(min_value=0, max_value=100)),
-       round_to=st.integers(1, 64), predicted=st.dictionaries(st.sampled_from(['flops', 'params']), finite))
-def test_plan_round_trips_through_json(layers, mode, target, margin, round_to, predicted):
-    plan = CompressionPlan(layers, mode, target, 'l2', round_to, margin, predicted, dict(predicted))
+       round_to=st.integers(1, 64), predicted=st.dictionaries(st.sampled_from(['flops', 'params']), finite),
+       decompose_weight=st.one_of(st.just(math.inf), st.floats(min_value=1e-3, max_value=1e3)))
+def test_plan_round_trips_through_json(layers, mode, target, margin, round_to, predicted, decompose_weight):
+    plan = CompressionPlan(layers, mode, target, importance='l2', round_to=round_to, margin=margin,
+                           decompose_weight=decompose_weight, predicted=predicted, measured=dict(predicted))
     again = CompressionPlan.from_json(plan.to_json())
     assert again == plan
     assert again.prune_ratios == plan.prune_ratios and again.ranks == plan.ranks
