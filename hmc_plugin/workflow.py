@@ -254,10 +254,10 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     decomposed models can recover less than pruned ones. Probes must get past the first, chaotic steps of
     recovery: on ResNet-56 at half its CPU time, 20 steps left candidates with the same groups up to 2.5
     nats apart; the latency benchmark probes 60 (3 epochs of digits; README "Latency budgets"). Plans that
-    recover alike stay within noise of each other, so the probe rule takes
-    the one-standard-error rule: of the candidates whose KL exceeds the lowest by at most one standard
-    error of the paired per-image difference, the simplest wins: the fewest decomposed layers (each one
-    is a new operator that had to prove itself), then the most of what the budget leaves free: FLOPs
+    recover alike stay within noise of each other, so the probe rule takes the one-standard-error rule: of
+    the candidates whose KL exceeds the lowest by at most one standard error of the paired per-image
+    difference, the simplest wins: the fewest decomposed layers (each one is a new operator that had to
+    prove itself), then the most of what the budget leaves free: FLOPs
     under a latency or parameter budget, parameters under a FLOPs budget. A weight of ``inf`` among
     ``decompose_weights`` never decomposes; with ``margin=inf`` that candidate is prune-only's plan, so
     the rule can always fall back to pruning alone.
