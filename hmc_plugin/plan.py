@@ -350,9 +350,10 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
         never takes a step that does not save time (a decomposition slower than the layer it replaces).
     decompose_weight
         The operators' exchange rate: every decomposition drop counts this many times, in grouping and
-        allocation alike (> 0; 1 takes the scan as it is; ``inf`` never decomposes). A zero-shot scan says how much each operator
-        changes the outputs, not how well fine-tuning recovers from it; a weight above 1 says that
-        decomposed layers recover less (``workflow.choose_margin`` can pick it by short fine-tunes).
+        allocation alike (> 0; 1 takes the scan as it is; ``inf`` never decomposes). A zero-shot scan says
+        how much each operator changes the outputs, not how well fine-tuning recovers from it; a weight
+        above 1 says that decomposed layers recover less (``workflow.choose_margin`` can pick it by short
+        fine-tunes).
     max_ratios
         Layer name -> cap on the prune ratio of its group (NNI's ``max_sparse_ratio``); a group takes the
         smallest cap of its members.

@@ -257,10 +257,10 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     recover alike stay within noise of each other, so the probe rule takes the one-standard-error rule: of
     the candidates whose KL exceeds the lowest by at most one standard error of the paired per-image
     difference, the simplest wins: the fewest decomposed layers (each one is a new operator that had to
-    prove itself), then the most of what the budget leaves free: FLOPs
-    under a latency or parameter budget, parameters under a FLOPs budget. A weight of ``inf`` among
-    ``decompose_weights`` never decomposes; with ``margin=inf`` that candidate is prune-only's plan, so
-    the rule can always fall back to pruning alone.
+    prove itself), then the most of what the budget leaves free: FLOPs under a latency or parameter
+    budget, parameters under a FLOPs budget. A weight of ``inf`` among ``decompose_weights`` never
+    decomposes; with ``margin=inf`` that candidate is prune-only's plan, so the rule can always fall back
+    to pruning alone.
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 

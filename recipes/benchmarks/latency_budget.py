@@ -368,10 +368,10 @@ def _method_label(row: dict) -> str:
     if row.get('mode') == 'nahc':
         return 'NaHC (τ 0.5; no held-out data for choose_margin)'
     margin, weight = row.get('margin'), row.get('decompose_weight')
-    return 'HMC' + ('' if margin is None else f' (τ {_tau(margin)}, w {_tau(weight)})')
+    return 'HMC' + ('' if margin is None else f' (τ {_inf_or_g(margin)}, w {_inf_or_g(weight)})')
 
 
-def _tau(value) -> str:
+def _inf_or_g(value) -> str:
     """A margin or decompose_weight as the tables print it (``'inf'`` in the JSON)."""
     return '∞' if value in ('inf', math.inf) else format(value, 'g')
 
@@ -414,8 +414,8 @@ def accuracy_table(report: dict) -> str:
             continue
         label = common.METHOD_LABELS[row['method']]
         if row['method'] == 'hmc' and row.get('margins'):
-            label += (' (τ ' + '/'.join(map(_tau, row['margins'])) + ', w '
-                      + '/'.join(map(_tau, row['decompose_weights'])) + ')')
+            label += (' (τ ' + '/'.join(map(_inf_or_g, row['margins'])) + ', w '
+                      + '/'.join(map(_inf_or_g, row['decompose_weights'])) + ')')
         if 'acc_finetuned' not in row:
             rows.append([model, label, str(row['seeds']), f'cannot reach: {row["errors"][0]}'] + [''] * 5)
             continue
@@ -452,8 +452,8 @@ def render_markdown(report: dict) -> str:
         f'original / compressed time; FLOPs reduction = 1 / FLOPs kept. New latency measurements = timings added to '
         f'the latency cache by the plan ({new} in this run, {report["latency_cache_entries"]} in the cache). The '
         f'"flops" rows are the same methods at target_flops={settings["target"]:g}. HMC\'s τ and decompose_weight '
-        f'w are chosen by choose_margin on digits: τ in {", ".join(map(_tau, settings["margins"]))} times w in '
-        f'{", ".join(map(_tau, settings["decompose_weights"]))} (w ∞ never decomposes; τ ∞ with w ∞ is '
+        f'w are chosen by choose_margin on digits: τ in {", ".join(map(_inf_or_g, settings["margins"]))} times w in '
+        f'{", ".join(map(_inf_or_g, settings["decompose_weights"]))} (w ∞ never decomposes; τ ∞ with w ∞ is '
         f'prune-only\'s plan), each candidate fine-tuned {settings["probe_steps"]} steps on the train split without '
         f'256 held-out training images and scored by its KL from the original on those images; of the candidates '
         f'within one standard error of the lowest KL, the one with the fewest decomposed layers, then the most FLOPs '
