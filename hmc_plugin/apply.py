@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .counting import count_flops, count_layer_flops, count_params, measure_latency_side_by_side
+from .counting import count_flops, count_layer_flops, count_params
 from .errors import HMCConfigError
-from .latency import LatencyModel, batched_input
+from .latency import LatencyModel
 from .lowrank import decompose_layers, flops_ratio, replacement_params
 from .plan import CompressionPlan, CostModel, UnreachableTargetError, build_plan, most_compressed_plan
 from .pruning import PruningGroup, channel_masks, prune_physically, speedup_with_nni
@@ -144,7 +144,9 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     The allocation runs on a ``latency.LatencyModel`` (per-layer times, cached in ``latency_cache``); each
     plan is applied to a copy (torch-pruning fast path) and timed side by side with the original at
     ``batch`` and ``threads``; the internal target is scaled by the miss. A timing within ``tolerance`` is
-    taken again, and the plan accepted only if the mean of the two is within it. Returns ``(plan, latency)``
+    taken again, and the plan accepted only if the mean of the two is within it. These timings are cached
+    by compressed architecture (``LatencyModel.side_by_side_ms``), so planning the same budget again
+    measures nothing and returns the same plan. Returns ``(plan, latency)``
     where ``latency`` holds ``original_ms``, ``predicted_ms``, ``measured_ms``, their fractions
     and ``prediction_error`` (predicted / measured - 1); ``plan.predicted`` / ``plan.measured`` get
     ``'latency'`` (fraction kept) and the FLOPs and parameters the plan keeps.
@@ -157,7 +159,6 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     cost = CostModel(model, dummy_input, groups, rank_method)
     latency = LatencyModel(model, dummy_input, cost, table.levels, batch=batch, threads=threads, round_to=round_to,
                            cache=latency_cache)
-    timing_input = batched_input(dummy_input, latency.batch)
     full_flops, full_params = count_flops(model, dummy_input), count_params(model)
     internal_target, best = target_latency, None
     for _ in range(max_rounds):
@@ -167,15 +168,10 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
         except UnreachableTargetError as error:
             plan, exhausted = error.plan, True
         compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
-        original_ms, measured_ms = measure_latency_side_by_side([model, compressed], timing_input, warmup=2,
-                                                                repeats=7, num_threads=latency.threads)
+        # A timing within tolerance is taken again and the plan accepted on the mean of the two.
+        original_ms, measured_ms = latency.side_by_side_ms(
+            model, compressed, dummy_input, confirm=lambda kept: abs(kept - target_latency) <= tolerance and not exhausted)
         measured = measured_ms / original_ms
-        if abs(measured - target_latency) <= tolerance and not exhausted:
-            # One side-by-side timing can be lucky on a busy machine: accept on the mean of two.
-            again_original_ms, again_ms = measure_latency_side_by_side([model, compressed], timing_input, warmup=1,
-                                                                      repeats=7, num_threads=latency.threads)
-            original_ms, measured_ms = (original_ms + again_original_ms) / 2, (measured_ms + again_ms) / 2
-            measured = measured_ms / original_ms
         if best is None or abs(measured - target_latency) < abs(best[1] - target_latency):
             best = (plan, measured, original_ms, measured_ms, compressed, exhausted)
         if abs(measured - target_latency) <= tolerance or exhausted:

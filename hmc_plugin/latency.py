@@ -11,7 +11,10 @@ conv it replaces). A latency budget (``target_latency``) is allocated on times m
   layers' times, shared among the layers by the size of their outputs and shrinking with their output
   channels;
 - measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, layer
-  shape and replacement, so a second plan on the same machine measures nothing new.
+  shape and replacement, so a second plan on the same machine measures nothing new. The side-by-side
+  timings of whole compressed models that ``apply.plan_for_latency`` checks its plans with are cached too,
+  by the compressed architecture: the same budget planned twice takes the same corrections and gives the
+  same plan (HMC's prune-only candidate is prune-only's plan).
 
 ``apply.plan_for_latency`` checks the prediction against a measurement of the compressed model and
 corrects the plan's target by the miss.
@@ -33,7 +36,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .counting import as_input_tuple, forward_with_hooks, measure_latency
+from .counting import as_input_tuple, forward_with_hooks, measure_latency, measure_latency_side_by_side
 from .lowrank import decomposable, replacement_architecture
 from .plan import CostModel, LayerCost, _decomposed_cost, _shape_module
 from .pruning import kept_channels
@@ -202,6 +205,29 @@ class LatencyModel:
                      for name, module in model.named_modules()]
         digest = _digest(repr((type(model).__name__, shapes, signature)))
         return f'{self._prefix()}|model {type(model).__name__} {digest}'
+
+    def side_by_side_ms(self, model: nn.Module, compressed: nn.Module, dummy_input: Any,
+                        confirm=lambda fraction: False) -> tuple[float, float]:
+        """``(original_ms, compressed_ms)``: ``compressed`` timed side by side with ``model`` at the batch and threads.
+
+        Interleaved runs (``counting.measure_latency_side_by_side``: 2 warm-up, median of 7); when
+        ``confirm(compressed_ms / original_ms)`` is true the pair is timed again and the means are kept (one
+        timing can be lucky on a busy machine). Cached by the original's and the compressed model's
+        architectures, so a compressed model that was timed before is not timed again.
+        """
+        key = f'{self._model_key(model, dummy_input)}|compressed {self._model_key(compressed, dummy_input)[-12:]}'
+        keys = (f'{key}|original', f'{key}|compressed')
+        if not all(name in self.cache.entries for name in keys):
+            inputs = batched_input(dummy_input, self.batch)
+            original_ms, compressed_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=2, repeats=7,
+                                                                      num_threads=self.threads)
+            if confirm(compressed_ms / original_ms):
+                again_original_ms, again_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=1,
+                                                                          repeats=7, num_threads=self.threads)
+                original_ms, compressed_ms = (original_ms + again_original_ms) / 2, (compressed_ms + again_ms) / 2
+            for name, value in zip(keys, (original_ms, compressed_ms)):
+                self.cache.get(name, lambda: value)
+        return self.cache.entries[keys[0]], self.cache.entries[keys[1]]
 
     def _layer_key(self, layer: LayerCost, in_channels: int, out_channels: int, replacement: str) -> str:
         size = self.input_sizes[layer.name]

@@ -27,7 +27,7 @@ from .sensitivity import SensitivityTable
 from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
-           'MARGIN_CANDIDATES', 'choose_margin', 'sgd_finetune']
+           'MARGIN_CANDIDATES', 'choose_margin', 'one_standard_error_choice', 'sgd_finetune']
 
 _logger = logging.getLogger(__name__)
 
@@ -235,6 +235,23 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
     return time.perf_counter() - started
 
 
+def one_standard_error_choice(trials: Sequence[dict[str, Any]], free: str) -> dict[str, Any]:
+    """The probe rule of ``choose_margin`` over its reached trials (``'kl'``, ``'kl_se'``, ``'decomposed'``, ``free``).
+
+    Of the trials whose KL exceeds the lowest by at most their ``kl_se``, the fewest decomposed layers win,
+    then prune-only's plan (tau inf, weight inf), then the most ``free`` (``'flops_kept'`` or
+    ``'params_kept'``: what the budget leaves free), then the lowest KL.
+    """
+    lowest = min(trial['kl'] for trial in trials)
+    equal = [trial for trial in trials if trial['kl'] - lowest <= trial['kl_se']]
+    return max(equal, key=lambda trial: (-trial['decomposed'], _is_prune_only(trial), trial[free], -trial['kl']))
+
+
+def _is_prune_only(trial: dict[str, Any]) -> bool:
+    """Whether a margin-rule trial is prune-only's plan: tau inf (no groups) with weight inf (never decompose)."""
+    return trial['margin'] == math.inf and trial['decompose_weight'] == math.inf
+
+
 def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
                   candidates: Sequence[float] = MARGIN_CANDIDATES, decompose_weights: Sequence[float] = (1.0,),
                   probe_steps: int = 0, held_out: int = 256) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
@@ -257,10 +274,11 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     recover alike stay within noise of each other, so the probe rule takes the one-standard-error rule: of
     the candidates whose KL exceeds the lowest by at most one standard error of the paired per-image
     difference, the simplest wins: the fewest decomposed layers (each one is a new operator that had to
-    prove itself), then the most of what the budget leaves free: FLOPs under a latency or parameter
-    budget, parameters under a FLOPs budget. A weight of ``inf`` among ``decompose_weights`` never
-    decomposes; with ``margin=inf`` that candidate is prune-only's plan, so the rule can always fall back
-    to pruning alone.
+    prove itself), then prune-only's plan, then the most of what the budget leaves free: FLOPs under a
+    latency or parameter budget, parameters under a FLOPs budget. A weight of ``inf`` among
+    ``decompose_weights`` never decomposes; with ``margin=inf`` that candidate is prune-only's plan (the same
+    plan as ``mode='prune'``: under a latency budget its timings come from the latency cache), so HMC
+    departs from pruning alone only for a plan that recovers measurably closer to the original.
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 
@@ -319,10 +337,8 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         trial['kl_se'] = 0.0 if difference is None else float(difference.std() / math.sqrt(len(difference)))
     lowest.pop('_per_image')
     best = lowest
-    if probe_steps:  # one-standard-error rule: among the statistically equal, the simplest, then the most capacity
-        free = 'params_kept' if 'target_flops' in budget else 'flops_kept'
-        equal = [trial for trial in reached if trial['kl'] - lowest['kl'] <= trial['kl_se']]
-        best = max(equal, key=lambda trial: (-trial['decomposed'], trial[free], -trial['kl']))
+    if probe_steps:
+        best = one_standard_error_choice(reached, 'params_kept' if 'target_flops' in budget else 'flops_kept')
     _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
                  best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
                  ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "

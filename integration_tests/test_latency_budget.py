@@ -73,18 +73,40 @@ def test_plan_for_latency_reports_predicted_and_measured_time(scanned, tmp_path)
 def test_a_timing_within_tolerance_is_confirmed_before_the_plan_is_accepted(scanned, tmp_path, monkeypatch):
     # Scripted side-by-side timings (original ms, compressed ms): the first lands, its second timing does not
     # (mean 0.90 of the time for a target of 0.85), so the planner corrects once more and accepts on two timings.
-    import hmc_plugin.apply
+    import hmc_plugin.latency
 
     model, dummy, groups, table = scanned
     timings = iter([(10.0, 8.5), (10.0, 9.5), (10.0, 8.4), (10.0, 8.6)])
     calls = []
-    monkeypatch.setattr(hmc_plugin.apply, 'measure_latency_side_by_side',
+    monkeypatch.setattr(hmc_plugin.latency, 'measure_latency_side_by_side',
                         lambda models, *args, **kwargs: calls.append(len(models)) or next(timings))
     plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
                                     mode='prune', latency_cache=tmp_path / 'latency.json')
     assert calls == [2, 2, 2, 2]
     assert report['measured'] == pytest.approx(0.85) and report['original_ms'] == pytest.approx(10.0)
     assert plan.measured['latency'] == report['measured']
+
+
+def test_the_same_budget_planned_again_times_nothing_and_gives_the_same_plan(scanned, tmp_path, monkeypatch):
+    # The whole-model timings that correct a plan are cached by compressed architecture, so a second plan on the
+    # same machine takes the same corrections: HMC's prune-only candidate (tau inf, decompose_weight inf) is
+    # prune-only's plan, not a re-timed variant of it.
+    import hmc_plugin.latency
+
+    model, dummy, groups, table = scanned
+    kwargs = dict(target_latency=0.85, batch=BATCH, threads=1, latency_cache=tmp_path / 'latency.json', max_rounds=3)
+    first, first_report = plan_for_latency(table, model, dummy, groups, mode='prune', **kwargs)
+    timed = []
+    real = hmc_plugin.latency.measure_latency_side_by_side
+    monkeypatch.setattr(hmc_plugin.latency, 'measure_latency_side_by_side',
+                        lambda *args, **kw: timed.append(1) or real(*args, **kw))
+    again, again_report = plan_for_latency(table, model, dummy, groups, mode='prune', **kwargs)
+    hybrid_fallback, _ = plan_for_latency(table, model, dummy, groups, mode='hmc', margin=float('inf'),
+                                          decompose_weight=float('inf'), **kwargs)
+    assert timed == [] and again_report['new_measurements'] == 0
+    assert again.prune_ratios == first.prune_ratios and again.measured == first.measured
+    assert again_report['measured'] == first_report['measured']
+    assert hybrid_fallback.prune_ratios == first.prune_ratios and not hybrid_fallback.ranks
 
 
 class _SlowDecompositions(LatencyModel):

@@ -11,7 +11,7 @@ from hmc_plugin.apply import plan_for_target
 from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.pruning import find_pruning_groups
 from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
-from hmc_plugin.workflow import RunSettings, choose_margin
+from hmc_plugin.workflow import RunSettings, choose_margin, one_standard_error_choice
 
 
 @pytest.fixture
@@ -65,12 +65,14 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     assert model_fingerprint(model) == before
     assert [(t['margin'], t['decompose_weight']) for t in trials] == [(m, w) for w in weights for m in candidates]
     # one-standard-error rule: of the candidates within one standard error of the lowest KL, the fewest decomposed
-    # layers, then the most parameters (what a FLOPs budget leaves free)
+    # layers, then prune-only's plan, then the most parameters (what a FLOPs budget leaves free)
     lowest = min(t['kl'] for t in trials)
     equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
     simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
-    assert chosen in simplest and chosen['params_kept'] == max(t['params_kept'] for t in simplest)
+    pruning_alone = [t for t in simplest if (t['margin'], t['decompose_weight']) == (math.inf, math.inf)]
+    assert chosen in (pruning_alone or simplest)
+    assert chosen['params_kept'] == max(t['params_kept'] for t in pruning_alone or simplest)
     assert chosen['decomposed'] == len(plan.ranks)
     # tau inf with an infinite weight is prune-only's plan: the rule can always fall back to pruning alone
     prune_only, _ = plan_for_target(table, model, dummy, groups, mode='prune', target_flops=0.5)
@@ -92,7 +94,29 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
     simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
-    assert chosen['flops_kept'] == max(t['flops_kept'] for t in simplest)
+    pruning_alone = [t for t in simplest if (t['margin'], t['decompose_weight']) == (math.inf, math.inf)]
+    assert chosen['flops_kept'] == max(t['flops_kept'] for t in pruning_alone or simplest)
     assert all(t['params_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
     with pytest.raises(HMCConfigError, match='probe_steps=-1'):
         choose_margin(model, digits, settings, table, probe_steps=-1)
+
+
+
+def _trial(margin, weight, kl, kl_se, decomposed, flops_kept):
+    return {'margin': margin, 'decompose_weight': weight, 'kl': kl, 'kl_se': kl_se, 'decomposed': decomposed,
+            'flops_kept': flops_kept}
+
+
+def test_probe_ties_fall_back_to_prune_only():
+    # tau 0 decomposing 3 layers probes lowest; a pruning-only grouping (tau 0.5, w inf) and prune-only's plan are
+    # within one standard error of it. The fewest decomposed layers win, then prune-only's plan, although the
+    # other keeps more FLOPs: HMC departs from pruning alone only for a plan that recovers measurably closer.
+    hybrid, grouped, prune_only = (_trial(0.0, 1.0, 0.10, 0.0, 3, 0.30), _trial(0.5, math.inf, 0.12, 0.03, 0, 0.45),
+                                   _trial(math.inf, math.inf, 0.13, 0.04, 0, 0.40))
+    assert one_standard_error_choice([hybrid, grouped, prune_only], 'flops_kept') is prune_only
+    # prune-only's plan measurably further from the original: the most FLOPs of the simplest tied
+    farther = _trial(math.inf, math.inf, 0.20, 0.04, 0, 0.40)
+    assert one_standard_error_choice([hybrid, grouped, farther], 'flops_kept') is grouped
+    # a hybrid measurably closer than every pruning plan is chosen
+    closer = _trial(0.0, 1.0, 0.01, 0.0, 3, 0.30)
+    assert one_standard_error_choice([closer, grouped, prune_only], 'flops_kept') is closer
