@@ -147,8 +147,11 @@ def test_latency_budget_quick(tmp_path):
         summary = next(row for row in report['summary'] if row['method'] == 'hmc')
         assert summary['at_least_as_accurate'] == {phase: summary['vs_prune'][phase] >= 0
                                                    for phase in ('acc_finetuned', 'acc_finetuned_long')}
-    # The first run times the layers; the second finds most in WORK/latency.json. Not always all: the greedy
-    # allocation times the grid shapes it passes lazily, and its path follows the (noisy) whole-model timings of the
-    # correction rounds, for each of HMC's candidates (test_latency_budget.py pins that one plan measures nothing new).
+        hmc_cell, prune_cell = (next(cell for cell in report['cells'] if cell['method'] == m) for m in ('hmc', 'prune'))
+        if (hmc_cell['margin'], hmc_cell['decompose_weight']) == ('inf', 'inf'):  # prune-only's plan: the same model
+            assert hmc_cell['flops_kept'] == prune_cell['flops_kept'] and hmc_cell['groups'] == prune_cell['groups']
+    # The first run times the layers and the correction rounds' whole models; the second finds them all in
+    # WORK/latency.json (both are cached), takes the same corrections and makes the same plans.
     new = [sum(row['new_measurements'] for row in report['landing']) for report in reports]
-    assert new[0] > 0 and new[1] <= new[0] // 3, new
+    assert new[0] > 0 and new[1] == 0, new
+    assert [row['flops_kept'] for row in first['landing']] == [row['flops_kept'] for row in second['landing']]
