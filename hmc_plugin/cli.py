@@ -45,11 +45,24 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
                              "and --threads on this machine")
     parser.add_argument('--latency-batch', type=int, help='batch size at which --target-latency is measured (default 1)')
     parser.add_argument('--importance', choices=('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'))
-    parser.add_argument('--margin', type=float, help="HMC margin tau ('inf' = AHC)")
+    parser.add_argument('--margin', type=_margin_arg,
+                        help="HMC margin tau ('inf' = AHC), or 'auto' with --mode hmc: HMC's margin rule picks tau and "
+                             "--decompose-weight from probe fine-tunes, falling back to prune-only's plan")
+    parser.add_argument('--probe-steps', type=int,
+                        help="fine-tuning steps of each candidate of --margin auto (default 60)")
     parser.add_argument('--decompose-weight', type=float,
                         help='each decomposition drop of the scan counts this many times (default 1; above 1 when '
                              'decomposed layers recover less than the zero-shot scan says; inf never decomposes)')
     parser.add_argument('--finetune-epochs', type=int, help='fine-tuning epochs per method (default 3)')
+
+
+def _margin_arg(text: str) -> float | str:
+    if text == 'auto':
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, 'inf' or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +106,8 @@ def _settings(args: argparse.Namespace):
         values['methods'] = [method.strip() for method in args.methods.split(',')]
     if getattr(args, 'mode', None):
         values['methods'] = [args.mode]
+    if values.get('margin') == 'auto' and 'hmc' not in values.get('methods', RunSettings.methods):
+        raise HMCError("margin 'auto' is HMC's margin rule: use it with --mode hmc (or 'hmc' among --methods)")
     other_budget = values.get('target_params') is not None or values.get('target_latency') is not None
     if other_budget and values.get('target_flops', RunSettings.target_flops) == RunSettings.target_flops:
         values['target_flops'] = None  # a parameter or latency budget replaces the default FLOPs budget
@@ -119,7 +134,8 @@ def _run(args: argparse.Namespace) -> None:
     from .plan import CompressionPlan
     from .report import format_table, write_report
     from .sensitivity import SensitivityTable
-    from .workflow import compare_methods, compress_and_measure, make_compressor, scan, train_or_load_baseline, uncompressed_row
+    from .workflow import (compare_methods, compress_and_measure, make_compressor, plan_by_margin_rule, scan,
+                           train_or_load_baseline, uncompressed_row)
 
     settings = _settings(args)
     out = Path(args.out)
@@ -144,15 +160,20 @@ def _run(args: argparse.Namespace) -> None:
         table_path = out / 'sensitivity.json'
         if not table_path.exists():
             raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
-        compressor = make_compressor(model, splits, settings, settings.methods[0],
-                                     table=SensitivityTable.from_json(table_path), progress=progress)
-        plan = compressor.make_plan()
+        table = SensitivityTable.from_json(table_path)
+        if settings.methods[0] == 'hmc' and settings.margin == 'auto':
+            plan, margin_rule = plan_by_margin_rule(model, splits, settings, table)
+            latency_report = margin_rule['latency_budget']
+            print(_margin_rule_line(margin_rule))
+        else:
+            compressor = make_compressor(model, splits, settings, settings.methods[0], table=table, progress=progress)
+            plan, latency_report = compressor.make_plan(), compressor.latency_report
         plan.to_json(out / 'plan.json')
         print(plan.table())
         measured = ', '.join(f'{metric} {value:.4f}' for metric, value in plan.measured.items())
         print(f'\nMeasured kept fractions of this plan: {measured}. Wrote {out}/plan.json')
-        if compressor.latency_report:
-            print(_latency_line(compressor.latency_report))
+        if latency_report:
+            print(_latency_line(latency_report))
         return
     if args.command == 'compress':
         table_path = out / 'sensitivity.json'
@@ -171,9 +192,19 @@ def _run(args: argparse.Namespace) -> None:
             plan.to_json(out / 'plan.json')
             save_compressed(compressed, out / 'compressed.pt', plan)
             print(format_table(rows))
+            if row.get('margin_rule'):
+                print(_margin_rule_line(row['margin_rule']))
             if row.get('latency_budget'):
                 print(_latency_line(row['latency_budget']))
         print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
+
+
+def _margin_rule_line(rule: dict) -> str:
+    trials = [trial for trial in rule['trials'] if trial.get('kl') is not None]
+    return (f"HMC margin rule ({rule['probe_steps']} probe steps, {len(trials)} candidates reached the budget): "
+            f"tau {rule['margin']}, decompose_weight {rule['decompose_weight']}"
+            + (" (prune-only's plan: no hybrid recovered measurably closer)"
+               if (rule['margin'], rule['decompose_weight']) == ('inf', 'inf') else ''))
 
 
 def _latency_line(report: dict) -> str:

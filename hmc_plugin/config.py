@@ -63,7 +63,9 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
                    f"one of {tuple(i for i in IMPORTANCES if i != 'taylor')} ('taylor' needs labelled calibration "
                    f"batches: use it through hmc_plugin.pruning.channel_masks(..., calibration=(inputs, targets)))"),
     'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
-    'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC)"),
+    'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC); 'auto' (HMC's margin rule) needs held-out "
+                        "training data: run `hmc compress --mode hmc --margin auto`, or pass the plan of "
+                        "hmc_plugin.workflow.plan_by_margin_rule as HMCCompressor(plan=...)"),
     'decompose_weight': (lambda v: v in ('inf', math.inf) or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                                and 0 < v < math.inf),
                          "a number > 0 or 'inf': each decomposition drop of the scan counts this many times "

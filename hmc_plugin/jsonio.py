@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ['read_json', 'write_json']
+__all__ = ['read_json', 'write_json', 'encode_float', 'decode_float']
 
 
 def read_json(text_or_path: str | os.PathLike) -> Any:
@@ -27,3 +28,13 @@ def write_json(data: Any, path: str | os.PathLike | None = None) -> str:
         tmp.write_text(text)
         os.replace(tmp, path)
     return text
+
+
+def encode_float(value):
+    """``'inf'`` for an infinite float (JSON has no infinity), anything else as it is."""
+    return 'inf' if isinstance(value, float) and math.isinf(value) else value
+
+
+def decode_float(value):
+    """The inverse of :func:`encode_float`."""
+    return math.inf if value == 'inf' else value

@@ -32,7 +32,7 @@ from torch import nn
 
 from .counting import forward_with_hooks
 from .errors import HMCConfigError
-from .jsonio import read_json, write_json
+from .jsonio import decode_float, encode_float, read_json, write_json
 from .lowrank import decomposable, flops_ratio, method_for, replacement_params, resolve_ranks
 from .pruning import PruningGroup, kept_channels
 
@@ -93,8 +93,8 @@ class CompressionPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data['margin'] = _encode_float(self.margin)
-        data['decompose_weight'] = _encode_float(self.decompose_weight)
+        data['margin'] = encode_float(self.margin)
+        data['decompose_weight'] = encode_float(self.decompose_weight)
         return data
 
     @classmethod
@@ -102,9 +102,9 @@ class CompressionPlan:
         data = dict(data)
         data['layers'] = [LayerPlan(**{**layer, 'ranks': tuple(layer['ranks']) if layer['ranks'] is not None else None})
                           for layer in data['layers']]
-        data['margin'] = _decode_float(data.get('margin'))
+        data['margin'] = decode_float(data.get('margin'))
         if 'decompose_weight' in data:
-            data['decompose_weight'] = _decode_float(data['decompose_weight'])
+            data['decompose_weight'] = decode_float(data['decompose_weight'])
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -130,14 +130,6 @@ class CompressionPlan:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _encode_float(value):
-    return 'inf' if value is not None and math.isinf(value) else value
-
-
-def _decode_float(value):
-    return math.inf if value == 'inf' else value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ from .counting import count_flops, count_params, measure_latency, measure_latenc
 from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
 from .errors import HMCConfigError
 from .export import save_compressed
+from .jsonio import encode_float
 from .plan import CompressionPlan
 from .pruning import find_pruning_groups
 from .sensitivity import SensitivityTable
 from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
-           'MARGIN_CANDIDATES', 'choose_margin', 'one_standard_error_choice', 'sgd_finetune']
+           'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'choose_margin', 'plan_by_margin_rule', 'one_standard_error_choice', 'sgd_finetune']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class RunSettings:
     levels: Sequence[float] = (0.2, 0.4, 0.6, 0.8)
     importance: str = 'l1'
     rank_method: str = 'auto'
-    margin: float | None = None
+    margin: float | str | None = None   # 'auto': HMC's margin rule (choose_margin) picks tau and decompose_weight
+    probe_steps: int = 60                # fine-tuning steps of each candidate of margin 'auto'
     decompose_weight: float = 1.0
     sensitivity: str = 'proxy'
     calibration_size: int = 64
@@ -114,7 +116,7 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
     entry.update(_budget(settings))
     if settings.target_latency is not None:
         entry.update(latency_batch=settings.latency_batch, latency_threads=settings.threads)
-    if settings.margin is not None:
+    if settings.margin is not None and settings.margin != 'auto':
         entry['margin'] = settings.margin
     if settings.decompose_weight != 1:
         entry['decompose_weight'] = settings.decompose_weight
@@ -145,7 +147,10 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     started = time.perf_counter()
-    compressor = make_compressor(model, splits, settings, mode, table=table, progress=progress)
+    plan, margin_rule = None, None
+    if mode == 'hmc' and settings.margin == 'auto':
+        plan, margin_rule = plan_by_margin_rule(model, splits, settings, table)
+    compressor = make_compressor(model, splits, settings, mode, table=table, plan=plan, progress=progress)
     compressed, _ = compressor.compress()
     plan = compressor.plan
     acc_zero_shot = evaluate_accuracy(compressed, test_loader)
@@ -153,7 +158,8 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
     compressor.finetune(compressed, max_epochs=settings.finetune_epochs)
     row = {
         'model': settings.model, 'mode': mode, 'target_flops': settings.target_flops,
-        'target_latency': settings.target_latency, 'latency_budget': compressor.latency_report,
+        'target_latency': settings.target_latency,
+        'latency_budget': margin_rule['latency_budget'] if margin_rule else compressor.latency_report,
         'params_before': count_params(model), 'params_after': count_params(compressed),
         'flops_before': count_flops(model, dummy_input), 'flops_after': count_flops(compressed, dummy_input),
         'acc_before': evaluate_accuracy(model, test_loader), 'acc_zero_shot': acc_zero_shot,
@@ -164,6 +170,8 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
         'layers': [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
                     'ranks': list(layer.ranks) if layer.ranks else None} for layer in plan.layers],
     }
+    if margin_rule:
+        row['margin_rule'] = margin_rule
     return row, compressed, plan
 
 
@@ -219,6 +227,8 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
 
 
 MARGIN_CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
+AUTO_MARGINS = (0.0, 0.5, math.inf)               # margin 'auto': NaHC without 'both', NaHC's default, AHC
+AUTO_DECOMPOSE_WEIGHTS = (1.0, 10.0, math.inf)    # as scanned, decompositions 10x as costly, never decompose
 
 
 def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
@@ -233,6 +243,26 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
           max_epochs=None if max_steps is not None else settings.finetune_epochs, progress=False)
     model.eval()
     return time.perf_counter() - started
+
+
+def plan_by_margin_rule(model: nn.Module, splits: DataSplits, settings: RunSettings,
+                        table: SensitivityTable) -> tuple[CompressionPlan, dict[str, Any]]:
+    """Margin ``'auto'``: HMC's plan by ``choose_margin`` over ``AUTO_MARGINS`` x ``AUTO_DECOMPOSE_WEIGHTS``.
+
+    Each candidate is fine-tuned ``settings.probe_steps`` steps (60 by default) before it is scored, so the
+    rule can fall back to prune-only's plan (tau inf, weight inf) when no hybrid recovers measurably closer
+    to the original. Returns the plan and a JSON-ready record ``{'margin', 'decompose_weight', 'probe_steps',
+    'latency_budget', 'trials'}`` (``inf`` as ``'inf'``; ``latency_budget``: the chosen plan's
+    ``plan_for_latency`` report under a latency budget, else None).
+    """
+    margin, plan, trials = choose_margin(model, splits, settings, table, candidates=AUTO_MARGINS,
+                                         decompose_weights=AUTO_DECOMPOSE_WEIGHTS, probe_steps=settings.probe_steps)
+    chosen = next(trial for trial in trials if (trial['margin'], trial['decompose_weight']) == (margin, plan.decompose_weight))
+    encoded = [{**trial, 'margin': encode_float(trial['margin']),
+                'decompose_weight': encode_float(trial['decompose_weight'])} for trial in trials]
+    return plan, {'margin': encode_float(margin), 'decompose_weight': encode_float(plan.decompose_weight),
+                  'probe_steps': settings.probe_steps, 'latency_budget': chosen.get('latency_budget'),
+                  'trials': encoded}
 
 
 def one_standard_error_choice(trials: Sequence[dict[str, Any]], free: str) -> dict[str, Any]:
@@ -308,7 +338,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
             trial: dict[str, Any] = {'margin': margin, 'decompose_weight': weight, 'probe_steps': probe_steps}
             try:
                 if settings.target_latency is not None:
-                    plan, _ = plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
+                    plan, trial['latency_budget'] = plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
                                                threads=settings.threads, latency_cache=settings.latency_cache, **common)
                 else:
                     plan, _ = plan_for_target(table, model, dummy_input, groups, **common)
@@ -324,6 +354,9 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                 measured[key] = per_input_kl(reference, compressed, [held_out_images])
             per_image = measured[key]
             plans[(margin, weight)] = plan
+            _logger.info('HMC margin rule: candidate %d of %d (tau %s, decompose_weight %s): held-out KL %.4g',
+                         len(trials) + 1, len(candidates) * len(decompose_weights), margin, weight,
+                         float(per_image.mean()))
             trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': plan.measured['flops'],
                            'params_kept': plan.measured['params'], 'decomposed': len(plan.ranks),
                            'groups': plan.group_counts(),

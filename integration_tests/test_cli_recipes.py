@@ -61,6 +61,7 @@ def test_scan_plan_compress_steps_share_the_output_folder(tmp_path, capsys):
     (['scan', '--model', 'no_such_pkg.models:net'], ['could not import']),
     (['scan', '--data', 'mnist'], ["data='mnist'", 'cifar10:DIR']),
     (['scan', '--data', 'cifar10:/nonexistent/dir'], ['/nonexistent/dir', 'data_batch_1']),
+    (['compress', '--mode', 'nahc', '--margin', 'auto'], ["margin 'auto'", '--mode hmc']),
 ])
 def test_wrong_names_and_paths_say_what_was_expected(argv, words, tmp_path, capsys):
     assert main([*argv, '--out', str(tmp_path), '--quiet']) == 2

@@ -242,3 +242,32 @@ def test_steady_allocator_keeps_freed_buffers_for_reuse():
     rss_kib = {mode: int(subprocess.run([sys.executable, '-c', _RSS_AFTER_FREEING, mode], capture_output=True, text=True,
                                         check=True).stdout) for mode in ('default', 'steady')}
     assert rss_kib['steady'] - rss_kib['default'] > 48 * 1024
+
+
+def test_cli_margin_auto_picks_tau_and_weight_by_probe_fine_tunes(tmp_path, capsys, monkeypatch):
+    # `hmc compress --mode hmc --margin auto`: choose_margin over tau 0, 0.5, inf x decompose_weight 1, 10, inf with
+    # probe fine-tunes; the row records every candidate, the chosen one's latency report, and the plan applied.
+    import json
+    import math
+
+    from hmc_plugin.cli import main
+    from hmc_plugin.plan import CompressionPlan
+    from hmc_plugin.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS
+
+    monkeypatch.setenv('HMC_LATENCY_CACHE', str(tmp_path / 'latency.json'))
+    out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet',
+           '--threads', '1']
+    assert main(['compress', '--mode', 'hmc', '--margin', 'auto', '--probe-steps', '2', '--target-latency', '0.85',
+                 '--latency-batch', '8', '--finetune-epochs', '1', *out]) == 0
+    printed = capsys.readouterr().out
+    assert 'HMC margin rule (2 probe steps' in printed and 'CPU time at batch 8, 1 threads' in printed
+    row = json.loads((tmp_path / 'report.json').read_text())['methods'][-1]
+    rule = row['margin_rule']
+    encode = lambda value: 'inf' if math.isinf(value) else value  # noqa: E731
+    assert [(t['margin'], t['decompose_weight']) for t in rule['trials']] == \
+        [(encode(m), encode(w)) for w in AUTO_DECOMPOSE_WEIGHTS for m in AUTO_MARGINS]
+    assert all(t['probe_steps'] == 2 for t in rule['trials'])
+    plan = CompressionPlan.from_json(tmp_path / 'plan.json')
+    assert (encode(plan.margin), encode(plan.decompose_weight)) == (rule['margin'], rule['decompose_weight'])
+    assert row['latency_budget'] == rule['latency_budget'] and row['latency_budget']['batch'] == 8
+    assert (rule['decompose_weight'] == 'inf') == (plan.ranks == {})

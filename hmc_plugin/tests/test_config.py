@@ -20,6 +20,8 @@ def test_valid_entry_passes_and_keeps_hmc_keys():
     ({'op_types': ['Conv2d'], 'target_flops': 0.5, 'levels': [0.5, 0.2]}, ['levels', 'increasing']),
     ({'op_types': ['Conv2d'], 'target_flops': 0.5, 'importance': 'random'}, ["importance='random'", 'l1']),
     ({'op_types': ['Conv2d'], 'target_flops': 0.5, 'margin': -1}, ['margin=-1', 'inf']),
+    ({'op_types': ['Conv2d'], 'target_flops': 0.5, 'margin': 'auto'}, ["margin='auto'", 'hmc compress --mode hmc --margin auto',
+                                                                     'plan_by_margin_rule']),
     ({'op_types': ['Conv2d'], 'target_flops': 0.5, 'round_to': 0}, ['round_to=0', 'int >= 1']),
     ({'op_types': ['Conv2d'], 'sparse_ratio': 0.5}, ["'sparse_ratio'", 'target_flops']),
     ({'op_types': 'Conv2d', 'target_flops': 0.5}, ['op_types']),

@@ -29,6 +29,7 @@ from torch import nn
 from hmc_plugin.baselines import nni_l1_prune
 from hmc_plugin.counting import count_flops, count_params, steady_allocator
 from hmc_plugin.data import DataSplits, load_digits_data
+from hmc_plugin.jsonio import encode_float
 from hmc_plugin.models import build_model
 from hmc_plugin.report import machine_description
 from hmc_plugin.sensitivity import SensitivityTable
@@ -136,7 +137,7 @@ def compress(model: nn.Module, splits: DataSplits, settings: RunSettings, method
         plan = None
         if method == 'hmc':
             margin, plan, trials = choose_margin(model, splits, settings, table, candidates=margin_candidates)
-            info.update(margin=_json_float(margin), margin_trials=[{**trial, 'margin': _json_float(trial['margin'])}
+            info.update(margin=encode_float(margin), margin_trials=[{**trial, 'margin': encode_float(trial['margin'])}
                                                                    for trial in trials])
         compressor = make_compressor(model, splits, settings, method, table=table, plan=plan, progress=False)
         compressed, _ = compressor.compress()
@@ -154,8 +155,6 @@ def finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_st
     return sgd_finetune(model, splits, settings, max_steps=max_steps)
 
 
-def _json_float(value: float) -> float | str:
-    return 'inf' if value == float('inf') else value
 
 
 def table_fingerprint(table: SensitivityTable) -> str:

@@ -54,18 +54,18 @@ from hmc_plugin.apply import apply_plan, plan_for_latency, plan_for_target  # no
 from hmc_plugin.counting import count_flops, measure_latency_side_by_side  # noqa: E402
 from hmc_plugin.data import DataSplits, make_loaders  # noqa: E402
 from hmc_plugin.errors import HMCConfigError  # noqa: E402
+from hmc_plugin.jsonio import encode_float  # noqa: E402
 from hmc_plugin.latency import LatencyCache, batched_input  # noqa: E402
 from hmc_plugin.plan import CompressionPlan  # noqa: E402
 from hmc_plugin.pruning import PruningGroup, find_pruning_groups  # noqa: E402
 from hmc_plugin.report import markdown_table  # noqa: E402
 from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint  # noqa: E402
 from hmc_plugin.training import evaluate_accuracy  # noqa: E402
-from hmc_plugin.workflow import RunSettings, choose_margin  # noqa: E402
+from hmc_plugin.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS, RunSettings, choose_margin  # noqa: E402
 
 METHODS = ('hmc', 'prune')
 BUDGETS = ('latency', 'flops')
 QUICK_LEVELS = (0.4, 0.8)
-HMC_MARGINS = (0.0, 0.5, math.inf)  # NaHC without 'both', NaHC's default, AHC
 TOLERANCE = 0.10  # "lands": the re-measured latency kept is within 10 % of the target
 
 
@@ -90,13 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=15, help='timed runs (median) of the final side-by-side timing')
     parser.add_argument('--probe-steps', type=int, default=60,
                         help="fine-tuning steps of each of HMC's margin-rule candidates (0: zero-shot rule)")
-    parser.add_argument('--decompose-weights', default='1,10,inf',
+    parser.add_argument('--decompose-weights', default=','.join(format(w, 'g') for w in AUTO_DECOMPOSE_WEIGHTS),
                         help="HMC's candidate exchange rates (inf: never decompose; with tau inf, prune-only's plan)")
     parser.add_argument('--long-finetune-epochs', type=int, default=5,
                         help='fine-tuning epochs in all of the second accuracy figure')
     parser.add_argument('--quiet', action='store_true')
     args = parser.parse_args(argv)
-    args.margins = HMC_MARGINS
+    args.margins = AUTO_MARGINS
     args.landing_model, args.accuracy_models = 'resnet56', ['resnet56'] + (['resnet20'] if args.resnet20 else [])
     args.levels = common.LEVELS
     if args.quick:
@@ -166,11 +166,11 @@ def make_plan(subject: Subject, method: str, budget: str, target: float, args: a
         margin, plan, trials = choose_margin(subject.model, subject.splits, settings, subject.table,
                                              candidates=args.margins, decompose_weights=args.decompose_weights,
                                              probe_steps=args.probe_steps)
-        return plan, {'mode': 'hmc', 'margin': common._json_float(margin),
-                      'decompose_weight': common._json_float(plan.decompose_weight), 'decomposed': len(plan.ranks),
+        return plan, {'mode': 'hmc', 'margin': encode_float(margin),
+                      'decompose_weight': encode_float(plan.decompose_weight), 'decomposed': len(plan.ranks),
                       'margin_rule': 'choose_margin',
-                      'margin_trials': [{**trial, 'margin': common._json_float(trial['margin']),
-                                         'decompose_weight': common._json_float(trial['decompose_weight'])}
+                      'margin_trials': [{**trial, 'margin': encode_float(trial['margin']),
+                                         'decompose_weight': encode_float(trial['decompose_weight'])}
                                         for trial in trials]}
     mode = 'nahc' if method == 'hmc' else 'prune'
     info: dict[str, Any] = {'mode': mode, 'margin': 0.5 if mode == 'nahc' else None, 'decompose_weight': 1.0,
@@ -328,8 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 path = work / model_name / f'seed{seed}' / 'latency_cells' / f'{args.target:g}_{method}.json'
                 key = {'settings': common.settings_dict(subject.settings), 'quick': args.quick, 'target': args.target,
                        'baseline': model_fingerprint(subject.model), 'scan': common.table_fingerprint(subject.table),
-                       'repeats': args.repeats, 'margins': [common._json_float(m) for m in args.margins],
-                       'decompose_weights': [common._json_float(w) for w in args.decompose_weights],
+                       'repeats': args.repeats, 'margins': [encode_float(m) for m in args.margins],
+                       'decompose_weights': [encode_float(w) for w in args.decompose_weights],
                        'probe_steps': args.probe_steps, 'long_finetune_epochs': args.long_finetune_epochs,
                        'margin_rule': 'probe KL, one standard error, fewest decomposed, prune-only, most FLOPs',
                        'planner_timings_cached': True,
@@ -354,8 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     'train_lr': common.TRAIN_LR, 'finetune_epochs': None if args.quick else common.FINETUNE_EPOCHS,
                     'finetune_steps': 2 if args.quick else None, 'finetune_lr': common.FINETUNE_LR,
                     'long_finetune_epochs': None if args.quick else args.long_finetune_epochs,
-                    'margins': [common._json_float(m) for m in args.margins],
-                    'decompose_weights': [common._json_float(w) for w in args.decompose_weights],
+                    'margins': [encode_float(m) for m in args.margins],
+                    'decompose_weights': [encode_float(w) for w in args.decompose_weights],
                     'probe_steps': args.probe_steps,
                     'warmup': args.warmup, 'repeats': args.repeats, 'sensitivity': 'proxy', 'quick': args.quick}
     return {**common.header('latency_budget', settings_out), 'wall_seconds': progress.elapsed,
