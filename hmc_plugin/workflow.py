@@ -28,7 +28,8 @@ from .sensitivity import SensitivityTable
 from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
-           'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'choose_margin', 'plan_by_margin_rule', 'one_standard_error_choice', 'sgd_finetune']
+           'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'choose_margin', 'plan_by_margin_rule',
+           'one_standard_error_choice', 'sgd_finetune']
 
 _logger = logging.getLogger(__name__)
 
@@ -257,7 +258,8 @@ def plan_by_margin_rule(model: nn.Module, splits: DataSplits, settings: RunSetti
     """
     margin, plan, trials = choose_margin(model, splits, settings, table, candidates=AUTO_MARGINS,
                                          decompose_weights=AUTO_DECOMPOSE_WEIGHTS, probe_steps=settings.probe_steps)
-    chosen = next(trial for trial in trials if (trial['margin'], trial['decompose_weight']) == (margin, plan.decompose_weight))
+    chosen = next(trial for trial in trials
+                  if (trial['margin'], trial['decompose_weight']) == (margin, plan.decompose_weight))
     encoded = [{**trial, 'margin': encode_float(trial['margin']),
                 'decompose_weight': encode_float(trial['decompose_weight'])} for trial in trials]
     return plan, {'margin': encode_float(margin), 'decompose_weight': encode_float(plan.decompose_weight),
@@ -314,8 +316,9 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
 
     Returns ``(tau, plan, trials)``; ``plan.decompose_weight`` is the chosen weight and ``trials`` holds one
     ``{'margin', 'decompose_weight', 'kl', 'kl_se', 'flops_kept', 'params_kept', 'decomposed', 'groups',
-    'probe_steps'}`` (``decomposed``: how many layers the plan decomposes)
-    per candidate (``kl_se``: standard error of its per-image KL minus the lowest-KL candidate's).
+    'probe_steps'}`` per candidate (``decomposed``: how many layers the plan decomposes; ``kl_se``: standard
+    error of its per-image KL minus the lowest-KL candidate's), with ``'latency_budget'`` (the
+    ``plan_for_latency`` report) under a latency budget.
     """
     if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
         raise HMCConfigError(f'Got probe_steps={probe_steps!r} but expected an int >= 0 (0 measures zero-shot)')
@@ -338,8 +341,9 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
             trial: dict[str, Any] = {'margin': margin, 'decompose_weight': weight, 'probe_steps': probe_steps}
             try:
                 if settings.target_latency is not None:
-                    plan, trial['latency_budget'] = plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
-                                               threads=settings.threads, latency_cache=settings.latency_cache, **common)
+                    plan, trial['latency_budget'] = plan_for_latency(
+                        table, model, dummy_input, groups, batch=settings.latency_batch, threads=settings.threads,
+                        latency_cache=settings.latency_cache, **common)
                 else:
                     plan, _ = plan_for_target(table, model, dummy_input, groups, **common)
             except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
