@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> None:
             raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
         table = SensitivityTable.from_json(table_path)
         if settings.methods[0] == 'hmc' and settings.margin == 'auto':
-            plan, margin_rule = plan_by_margin_rule(model, splits, settings, table)
+            plan, margin_rule = plan_by_margin_rule(model, splits, settings, table, cache_path=out / 'margin_rule.json')
             latency_report = margin_rule['latency_budget']
             print(_margin_rule_line(margin_rule))
         else:
@@ -186,7 +186,8 @@ def _run(args: argparse.Namespace) -> None:
             print(plan.table())
         else:
             table = table if table is not None else scan(model, splits, settings, out, progress)
-            row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress)
+            row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress,
+                                                         out)
             rows = [uncompressed_row(model, splits, settings), row]
             write_report(out, rows, settings.as_dict(), [command])
             plan.to_json(out / 'plan.json')

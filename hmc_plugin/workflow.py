@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,10 @@ from .counting import count_flops, count_params, measure_latency, measure_latenc
 from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
 from .errors import HMCConfigError
 from .export import save_compressed
-from .jsonio import encode_float
+from .jsonio import encode_float, read_json, write_json
 from .plan import CompressionPlan
 from .pruning import find_pruning_groups
-from .sensitivity import SensitivityTable
+from .sensitivity import SensitivityTable, model_fingerprint
 from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
@@ -143,14 +144,17 @@ def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: P
 
 
 def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str,
-                         table: SensitivityTable, progress: bool = True) -> tuple[dict[str, Any], nn.Module, CompressionPlan]:
-    """Compress a copy of ``model`` with ``mode``, fine-tune it, and measure one report row."""
+                         table: SensitivityTable, progress: bool = True,
+                         out_dir: Path | None = None) -> tuple[dict[str, Any], nn.Module, CompressionPlan]:
+    """Compress a copy of ``model`` with ``mode``, fine-tune it, and measure one report row (margin 'auto':
+    the probes are kept in ``out_dir/margin_rule.json`` for a rerun)."""
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     started = time.perf_counter()
     plan, margin_rule = None, None
     if mode == 'hmc' and settings.margin == 'auto':
-        plan, margin_rule = plan_by_margin_rule(model, splits, settings, table)
+        plan, margin_rule = plan_by_margin_rule(model, splits, settings, table,
+                                                cache_path=out_dir / 'margin_rule.json' if out_dir else None)
     compressor = make_compressor(model, splits, settings, mode, table=table, plan=plan, progress=progress)
     compressed, _ = compressor.compress()
     plan = compressor.plan
@@ -217,7 +221,7 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
     table = scan(model, splits, settings, out_dir, progress)
     rows = [uncompressed_row(model, splits, settings)]
     for mode in settings.methods:
-        row, compressed, plan = compress_and_measure(model, splits, settings, mode, table, progress)
+        row, compressed, plan = compress_and_measure(model, splits, settings, mode, table, progress, out_dir)
         rows.append(row)
         _logger.info('%s: FLOPs kept %.3f, accuracy %.4f -> %.4f', mode, row['flops_after'] / row['flops_before'],
                      row['acc_zero_shot'], row['acc_after'])
@@ -246,18 +250,20 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
     return time.perf_counter() - started
 
 
-def plan_by_margin_rule(model: nn.Module, splits: DataSplits, settings: RunSettings,
-                        table: SensitivityTable) -> tuple[CompressionPlan, dict[str, Any]]:
+def plan_by_margin_rule(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable,
+                        cache_path: str | os.PathLike | None = None) -> tuple[CompressionPlan, dict[str, Any]]:
     """Margin ``'auto'``: HMC's plan by ``choose_margin`` over ``AUTO_MARGINS`` x ``AUTO_DECOMPOSE_WEIGHTS``.
 
     Each candidate is fine-tuned ``settings.probe_steps`` steps (60 by default) before it is scored, so the
     rule can fall back to prune-only's plan (tau inf, weight inf) when no hybrid recovers measurably closer
-    to the original. Returns the plan and a JSON-ready record ``{'margin', 'decompose_weight', 'probe_steps',
+    to the original; ``cache_path`` keeps the probes for a rerun (``choose_margin``). Returns the plan and a
+    JSON-ready record ``{'margin', 'decompose_weight', 'probe_steps',
     'latency_budget', 'trials'}`` (``inf`` as ``'inf'``; ``latency_budget``: the chosen plan's
     ``plan_for_latency`` report under a latency budget, else None).
     """
     margin, plan, trials = choose_margin(model, splits, settings, table, candidates=AUTO_MARGINS,
-                                         decompose_weights=AUTO_DECOMPOSE_WEIGHTS, probe_steps=settings.probe_steps)
+                                         decompose_weights=AUTO_DECOMPOSE_WEIGHTS, probe_steps=settings.probe_steps,
+                                         cache_path=cache_path)
     chosen = next(trial for trial in trials
                   if (trial['margin'], trial['decompose_weight']) == (margin, plan.decompose_weight))
     encoded = [{**trial, 'margin': encode_float(trial['margin']),
@@ -284,9 +290,31 @@ def _is_prune_only(trial: dict[str, Any]) -> bool:
     return trial['margin'] == math.inf and trial['decompose_weight'] == math.inf
 
 
+class _ProbeCache:
+    """Per-image KL of each probed plan (plan key -> tensor), kept in a JSON file under a settings key."""
+
+    def __init__(self, path: str | os.PathLike | None, key: dict[str, Any]):
+        self.path, self.key, self.measured = (Path(path) if path else None), key, {}
+        if self.path is not None and self.path.exists():
+            try:
+                data = read_json(self.path)
+            except ValueError:
+                data = {}
+            if data.get('key') == key:
+                self.measured = {plan: torch.tensor(values) for plan, values in data.get('measured', {}).items()}
+                _logger.info('HMC margin rule: %d probed plan(s) reused from %s', len(self.measured), self.path)
+
+    def add(self, plan_key: str, per_image: torch.Tensor) -> None:
+        self.measured[plan_key] = per_image
+        if self.path is not None:
+            write_json({'key': self.key, 'measured': {plan: values.tolist() for plan, values in self.measured.items()}},
+                       self.path)
+
+
 def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
                   candidates: Sequence[float] = MARGIN_CANDIDATES, decompose_weights: Sequence[float] = (1.0,),
-                  probe_steps: int = 0, held_out: int = 256) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
+                  probe_steps: int = 0, held_out: int = 256,
+                  cache_path: str | os.PathLike | None = None) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
     """HMC's margin rule: the ``tau`` (and exchange rate) whose compressed model stays closest to the original.
 
     For each candidate ``tau`` (default 0, 0.25, 0.5 = NaHC's default, 1, 2 and inf = AHC) and each
@@ -314,6 +342,10 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
 
     A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
 
+    ``cache_path``: a JSON file that keeps each probed plan's per-image KL as soon as it is measured, for
+    this model's weights and these probe settings; a rerun (after an interruption) probes only the plans
+    it lacks.
+
     Returns ``(tau, plan, trials)``; ``plan.decompose_weight`` is the chosen weight and ``trials`` holds one
     ``{'margin', 'decompose_weight', 'kl', 'kl_se', 'flops_kept', 'params_kept', 'decomposed', 'groups',
     'probe_steps'}`` per candidate (``decomposed``: how many layers the plan decomposes; ``kl_se``: standard
@@ -333,7 +365,11 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     groups = find_pruning_groups(model, dummy_input)
     budget = _budget(settings)
     reference = output_log_probs(model, [held_out_images])
-    trials, plans, measured = [], {}, {}  # measured: plan key -> per-image KL
+    trials, plans = [], {}
+    probes = _ProbeCache(cache_path, {'model': model_fingerprint(model), 'data': settings.data, 'seed': settings.seed,
+                                      'calibration_size': settings.calibration_size, 'held_out': held_out,
+                                      'probe_steps': probe_steps, 'finetune_lr': settings.finetune_lr,
+                                      'batch_size': settings.batch_size})
     for weight in decompose_weights:
         for margin in candidates:
             common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
@@ -351,12 +387,12 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                 continue
             key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}],
                              sort_keys=True)
-            if key not in measured:
+            if key not in probes.measured:
                 compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
                 if probe_steps:
                     sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
-                measured[key] = per_input_kl(reference, compressed, [held_out_images])
-            per_image = measured[key]
+                probes.add(key, per_input_kl(reference, compressed, [held_out_images]))
+            per_image = probes.measured[key]
             plans[(margin, weight)] = plan
             _logger.info('HMC margin rule: candidate %d of %d (tau %s, decompose_weight %s): held-out KL %.4g',
                          len(trials) + 1, len(candidates) * len(decompose_weights), margin, weight,
