@@ -84,12 +84,16 @@ class LatencyCache:
     def get(self, key: str, measure) -> float:
         """The cached time of ``key``, or ``measure()`` (ms), stored."""
         if key not in self.entries:
-            self.entries[key] = float(measure())
-            self.measured += 1
-            if self.measured % self.save_every == 0:
-                self.save()
-                _logger.info('Timed %d layer shapes so far (saved to %s)', self.measured, self.path)
+            self.put(key, measure())
         return self.entries[key]
+
+    def put(self, key: str, ms: float) -> None:
+        """Store a new measurement (ms) of ``key``."""
+        self.entries[key] = float(ms)
+        self.measured += 1
+        if self.measured % self.save_every == 0:
+            self.save()
+            _logger.info('Timed %d layer shapes so far (saved to %s)', self.measured, self.path)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,11 +204,7 @@ class LatencyModel:
         return f'{self.machine}|batch {self.batch}|threads {self.threads}'
 
     def _model_key(self, model: nn.Module, dummy_input: Any) -> str:
-        shapes = [tuple(tensor.shape[1:]) for tensor in as_input_tuple(dummy_input)]
-        signature = [(name, type(module).__name__, tuple(p.shape for p in module.parameters(recurse=False)))
-                     for name, module in model.named_modules()]
-        digest = _digest(repr((type(model).__name__, shapes, signature)))
-        return f'{self._prefix()}|model {type(model).__name__} {digest}'
+        return f'{self._prefix()}|model {_architecture(model, dummy_input)}'
 
     def side_by_side_ms(self, model: nn.Module, compressed: nn.Module, dummy_input: Any,
                         confirm=lambda fraction: False) -> tuple[float, float]:
@@ -215,7 +215,7 @@ class LatencyModel:
         timing can be lucky on a busy machine). Cached by the original's and the compressed model's
         architectures, so a compressed model that was timed before is not timed again.
         """
-        key = f'{self._model_key(model, dummy_input)}|compressed {self._model_key(compressed, dummy_input)[-12:]}'
+        key = f'{self._model_key(model, dummy_input)}|compressed {_architecture(compressed, dummy_input)}'
         keys = (f'{key}|original', f'{key}|compressed')
         if not all(name in self.cache.entries for name in keys):
             inputs = batched_input(dummy_input, self.batch)
@@ -225,8 +225,8 @@ class LatencyModel:
                 again_original_ms, again_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=1,
                                                                           repeats=7, num_threads=self.threads)
                 original_ms, compressed_ms = (original_ms + again_original_ms) / 2, (compressed_ms + again_ms) / 2
-            for name, value in zip(keys, (original_ms, compressed_ms)):
-                self.cache.get(name, lambda: value)
+            self.cache.put(keys[0], original_ms)
+            self.cache.put(keys[1], compressed_ms)
         return self.cache.entries[keys[0]], self.cache.entries[keys[1]]
 
     def _layer_key(self, layer: LayerCost, in_channels: int, out_channels: int, replacement: str) -> str:
@@ -341,6 +341,14 @@ def _input_sizes(model: nn.Module, dummy_input: Any, names: Sequence[str]) -> di
 
     forward_with_hooks(model, dummy_input, {modules[name]: recorder(name) for name in names})
     return sizes
+
+
+def _architecture(model: nn.Module, dummy_input: Any) -> str:
+    """The model's class and a digest of its input shapes and every module's parameter shapes (not values)."""
+    shapes = [tuple(tensor.shape[1:]) for tensor in as_input_tuple(dummy_input)]
+    signature = [(name, type(module).__name__, tuple(p.shape for p in module.parameters(recurse=False)))
+                 for name, module in model.named_modules()]
+    return f'{type(model).__name__} {_digest(repr((type(model).__name__, shapes, signature)))}'
 
 
 def _digest(text: str) -> str:
