@@ -41,5 +41,5 @@ setup(
             'psutil>=5.9',
         ],
     },
-    entry_points={'console_scripts': ['hmc=hmc_plugin.cli:main']},
+    entry_points={'console_scripts': ['hmc=hmc_plugin.app.cli:main']},
 )

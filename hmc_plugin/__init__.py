@@ -2,18 +2,46 @@
 
 Public surface::
 
-    from hmc_plugin import HMCCompressor, CompressionPlan, SensitivityTable
+    from hmc_plugin import HMCCompressor, HMCSettings, CompressionPlan, SensitivityTable
     from hmc_plugin import save_compressed, load_compressed, export_onnx
+
+Module map: the stages in pipeline order. A module imports only from its own stage, from earlier
+stages and from the shared modules; ``integration_tests/test_layering.py`` fails when one reaches forward.
+
+======================  =========================================================================
+stage                   modules
+======================  =========================================================================
+shared                  ``errors`` (the exception family), ``settings`` (``HMCSettings``: every
+                        HMC setting with its default and check, once), ``utils/`` (``counting``:
+                        FLOPs and parameters; ``timing``: latency timers; ``kl``: output KL;
+                        ``store``: the keyed JSON store behind every cache; ``fingerprint``)
+1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements),
+                        ``engines/pruning`` (torch-pruning groups, masks, NNI speedup); no planning
+2. sensitivity          ``sensitivity/table`` (``SensitivityTable``), ``sensitivity/scan``
+                        (evaluator, KL and proxy scans), ``sensitivity/fisher`` (one-pass proxy)
+3. planning             ``planning/plan`` (``CompressionPlan``), ``cost``, ``latency`` (cost and
+                        latency models), ``grouping``, ``allocation`` (greedy budget allocation),
+                        ``measure`` (what a plan keeps), ``targets`` (loops that land on a FLOPs,
+                        parameter or latency target), ``margin`` (HMC's margin rule)
+4. apply                ``apply`` (plan -> compressed model: masks, NNI ModelSpeedup, low-rank)
+5. nni_api              ``nni_api/compressor`` (``HMCCompressor``), ``nni_api/config``
+                        (``config_list`` schema)
+6. app                  ``app/cli`` (the ``hmc`` command), ``workflow``, ``report``, ``data``,
+                        ``models``, ``training``, ``baselines``, ``export``
+7. experiment           ``experiment/trial`` (an NNI trial), ``shared_cache``, ``results``
+======================  =========================================================================
+
+Data flows one way: scan -> plan -> apply -> fine-tune -> report; each stage takes the earlier
+stage's plain-data result (``SensitivityTable``, ``CompressionPlan``).
 """
 from __future__ import annotations
 
-__version__ = '0.1.0'
-
-from .compressor import HMCCompressor
+from ._version import __version__
+from .app.export import export_onnx, load_compressed, save_compressed
 from .errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
-from .export import export_onnx, load_compressed, save_compressed
-from .plan import CompressionPlan, LayerPlan
-from .sensitivity import SensitivityTable
+from .nni_api.compressor import HMCCompressor
+from .planning.plan import CompressionPlan, LayerPlan
+from .sensitivity.table import SensitivityTable
 
 __all__ = ['HMCCompressor', 'CompressionPlan', 'LayerPlan', 'SensitivityTable', 'save_compressed', 'load_compressed',
            'export_onnx', 'HMCConfigError', 'HMCError', 'LayerCompressionError', 'UntraceableModelError', '__version__']

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-from hmc_plugin.data import calibration_batch, load_digits_data, make_loaders
-from hmc_plugin.models import resnet20
-from hmc_plugin.training import train, training_step
+from hmc_plugin.app.data import calibration_batch, load_digits_data, make_loaders
+from hmc_plugin.app.models import resnet20
+from hmc_plugin.app.training import train, training_step
 
 logging.getLogger('nni').setLevel(logging.WARNING)
 

@@ -18,8 +18,9 @@ from nni.compression import TorchEvaluator
 from torch import nn
 
 from hmc_plugin import HMCCompressor
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 LEVELS = [0.25, 0.5, 0.75]
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from hmc_plugin.cli import main
-from hmc_plugin.export import load_compressed
-from hmc_plugin.report import ROW_KEYS
+from hmc_plugin.app.cli import main
+from hmc_plugin.app.export import load_compressed
+from hmc_plugin.app.report import ROW_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--train-epochs', '1', '--finetune-epochs', '1', '--quiet']
 
 
 def test_help_lists_the_subcommands():
-    result = subprocess.run([sys.executable, '-m', 'hmc_plugin.cli', '--help'], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, '-m', 'hmc_plugin.app.cli', '--help'], capture_output=True, text=True, check=True)
     for command in ('scan', 'plan', 'compress', 'report'):
         assert command in result.stdout
 
@@ -128,7 +128,7 @@ def test_imagefolder_recipe_runs_on_a_generated_folder(tmp_path):
     (['--target-latency', '0.6'], {'target_flops': None, 'target_params': None, 'target_latency': 0.6}),
 ])
 def test_a_parameter_or_latency_budget_replaces_the_default_flops_budget(argv, budget):
-    from hmc_plugin.cli import _settings, build_parser
+    from hmc_plugin.app.cli import _settings, build_parser
 
     settings = _settings(build_parser().parse_args(['plan', *argv]))
     assert {key: getattr(settings, key) for key in budget} == budget

@@ -8,13 +8,13 @@ import pytest
 import torch
 from nni.compression.pruning import L1NormPruner
 
-import hmc_plugin.compressor as compressor_module
+import hmc_plugin.nni_api.compressor as compressor_module
 from hmc_plugin import HMCCompressor, export_onnx, load_compressed, save_compressed
-from hmc_plugin.counting import count_flops
+from hmc_plugin.app.training import evaluate_accuracy, make_torch_evaluator
+from hmc_plugin.engines.pruning import speedup_with_nni
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.pruning import speedup_with_nni
-from hmc_plugin.sensitivity import model_fingerprint
-from hmc_plugin.training import evaluate_accuracy, make_torch_evaluator
+from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
 @pytest.fixture

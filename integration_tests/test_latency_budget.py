@@ -13,13 +13,16 @@ import pytest
 import torch
 
 from hmc_plugin import HMCCompressor
-from hmc_plugin.apply import plan_for_latency
+from hmc_plugin.app.models import build_model
+from hmc_plugin.engines.pruning import find_pruning_groups
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.latency import LatencyModel
-from hmc_plugin.models import build_model
-from hmc_plugin.plan import CostModel, UnreachableTargetError, build_plan
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+from hmc_plugin.planning.allocation import build_plan
+from hmc_plugin.planning.cost import CostModel
+from hmc_plugin.planning.latency import LatencyModel
+from hmc_plugin.planning.plan import UnreachableTargetError
+from hmc_plugin.planning.targets import plan_for_latency
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 LEVELS = [0.4, 0.8]
 BATCH = 4
@@ -73,12 +76,12 @@ def test_plan_for_latency_reports_predicted_and_measured_time(scanned, tmp_path)
 def test_a_timing_within_tolerance_is_confirmed_before_the_plan_is_accepted(scanned, tmp_path, monkeypatch):
     # Scripted side-by-side timings (original ms, compressed ms): the first lands, its second timing does not
     # (mean 0.90 of the time for a target of 0.85), so the planner corrects once more and accepts on two timings.
-    import hmc_plugin.latency
+    import hmc_plugin.planning.latency
 
     model, dummy, groups, table = scanned
     timings = iter([(10.0, 8.5), (10.0, 9.5), (10.0, 8.4), (10.0, 8.6)])
     calls = []
-    monkeypatch.setattr(hmc_plugin.latency, 'measure_latency_side_by_side',
+    monkeypatch.setattr(hmc_plugin.planning.latency, 'measure_latency_side_by_side',
                         lambda models, *args, **kwargs: calls.append(len(models)) or next(timings))
     plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
                                     mode='prune', latency_cache=tmp_path / 'latency.json')
@@ -91,14 +94,14 @@ def test_the_same_budget_planned_again_times_nothing_and_gives_the_same_plan(sca
     # The whole-model timings that correct a plan are cached by compressed architecture, so a second plan on the
     # same machine takes the same corrections: HMC's prune-only candidate (tau inf, decompose_weight inf) is
     # prune-only's plan, not a re-timed variant of it.
-    import hmc_plugin.latency
+    import hmc_plugin.planning.latency
 
     model, dummy, groups, table = scanned
     kwargs = dict(target_latency=0.85, batch=BATCH, threads=1, latency_cache=tmp_path / 'latency.json', max_rounds=3)
     first, first_report = plan_for_latency(table, model, dummy, groups, mode='prune', **kwargs)
     timed = []
-    real = hmc_plugin.latency.measure_latency_side_by_side
-    monkeypatch.setattr(hmc_plugin.latency, 'measure_latency_side_by_side',
+    real = hmc_plugin.planning.latency.measure_latency_side_by_side
+    monkeypatch.setattr(hmc_plugin.planning.latency, 'measure_latency_side_by_side',
                         lambda *args, **kw: timed.append(1) or real(*args, **kw))
     again, again_report = plan_for_latency(table, model, dummy, groups, mode='prune', **kwargs)
     hybrid_fallback, _ = plan_for_latency(table, model, dummy, groups, mode='hmc', margin=float('inf'),
@@ -170,7 +173,7 @@ def test_latency_config_errors_name_the_key(scanned, entry, message):
 def test_cli_compress_with_a_latency_budget_reports_predicted_and_measured_time(tmp_path, capsys, monkeypatch):
     import json
 
-    from hmc_plugin.cli import main
+    from hmc_plugin.app.cli import main
 
     monkeypatch.setenv('HMC_LATENCY_CACHE', str(tmp_path / 'latency.json'))
     out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet',
@@ -196,7 +199,7 @@ def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
     data = json.loads(cache_path.read_text())
     data['ms'] = {key: value * (10 if '|model ' in key else 1) for key, value in data['ms'].items()}
     cache_path.write_text(json.dumps(data))
-    with caplog.at_level('WARNING', logger='hmc_plugin.latency'):
+    with caplog.at_level('WARNING', logger='hmc_plugin.planning.latency'):
         LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
     assert 'Delete the cache to re-measure' in caplog.text and str(cache_path) in caplog.text
 
@@ -204,7 +207,7 @@ def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
 def test_an_interrupted_plan_keeps_the_layer_times_it_measured(tmp_path):
     import json
 
-    from hmc_plugin.latency import LatencyCache
+    from hmc_plugin.planning.latency import LatencyCache
 
     cache = LatencyCache(tmp_path / 'latency.json', save_every=3)
     calls = []
@@ -226,7 +229,7 @@ def test_an_interrupted_plan_keeps_the_layer_times_it_measured(tmp_path):
 
 _RSS_AFTER_FREEING = '''
 import sys, torch
-from hmc_plugin.counting import steady_allocator
+from hmc_plugin.utils.timing import steady_allocator
 if sys.argv[1] == 'steady':
     assert steady_allocator()
 buffer = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, as a large activation
@@ -250,9 +253,9 @@ def test_cli_margin_auto_picks_tau_and_weight_by_probe_fine_tunes(tmp_path, caps
     import json
     import math
 
-    from hmc_plugin.cli import main
-    from hmc_plugin.plan import CompressionPlan
-    from hmc_plugin.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS
+    from hmc_plugin.app.cli import main
+    from hmc_plugin.app.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS
+    from hmc_plugin.planning.plan import CompressionPlan
 
     monkeypatch.setenv('HMC_LATENCY_CACHE', str(tmp_path / 'latency.json'))
     out = ['--model', 'resnet20', '--data', 'digits', '--out', str(tmp_path), '--train-epochs', '1', '--quiet',

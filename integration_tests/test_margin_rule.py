@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from hmc_plugin import HMCCompressor
-from hmc_plugin.apply import plan_for_target
+from hmc_plugin.app.workflow import RunSettings, choose_margin, one_standard_error_choice
+from hmc_plugin.engines.pruning import find_pruning_groups
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
-from hmc_plugin.workflow import RunSettings, choose_margin, one_standard_error_choice
+from hmc_plugin.planning.targets import plan_for_target
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
 @pytest.fixture
@@ -126,13 +127,13 @@ def test_probe_ties_fall_back_to_prune_only():
 def test_margin_rule_probes_resume_from_their_cache(scanned, digits, tmp_path, monkeypatch):
     # Probes are long work: each one is kept in cache_path as it is measured, so a rerun after an interruption
     # probes only what it lacks, and the same candidates give the same choice.
-    import hmc_plugin.workflow
+    import hmc_plugin.app.workflow
 
     model, _, _, table = scanned
     settings = RunSettings(model='resnet20', target_flops=0.5, calibration_size=32, finetune_lr=0.01)
     kwargs = dict(candidates=(0.5, math.inf), decompose_weights=(1.0, math.inf), probe_steps=2, held_out=64,
                   cache_path=tmp_path / 'margin_rule.json')
-    real_finetune, probed = hmc_plugin.workflow.sgd_finetune, []
+    real_finetune, probed = hmc_plugin.app.workflow.sgd_finetune, []
 
     def interrupted(*args, **kw):
         if len(probed) == 1:
@@ -140,15 +141,15 @@ def test_margin_rule_probes_resume_from_their_cache(scanned, digits, tmp_path, m
         probed.append(1)
         return real_finetune(*args, **kw)
 
-    monkeypatch.setattr(hmc_plugin.workflow, 'sgd_finetune', interrupted)
+    monkeypatch.setattr(hmc_plugin.app.workflow, 'sgd_finetune', interrupted)
     with pytest.raises(KeyboardInterrupt):
         choose_margin(model, digits, settings, table, **kwargs)
     assert len(probed) == 1 and (tmp_path / 'margin_rule.json').exists()
-    monkeypatch.setattr(hmc_plugin.workflow, 'sgd_finetune', lambda *args, **kw: probed.append(1) or real_finetune(*args, **kw))
+    monkeypatch.setattr(hmc_plugin.app.workflow, 'sgd_finetune', lambda *args, **kw: probed.append(1) or real_finetune(*args, **kw))
     first = choose_margin(model, digits, settings, table, **kwargs)
     distinct_plans = len(json.loads((tmp_path / 'margin_rule.json').read_text())['measured'])
     assert len(probed) - 1 == distinct_plans - 1  # the plan probed before the interruption is not probed again
-    monkeypatch.setattr(hmc_plugin.workflow, 'sgd_finetune', lambda *args, **kw: pytest.fail('probed again'))
+    monkeypatch.setattr(hmc_plugin.app.workflow, 'sgd_finetune', lambda *args, **kw: pytest.fail('probed again'))
     again = choose_margin(model, digits, settings, table, **kwargs)
     assert (again[0], again[1].decompose_weight) == (first[0], first[1].decompose_weight)
     assert [t['kl'] for t in again[2]] == pytest.approx([t['kl'] for t in first[2]])

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.nni_results import TrialOutcome, format_front, pareto_front
-from hmc_plugin.nni_trial import FINAL_KEYS, TrialOptions, trial_settings
+from hmc_plugin.experiment.results import TrialOutcome, format_front, pareto_front
+from hmc_plugin.experiment.trial import FINAL_KEYS, TrialOptions, trial_settings
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / 'recipes' / 'nni_experiment'

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from hmc_plugin.counting import count_flops
-from hmc_plugin.models import resnet56
-from hmc_plugin.pruning import channel_masks, find_pruning_groups, prune_physically, speedup_with_nni
+from hmc_plugin.app.models import resnet56
+from hmc_plugin.engines.pruning import channel_masks, find_pruning_groups, prune_physically, speedup_with_nni
+from hmc_plugin.utils.counting import count_flops
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:

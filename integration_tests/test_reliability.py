@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+import reliability_assets as assets
 import torch
 from torch import nn
 
-import reliability_assets as assets
 from hmc_plugin import HMCCompressor
 from hmc_plugin.errors import HMCConfigError, UntraceableModelError
-from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 ASSETS = Path(__file__).with_name('reliability_assets.py')
 
@@ -88,7 +90,7 @@ def test_keyword_overrides_are_checked_like_config_keys():
 
 def test_target_out_of_reach_is_refused_before_the_scan(monkeypatch):
     """target_flops 0.01 with most layers excluded: the error gives the lowest reachable fraction, and no scan runs."""
-    import hmc_plugin.compressor as compressor_module
+    import hmc_plugin.nni_api.compressor as compressor_module
     monkeypatch.setattr(compressor_module, 'scan_sensitivity',
                         lambda *args, **kwargs: pytest.fail('the scan must not run for an unreachable target'))
     model = assets.build(assets.SmallCNN)
@@ -167,7 +169,7 @@ def test_module_called_twice_is_pruned_consistently():
     compressed, masks = hmc.compress()
     assert hmc.plan.prune_ratios
     x = assets.inputs_for(model)
-    from hmc_plugin.sensitivity import zeroed_by_masks
+    from hmc_plugin.sensitivity.scan import zeroed_by_masks
     with torch.no_grad(), zeroed_by_masks(model, masks):
         expected = model(x)
     with torch.no_grad():

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 
 import pytest
+import reliability_assets as assets
 import torch
 from torch import nn
 
-import reliability_assets as assets
-from hmc_plugin.apply import reachable_fraction
-from hmc_plugin.lowrank import CPConv2d, SVDConv2d, SVDLinear, Tucker2Conv2d
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import model_fingerprint, zeroed_by_masks
+from hmc_plugin.engines.lowrank import CPConv2d, SVDConv2d, SVDLinear, Tucker2Conv2d
+from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.planning.targets import reachable_fraction
+from hmc_plugin.sensitivity.scan import zeroed_by_masks
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 ALL = ['Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose2d', 'Linear']
 
@@ -106,7 +107,7 @@ def test_dilated_and_strided_convs_keep_their_geometry_when_decomposed():
     assert dilated.dilated.core.dilation == (2, 2) and dilated.dilated.core.padding == (2, 2)
     assert strided.pointwise.first.stride == (2, 2)
     # at full rank the replacements are exact, so the geometry is right (not just the output shape)
-    from hmc_plugin.lowrank import decompose_module
+    from hmc_plugin.engines.lowrank import decompose_module
     x = torch.randn(2, 16, 8, 8)
     for name in ('dilated', 'pointwise'):
         layer = getattr(model, name)

@@ -8,13 +8,17 @@ import random
 import pytest
 import torch
 
-from hmc_plugin.apply import apply_plan, plan_for_target
-from hmc_plugin.counting import count_flops
-from hmc_plugin.models import build_model, resnet20, resnet56
-from hmc_plugin.plan import CompressionPlan, group_layers
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity
-from hmc_plugin.training import evaluate_accuracy
+from hmc_plugin.app.models import build_model, resnet20, resnet56
+from hmc_plugin.app.training import evaluate_accuracy
+from hmc_plugin.apply import apply_plan
+from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.planning.grouping import group_layers
+from hmc_plugin.planning.plan import CompressionPlan
+from hmc_plugin.planning.targets import plan_for_target
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
 def conv_names(model):

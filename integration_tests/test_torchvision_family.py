@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from hmc_plugin.apply import apply_plan, plan_for_target
-from hmc_plugin.counting import count_flops
-from hmc_plugin.models import TORCHVISION_MODELS, build_model
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import SensitivityTable
+from hmc_plugin.app.models import TORCHVISION_MODELS, build_model
+from hmc_plugin.apply import apply_plan
+from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.planning.targets import plan_for_target
+from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.utils.counting import count_flops
 
 pytest.importorskip('torchvision')
 

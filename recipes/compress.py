@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from hmc_plugin.cli import main as hmc_main
+from hmc_plugin.app.cli import main as hmc_main
 
 
 def main(argv: list[str] | None = None) -> int:

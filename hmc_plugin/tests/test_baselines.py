@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from hmc_plugin.baselines import nni_l1_masks, nni_l1_prune
-from hmc_plugin.counting import count_flops
+from hmc_plugin.app.baselines import nni_l1_masks, nni_l1_prune
+from hmc_plugin.app.models import resnet20
+from hmc_plugin.engines.pruning import find_pruning_groups
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.models import resnet20
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import model_fingerprint
-from hmc_plugin.training import output_kl, output_log_probs
+from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.fingerprint import model_fingerprint
+from hmc_plugin.utils.kl import output_kl, output_log_probs
 
 
 @pytest.fixture

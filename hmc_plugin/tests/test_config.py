@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from hmc_plugin.config import hmc_settings, validate_config_list
 from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.nni_api.config import hmc_settings, validate_config_list
 
 
 def test_valid_entry_passes_and_keeps_hmc_keys():

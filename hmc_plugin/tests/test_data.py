@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from hmc_plugin.data import (
-    CIFAR10_MEAN, CIFAR10_STD, DataSplits, calibration_batch, load_cifar10_data, load_digits_data,
-    load_imagefolder_data, make_loaders, parse_data_spec,
+from hmc_plugin.app.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DataSplits,
+    calibration_batch,
+    load_cifar10_data,
+    load_digits_data,
+    load_imagefolder_data,
+    make_loaders,
+    parse_data_spec,
 )
 from hmc_plugin.errors import HMCConfigError
 
@@ -234,7 +241,7 @@ def test_calibration_batch_caps_size_and_is_fixed_under_random_flips(tmp_path):
 
 
 def test_held_out_train_images_are_left_out_of_the_probe_split():
-    from hmc_plugin.data import calibration_batch, load_digits_data, train_permutation, without_train_images
+    from hmc_plugin.app.data import calibration_batch, load_digits_data, train_permutation, without_train_images
 
     splits = load_digits_data()
     order = train_permutation(splits, seed=3)

@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from hmc_plugin.fisher import chain_ends, fisher_drops
-from hmc_plugin.lowrank import low_rank_weight, low_rank_weights
-from hmc_plugin.models import resnet20
-from hmc_plugin.pruning import find_pruning_groups, group_channel_masks
-from hmc_plugin.sensitivity import model_fingerprint, scan_sensitivity
+from hmc_plugin.app.models import resnet20
+from hmc_plugin.engines.lowrank import low_rank_weight, low_rank_weights
+from hmc_plugin.engines.pruning import find_pruning_groups, group_channel_masks
+from hmc_plugin.sensitivity.fisher import chain_ends, fisher_drops
+from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
 @pytest.fixture(scope='module')

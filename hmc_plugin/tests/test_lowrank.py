@@ -7,11 +7,22 @@ import torch
 import torchvision
 from torch import nn
 
-from hmc_plugin.counting import count_flops, count_params
+from hmc_plugin.app.models import resnet56
+from hmc_plugin.engines.lowrank import (
+    CPConv2d,
+    SVDConv2d,
+    SVDLinear,
+    Tucker2Conv2d,
+    decompose_layers,
+    decompose_module,
+    default_method,
+    flops_ratio,
+    low_rank_weight,
+    replacement_params,
+    resolve_ranks,
+)
 from hmc_plugin.errors import LayerCompressionError
-from hmc_plugin.lowrank import (CPConv2d, SVDConv2d, SVDLinear, Tucker2Conv2d, decompose_layers, decompose_module,
-                                default_method, flops_ratio, low_rank_weight, replacement_params, resolve_ranks)
-from hmc_plugin.models import resnet56
+from hmc_plugin.utils.counting import count_flops, count_params
 
 SPATIAL = 8  # small inputs keep the 512x512x3x3 shapes fast
 

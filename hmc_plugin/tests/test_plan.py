@@ -4,8 +4,9 @@ import math
 import pytest
 
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.plan import CompressionPlan, LayerPlan, group_layers
-from hmc_plugin.sensitivity import SensitivityTable
+from hmc_plugin.planning.grouping import group_layers
+from hmc_plugin.planning.plan import CompressionPlan, LayerPlan
+from hmc_plugin.sensitivity.table import SensitivityTable
 
 
 def table(prune, decompose):
@@ -59,7 +60,7 @@ def test_plan_round_trips_through_json_with_infinite_margin():
 
 
 def test_decompose_weight_counts_decomposition_drops_that_many_times():
-    from hmc_plugin.plan import weigh_decomposition
+    from hmc_plugin.planning.grouping import weigh_decomposition
 
     weighed = weigh_decomposition(SENSITIVITIES, 20)
     assert weighed.decompose == {name: [value * 20] for name, [value] in SENSITIVITIES.decompose.items()}
@@ -74,7 +75,7 @@ def test_decompose_weight_counts_decomposition_drops_that_many_times():
 
 
 def test_infinite_decompose_weight_never_decomposes_and_with_infinite_margin_is_prune_only():
-    from hmc_plugin.plan import weigh_decomposition
+    from hmc_plugin.planning.grouping import weigh_decomposition
 
     never = weigh_decomposition(SENSITIVITIES, math.inf)
     assert never.decompose == {} and SENSITIVITIES.decompose['b'] == [0.1]

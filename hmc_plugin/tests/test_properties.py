@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from hmc_plugin.engines.lowrank import resolve_ranks
+from hmc_plugin.engines.pruning import _pruned_channels, channel_masks, kept_channels
 from hmc_plugin.errors import HMCConfigError, LayerCompressionError
-from hmc_plugin.lowrank import resolve_ranks
-from hmc_plugin.plan import LAYER_GROUPS, CompressionPlan, LayerPlan, check_table
-from hmc_plugin.pruning import _pruned_channels, channel_masks, kept_channels
-from hmc_plugin.sensitivity import SensitivityTable
+from hmc_plugin.planning.allocation import check_table
+from hmc_plugin.planning.plan import LAYER_GROUPS, CompressionPlan, LayerPlan
+from hmc_plugin.sensitivity.table import SensitivityTable
 
 QUICK = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=12, deadline=None)  # examples that build a torch-pruning graph

@@ -1,4 +1,4 @@
-"""Unit tests of hmc_plugin.pruning: groups, kept-channel arithmetic, masks, errors (CIFAR ResNet-20)."""
+"""Unit tests of hmc_plugin.engines.pruning: groups, kept-channel arithmetic, masks, errors (CIFAR ResNet-20)."""
 from __future__ import annotations
 
 import copy
@@ -7,10 +7,17 @@ import pytest
 import torch
 from torch import nn
 
+from hmc_plugin.app.models import resnet20
+from hmc_plugin.engines.pruning import (
+    IMPORTANCES,
+    channel_masks,
+    find_pruning_groups,
+    kept_channels,
+    prune_physically,
+    speedup_with_nni,
+    trace_model,
+)
 from hmc_plugin.errors import HMCConfigError, UntraceableModelError
-from hmc_plugin.models import resnet20
-from hmc_plugin.pruning import (IMPORTANCES, channel_masks, find_pruning_groups, kept_channels, prune_physically,
-                                speedup_with_nni, trace_model)
 
 
 @pytest.fixture
@@ -240,8 +247,8 @@ def test_physical_pruning_keeps_mode_dtype_and_requires_grad(model, dummy):
 
 
 def test_nni_speedup_of_a_train_mode_model_keeps_bn_statistics_and_mode():
-    from hmc_plugin.models import resnet20
-    from hmc_plugin.pruning import channel_masks, speedup_with_nni
+    from hmc_plugin.app.models import resnet20
+    from hmc_plugin.engines.pruning import channel_masks, speedup_with_nni
     model = resnet20().train()
     dummy_input = torch.zeros(1, 3, 32, 32)
     masks = channel_masks(model, dummy_input, {'layer1.0.conv1': 0.5})

@@ -2,9 +2,9 @@
 the common fine-tuning budget, progress lines and the JSON / markdown files.
 
 Methods (``METHODS``): ``nahc`` (HMC's grouping at its default margin 0.5), ``hmc`` (margin chosen by
-``hmc_plugin.workflow.choose_margin``), ``ahc`` (both operators on every layer), ``prune`` (torch-pruning
+``hmc_plugin.app.workflow.choose_margin``), ``ahc`` (both operators on every layer), ``prune`` (torch-pruning
 only, L1 importance), ``decompose`` (Tucker-2 for kxk convs, SVD for 1x1 convs, same FLOPs rank rule)
-and ``nni_l1`` (NNI's ``L1NormPruner`` + ``ModelSpeedup``, ``hmc_plugin.baselines``). Every method but
+and ``nni_l1`` (NNI's ``L1NormPruner`` + ``ModelSpeedup``, ``hmc_plugin.app.baselines``). Every method but
 ``nni_l1`` runs through ``HMCCompressor`` on one shared sensitivity scan.
 """
 from __future__ import annotations
@@ -26,15 +26,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from hmc_plugin.baselines import nni_l1_prune
-from hmc_plugin.counting import count_flops, count_params, steady_allocator
-from hmc_plugin.data import DataSplits, load_digits_data
-from hmc_plugin.jsonio import encode_float
-from hmc_plugin.models import build_model
-from hmc_plugin.report import machine_description
-from hmc_plugin.sensitivity import SensitivityTable
-from hmc_plugin.workflow import (MARGIN_CANDIDATES, RunSettings, choose_margin, make_compressor, scan, sgd_finetune,
-                                 train_or_load_baseline)
+from hmc_plugin.app.baselines import nni_l1_prune
+from hmc_plugin.app.data import DataSplits, load_digits_data
+from hmc_plugin.app.models import build_model
+from hmc_plugin.app.workflow import (
+    MARGIN_CANDIDATES,
+    RunSettings,
+    choose_margin,
+    make_compressor,
+    scan,
+    sgd_finetune,
+    train_or_load_baseline,
+)
+from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.utils.counting import count_flops, count_params
+from hmc_plugin.utils.jsonio import encode_float
+from hmc_plugin.utils.timing import machine_description, steady_allocator
 
 METHODS = ('nahc', 'hmc', 'ahc', 'prune', 'decompose', 'nni_l1')
 METHOD_LABELS = {'uncompressed': 'uncompressed', 'nahc': 'NaHC', 'hmc': 'HMC', 'ahc': 'AHC', 'prune': 'prune-only',
@@ -150,7 +157,7 @@ def compress(model: nn.Module, splits: DataSplits, settings: RunSettings, method
 
 def finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
     """The one fine-tuning budget every method gets: ``settings.finetune_epochs`` epochs (or ``max_steps``) of
-    ``hmc_plugin.workflow.sgd_finetune`` (SGD as ``make_torch_evaluator``, batch order seeded by
+    ``hmc_plugin.app.workflow.sgd_finetune`` (SGD as ``make_torch_evaluator``, batch order seeded by
     ``settings.seed``). Returns the seconds it took."""
     return sgd_finetune(model, splits, settings, max_steps=max_steps)
 

@@ -10,7 +10,7 @@ HMC buy over prune-only at the same time?
    prediction and its error, the FLOPs kept, the real speed-up, the FLOPs reduction and their ratio, and
    how many layer timings the plan had to measure (the rest came from the latency cache: a second run
    measures nothing new). HMC's margin tau and exchange rate (``decompose_weight``) come from
-   ``hmc_plugin.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, inf (inf never
+   ``hmc_plugin.app.workflow.choose_margin`` on digits: tau in 0, 0.5, inf times weight in 1, 10, inf (inf never
    decomposes: tau inf with weight inf is prune-only's plan), each candidate fine-tuned for ``--probe-steps``
    steps (60, 3 epochs: past the chaotic first steps of recovery) on the train split without 256 held-out
    images and scored by its KL from the original there (one-standard-error rule: among the tied, the fewest
@@ -50,18 +50,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (recipes/benchmarks is not a package)
 import scan_cost  # noqa: E402
 
-from hmc_plugin.apply import apply_plan, plan_for_latency, plan_for_target  # noqa: E402
-from hmc_plugin.counting import count_flops, measure_latency_side_by_side  # noqa: E402
-from hmc_plugin.data import DataSplits, make_loaders  # noqa: E402
+from hmc_plugin.app.data import DataSplits, make_loaders  # noqa: E402
+from hmc_plugin.app.report import markdown_table  # noqa: E402
+from hmc_plugin.app.training import evaluate_accuracy  # noqa: E402
+from hmc_plugin.app.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS, RunSettings, choose_margin  # noqa: E402
+from hmc_plugin.apply import apply_plan
+from hmc_plugin.engines.pruning import PruningGroup, find_pruning_groups  # noqa: E402
 from hmc_plugin.errors import HMCConfigError  # noqa: E402
-from hmc_plugin.jsonio import encode_float  # noqa: E402
-from hmc_plugin.latency import LatencyCache, batched_input  # noqa: E402
-from hmc_plugin.plan import CompressionPlan  # noqa: E402
-from hmc_plugin.pruning import PruningGroup, find_pruning_groups  # noqa: E402
-from hmc_plugin.report import markdown_table  # noqa: E402
-from hmc_plugin.sensitivity import SensitivityTable, model_fingerprint  # noqa: E402
-from hmc_plugin.training import evaluate_accuracy  # noqa: E402
-from hmc_plugin.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS, RunSettings, choose_margin  # noqa: E402
+from hmc_plugin.planning.latency import LatencyCache, batched_input  # noqa: E402
+from hmc_plugin.planning.plan import CompressionPlan  # noqa: E402
+from hmc_plugin.planning.targets import plan_for_latency, plan_for_target  # noqa: E402
+from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.fingerprint import model_fingerprint  # noqa: E402
+from hmc_plugin.utils.jsonio import encode_float  # noqa: E402
+from hmc_plugin.utils.timing import measure_latency_side_by_side  # noqa: E402
 
 METHODS = ('hmc', 'prune')
 BUDGETS = ('latency', 'flops')

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from hmc_plugin.counting import count_params
-from hmc_plugin.data import load_digits_data
-from hmc_plugin.models import build_model
-from hmc_plugin.workflow import RunSettings, make_compressor, scan, train_or_load_baseline
+from hmc_plugin.app.data import load_digits_data
+from hmc_plugin.app.models import build_model
+from hmc_plugin.app.workflow import RunSettings, make_compressor, scan, train_or_load_baseline
+from hmc_plugin.utils.counting import count_params
 
 MIB = 1024 * 1024
 

@@ -47,15 +47,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (recipes/benchmarks is not a package)
 
-from hmc_plugin.apply import plan_for_target, plan_masks  # noqa: E402
-from hmc_plugin.data import calibration_batch, make_loaders  # noqa: E402
-from hmc_plugin.lowrank import decomposable, decompose_layers  # noqa: E402
-from hmc_plugin.models import build_model  # noqa: E402
-from hmc_plugin.plan import CompressionPlan  # noqa: E402
-from hmc_plugin.pruning import find_pruning_groups, prune_physically, speedup_with_nni  # noqa: E402
-from hmc_plugin.report import markdown_table  # noqa: E402
-from hmc_plugin.sensitivity import SCAN_MODES, SensitivityTable, scan_sensitivity  # noqa: E402
-from hmc_plugin.training import evaluate_accuracy  # noqa: E402
+from hmc_plugin.app.data import calibration_batch, make_loaders  # noqa: E402
+from hmc_plugin.app.models import build_model  # noqa: E402
+from hmc_plugin.app.report import markdown_table  # noqa: E402
+from hmc_plugin.app.training import evaluate_accuracy  # noqa: E402
+from hmc_plugin.engines.lowrank import decomposable, decompose_layers  # noqa: E402
+from hmc_plugin.engines.pruning import find_pruning_groups, prune_physically, speedup_with_nni  # noqa: E402
+from hmc_plugin.planning.measure import plan_masks  # noqa: E402
+from hmc_plugin.planning.plan import CompressionPlan  # noqa: E402
+from hmc_plugin.planning.targets import plan_for_target
+from hmc_plugin.sensitivity.scan import scan_sensitivity  # noqa: E402
+from hmc_plugin.sensitivity.table import SCAN_MODES, SensitivityTable
 
 RESNET50 = 'torchvision:resnet50'
 CALIBRATION_SIZE = 64
@@ -145,7 +147,7 @@ def setup(spec: dict) -> dict[str, Any]:
         splits = common.digits()
         torch.manual_seed(0)
         model = build_model(name, splits.num_classes, splits.in_channels)
-        from hmc_plugin.workflow import train_or_load_baseline
+        from hmc_plugin.app.workflow import train_or_load_baseline
         model = train_or_load_baseline(model, splits, settings, work, progress=False).eval()
         dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
         calibration, _ = calibration_batch(splits, CALIBRATION_SIZE, seed=0)

@@ -6,7 +6,7 @@ each FLOPs target and method compress, measure the test accuracy and the KL dive
 the original model's on the test split (zero-shot), fine-tune with the same small budget, and measure
 again. Baselines, scans and every finished cell are cached under ``--out``: a rerun resumes.
 
-HMC's margin rule (``hmc_plugin.workflow.choose_margin``): among tau in 0, 0.25, 0.5, 1, 2 and inf,
+HMC's margin rule (``hmc_plugin.app.workflow.choose_margin``): among tau in 0, 0.25, 0.5, 1, 2 and inf,
 take the plan whose compressed model, before fine-tuning, has the lowest KL divergence from the original
 on 256 held-out training images (not the scan's calibration images, never the test split).
 
@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (recipes/benchmarks is not a package)
 
-from hmc_plugin.counting import count_flops, count_params  # noqa: E402
-from hmc_plugin.data import make_loaders  # noqa: E402
+from hmc_plugin.app.data import make_loaders  # noqa: E402
+from hmc_plugin.app.report import markdown_table  # noqa: E402
+from hmc_plugin.app.training import evaluate_accuracy
 from hmc_plugin.errors import HMCConfigError  # noqa: E402
-from hmc_plugin.report import markdown_table  # noqa: E402
-from hmc_plugin.sensitivity import model_fingerprint  # noqa: E402
-from hmc_plugin.training import evaluate_accuracy, output_kl, output_log_probs  # noqa: E402
+from hmc_plugin.utils.counting import count_flops, count_params  # noqa: E402
+from hmc_plugin.utils.fingerprint import model_fingerprint  # noqa: E402
+from hmc_plugin.utils.kl import output_kl, output_log_probs  # noqa: E402
 
 SUBJECTS = ('hmc', 'nahc')  # the methods whose wins and losses the tables spell out
 METRICS = ('acc_zero_shot', 'acc_finetuned', 'kl_zero_shot', 'kl_finetuned', 'flops_kept', 'params_kept')

@@ -2,7 +2,7 @@
 
 For CIFAR ResNet-56 on digits (the quality suite's seed-0 baseline and scan when ``--work`` points at them)
 and each FLOPs target and method, the compressed model and the original run interleaved in one process
-(``hmc_plugin.counting.measure_latency_side_by_side``: fixed threads, warm-up, median of repeats) at
+(``hmc_plugin.utils.timing.measure_latency_side_by_side``: fixed threads, warm-up, median of repeats) at
 batch 1 and batch 64. The table gives ratios only: speed-up = original latency / compressed latency,
 FLOPs reduction = original FLOPs / compressed FLOPs, and their ratio (1.0: time falls as fast as FLOPs).
 
@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (recipes/benchmarks is not a package)
 
-from hmc_plugin.counting import count_flops, measure_latency_side_by_side  # noqa: E402
-from hmc_plugin.report import markdown_table  # noqa: E402
+from hmc_plugin.app.report import markdown_table  # noqa: E402
+from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.timing import measure_latency_side_by_side  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from hmc_plugin.data import calibration_batch, load_digits_data, make_loaders
-from hmc_plugin.models import build_model
-from hmc_plugin.pruning import find_pruning_groups
-from hmc_plugin.sensitivity import scan_sensitivity
-from hmc_plugin.training import evaluate_accuracy
-from hmc_plugin.workflow import RunSettings, train_or_load_baseline
+from hmc_plugin.app.data import calibration_batch, load_digits_data, make_loaders
+from hmc_plugin.app.models import build_model
+from hmc_plugin.app.training import evaluate_accuracy
+from hmc_plugin.app.workflow import RunSettings, train_or_load_baseline
+from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.sensitivity.scan import scan_sensitivity
 
 
 def spearman(a, b) -> float:

@@ -58,7 +58,7 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def print_pareto(experiment: Experiment) -> None:
-    from hmc_plugin.nni_results import experiment_trials, format_front, pareto_front, plot_front
+    from hmc_plugin.experiment.results import experiment_trials, format_front, pareto_front, plot_front
 
     outcomes = experiment_trials(experiment.port)
     front = pareto_front(outcomes)

@@ -13,7 +13,7 @@ import contextlib
 import sys
 
 from hmc_plugin.errors import HMCError
-from hmc_plugin.nni_results import experiment_trials, format_front, open_experiment, pareto_front, plot_front
+from hmc_plugin.experiment.results import experiment_trials, format_front, open_experiment, pareto_front, plot_front
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Reports the test accuracy after every fine-tuning epoch (``nni.report_intermediate_result``) and a final
 dict (``nni.report_final_result``): ``default`` (fine-tuned test accuracy, what the tuner maximises),
-``flops_kept``, ``params_kept``, ``latency_ms`` and the rest of ``hmc_plugin.nni_trial.FINAL_KEYS``.
+``flops_kept``, ``params_kept``, ``latency_ms`` and the rest of ``hmc_plugin.experiment.trial.FINAL_KEYS``.
 The trained baseline and the sensitivity scan are cached in ``--cache-dir`` and shared by all trials.
 
 Outside an experiment it runs one configuration: ``python trial.py --parameters '{"mode": "prune"}'``.
@@ -19,7 +19,7 @@ import sys
 import nni
 
 from hmc_plugin.errors import HMCError
-from hmc_plugin.nni_trial import TrialOptions, run_trial
+from hmc_plugin.experiment.trial import TrialOptions, run_trial
 
 
 def parse_options(argv: list[str] | None = None) -> tuple[TrialOptions, dict]:

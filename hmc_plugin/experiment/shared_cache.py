@@ -24,16 +24,19 @@ from typing import Any
 from filelock import FileLock
 from torch import nn
 
-from .data import DataSplits
-from .sensitivity import SensitivityTable, model_fingerprint
-from .workflow import RunSettings, make_compressor, train_or_load_baseline
+from ..app.data import DataSplits
+from ..app.workflow import RunSettings, make_compressor, train_or_load_baseline
+from ..sensitivity.table import SensitivityTable
+from ..utils.fingerprint import model_fingerprint
 
-__all__ = ['SharedCache', 'ScanResult', 'BASELINE_KEYS', 'SCAN_KEYS']
+__all__ = ['BASELINE_KEYS', 'SCAN_KEYS', 'ScanResult', 'SharedCache']
 
 _logger = logging.getLogger(__name__)
 
 # RunSettings fields that change the trained weights (the data enters the key through the splits).
 BASELINE_KEYS = ('model', 'data', 'image_size', 'train_epochs', 'train_lr', 'batch_size', 'seed', 'checkpoint')
+
+
 # RunSettings fields that change a scan of given weights.
 SCAN_KEYS = ('data', 'image_size', 'op_types', 'exclude_op_names', 'levels', 'importance', 'rank_method',
              'sensitivity', 'calibration_size', 'seed')

@@ -20,24 +20,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import HMCConfigError
+from ..errors import HMCConfigError
 
-__all__ = [
-    'DataSplits', 'load_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec',
-    'make_loaders', 'calibration_batch', 'train_permutation', 'without_train_images', 'subset_splits', 'CIFAR10_MEAN',
-    'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD',
-]
+__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataSplits', 'load_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec', 'make_loaders', 'train_permutation', 'without_train_images', 'calibration_batch', 'subset_splits']
 
 _logger = logging.getLogger(__name__)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+
+
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
 _CIFAR_DIRNAME = 'cifar-10-batches-py'
+
+
 _CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
+
+
 _CIFAR_TEST_FILE = 'test_batch'
+
+
 _DATA_SPEC_FORMS = "'digits', 'cifar10:DIR' or 'imagefolder:DIR'"
 
 
@@ -80,8 +89,6 @@ def _resize(images: Tensor, image_size: int) -> Tensor:
     return F.interpolate(images, size=(image_size, image_size), mode='bilinear', align_corners=False)
 
 
-# ----------------------------------------------------------------------------------------- digits
-
 def load_digits_data(image_size: int = 32, in_channels: int = 3, test_fraction: float = 0.2,
                      seed: int = 0) -> DataSplits:
     """scikit-learn's 1797 real 8x8 handwritten digits, upsampled to ``image_size`` (no download).
@@ -114,8 +121,6 @@ def load_digits_data(image_size: int = 32, in_channels: int = 3, test_fraction: 
         num_classes=10, in_channels=in_channels, image_size=image_size, name='digits',
     )
 
-
-# ----------------------------------------------------------------------------------------- CIFAR-10
 
 class _NormalizedUint8Dataset(Dataset):
     """Keeps uint8 ``(N, 3, 32, 32)`` images (4x less memory) and normalises/resizes one per access."""
@@ -230,8 +235,6 @@ def load_cifar10_data(data_dir: str | Path, image_size: int = 32, max_train: int
     )
 
 
-# ----------------------------------------------------------------------------------------- ImageFolder
-
 def _imagefolder_layout_error(data_dir: Path, problem: str) -> HMCConfigError:
     return HMCConfigError(
         f"ImageFolder data not usable at '{data_dir}': {problem}. Expected one folder per class holding "
@@ -325,8 +328,6 @@ def load_imagefolder_data(data_dir: str | Path, image_size: int = 224, test_frac
     return DataSplits(train=train_set, test=test_set, num_classes=len(classes), in_channels=3,
                       image_size=image_size, name='imagefolder')
 
-
-# ----------------------------------------------------------------------------------------- helpers
 
 def parse_data_spec(spec: str, image_size: int | None = None) -> DataSplits:
     """Load the data a CLI string names: ``'digits'``, ``'cifar10:DIR'`` or ``'imagefolder:DIR'``.

@@ -34,14 +34,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .counting import as_input_tuple
-from .errors import HMCError
+from ..errors import HMCError
+from ..utils.counting import as_input_tuple
 
-__all__ = ['fisher_drops', 'chain_ends', 'DEFAULT_PROJECTIONS']
+__all__ = ['DEFAULT_PROJECTIONS', 'chain_ends', 'fisher_drops']
 
 DEFAULT_PROJECTIONS = 4
+
+
 _MAX_REPLICATED_BATCH = 128
+
+
 _MAX_BATCH_ELEMENTS = 2_500_000  # input elements per replicated batch (~16 images of 3x224x224)
+
 
 Masks = dict[str, dict[str, Tensor]]
 

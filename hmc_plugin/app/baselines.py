@@ -14,7 +14,7 @@ each stage only), so the ids come from torch-pruning's groups (``pruning.find_pr
 
 Example
 -------
->>> from hmc_plugin.models import resnet20
+>>> from hmc_plugin.app.models import resnet20
 >>> model, dummy = resnet20(), torch.zeros(1, 3, 32, 32)
 >>> pruned, info = nni_l1_prune(model, dummy, target_flops=0.5)
 >>> abs(info['flops_kept'] - 0.5) <= 0.02
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .counting import count_flops
-from .errors import HMCConfigError
-from .pruning import PruningGroup, find_pruning_groups, prune_physically, speedup_with_nni
+from ..engines.pruning import PruningGroup, find_pruning_groups, prune_physically, speedup_with_nni
+from ..errors import HMCConfigError
+from ..utils.counting import count_flops
 
 __all__ = ['nni_l1_config', 'nni_l1_masks', 'nni_l1_prune']
 

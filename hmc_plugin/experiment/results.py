@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from .errors import HMCError
+from ..errors import HMCError
 
 __all__ = ['TrialOutcome', 'open_experiment', 'experiment_trials', 'pareto_front', 'format_front', 'plot_front']
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import HMCError
+from ..errors import HMCError
 
-__all__ = ['main', 'build_parser']
+__all__ = ['build_parser', 'main']
 
 _logger = logging.getLogger('hmc_plugin')
 
@@ -117,7 +117,7 @@ def _settings(args: argparse.Namespace):
 def _load(args, settings):
     import torch
 
-    from .counting import steady_allocator
+    from ..utils.timing import steady_allocator
     from .data import parse_data_spec
     from .models import build_model
 
@@ -130,12 +130,19 @@ def _load(args, settings):
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..planning.plan import CompressionPlan
+    from ..sensitivity.table import SensitivityTable
     from .export import save_compressed
-    from .plan import CompressionPlan
     from .report import format_table, write_report
-    from .sensitivity import SensitivityTable
-    from .workflow import (compare_methods, compress_and_measure, make_compressor, plan_by_margin_rule, scan,
-                           train_or_load_baseline, uncompressed_row)
+    from .workflow import (
+        compare_methods,
+        compress_and_measure,
+        make_compressor,
+        plan_by_margin_rule,
+        scan,
+        train_or_load_baseline,
+        uncompressed_row,
+    )
 
     settings = _settings(args)
     out = Path(args.out)
@@ -226,7 +233,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f'hmc {args.command}: error: {error}', file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

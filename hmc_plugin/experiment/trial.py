@@ -18,16 +18,17 @@ from typing import Any, Callable
 
 import torch
 
-from .counting import count_flops, count_params, measure_latency_side_by_side
-from .data import make_loaders, parse_data_spec, subset_splits
-from .errors import HMCConfigError
-from .models import build_model
-from .pruning import IMPORTANCES
+from ..app.data import make_loaders, parse_data_spec, subset_splits
+from ..app.models import build_model
+from ..app.training import evaluate_accuracy
+from ..app.workflow import RunSettings, make_compressor
+from ..engines.pruning import IMPORTANCES
+from ..errors import HMCConfigError
+from ..utils.counting import count_flops, count_params
+from ..utils.timing import measure_latency_side_by_side
 from .shared_cache import SharedCache
-from .training import evaluate_accuracy
-from .workflow import RunSettings, make_compressor
 
-__all__ = ['TrialOptions', 'SEARCHABLE', 'DEFAULT_PARAMETERS', 'FINAL_KEYS', 'trial_settings', 'run_trial']
+__all__ = ['SEARCHABLE', 'DEFAULT_PARAMETERS', 'FINAL_KEYS', 'TrialOptions', 'trial_settings', 'run_trial']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ SEARCHABLE = {
     'sensitivity': "the scan's sensitivity mode, e.g. 'proxy' (default)",
     'distill': 'True to fine-tune with distillation from the uncompressed model',
 }
+
+
 DEFAULT_PARAMETERS: dict[str, Any] = {'mode': 'nahc', 'target_flops': 0.5, 'importance': 'l1', 'rank_method': 'auto',
                                       'finetune_epochs': 2, 'sensitivity': 'proxy'}
+
+
 # Keys of the final result (``default`` is the fine-tuned test accuracy, the metric the tuner maximises).
 FINAL_KEYS = ('default', 'acc_zero_shot', 'acc_before', 'flops_kept', 'params_kept', 'flops', 'params',
               'latency_ms', 'latency_ms_before', 'speedup', 'scan_reused', 'scan_seconds', 'seconds')

@@ -16,15 +16,17 @@ from typing import Any
 from nni.compression.base.config import default_config_schema, trans_legacy_config_list
 from schema import SchemaError
 
-from .errors import HMCConfigError
-from .plan import MODES
-from .pruning import IMPORTANCES
+from ..engines.pruning import IMPORTANCES
+from ..errors import HMCConfigError
+from ..planning.plan import MODES
 
-__all__ = ['HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'BUDGET_KEYS', 'validate_config_list', 'hmc_settings', 'budget']
+__all__ = ['BUDGET_KEYS', 'HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'validate_config_list', 'hmc_settings', 'budget']
 
 BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')
 
+
 DECOMPOSITIONS = ('auto', 'tucker2', 'cp')
+
 
 HMC_DEFAULTS: dict[str, Any] = {
     'mode': 'nahc', 'target_flops': None, 'target_params': None, 'target_latency': None, 'latency_batch': 1,
@@ -61,11 +63,11 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
     # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
     'importance': (lambda v: v in IMPORTANCES and v != 'taylor',
                    f"one of {tuple(i for i in IMPORTANCES if i != 'taylor')} ('taylor' needs labelled calibration "
-                   f"batches: use it through hmc_plugin.pruning.channel_masks(..., calibration=(inputs, targets)))"),
+                   f"batches: use it through hmc_plugin.engines.pruning.channel_masks(..., calibration=(inputs, targets)))"),
     'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
     'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC); 'auto' (HMC's margin rule) needs held-out "
                         "training data: run `hmc compress --mode hmc --margin auto`, or pass the plan of "
-                        "hmc_plugin.workflow.plan_by_margin_rule as HMCCompressor(plan=...)"),
+                        "hmc_plugin.app.workflow.plan_by_margin_rule as HMCCompressor(plan=...)"),
     'decompose_weight': (lambda v: v in ('inf', math.inf) or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                                and 0 < v < math.inf),
                          "a number > 0 or 'inf': each decomposition drop of the scan counts this many times "
@@ -79,10 +81,17 @@ HMC_KEYS: dict[str, tuple[Any, str]] = {
     'distill_temperature': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, 'a number > 0'),
 }
 
+
 NNI_KEYS = ('op_types', 'op_names', 'op_names_re', 'exclude_op_names', 'exclude_op_types', 'exclude_op_names_re',
             'max_sparse_ratio')
+
+
 SELECTION_KEYS = ('op_types', 'op_names', 'op_names_re')
+
+
 EXCLUSION_KEYS = ('exclude_op_names', 'exclude_op_types', 'exclude_op_names_re')
+
+
 # NNI keys whose meaning HMC does not share: HMC allocates ratios from a budget instead.
 NNI_KEYS_NOT_USED = {
     'sparse_ratio': "HMC allocates ratios from a budget: use 'target_flops', 'target_params' or 'target_latency' instead",

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO',
-           'TORCHVISION_MODELS', 'build_model']
+__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO', 'TORCHVISION_MODELS', 'build_model']
 
 
 class BasicBlock(nn.Module):
@@ -102,6 +101,8 @@ def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 
 ZOO = {'resnet20': resnet20, 'resnet32': resnet32, 'resnet44': resnet44, 'resnet56': resnet56, 'resnet110': resnet110}
+
+
 TORCHVISION_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnext50_32x4d', 'wide_resnet50_2')
 
 
@@ -115,7 +116,7 @@ def build_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> nn.Mo
     import importlib
     import inspect
 
-    from .errors import HMCConfigError
+    from ..errors import HMCConfigError
 
     expected = (f"a zoo name ({', '.join(ZOO)}), 'torchvision:NAME' (e.g. torchvision:resnet50) "
                 f"or 'package.module:callable'")

@@ -17,21 +17,27 @@ from nni.compression.base.config import select_modules_by_config
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from .apply import apply_plan, plan_for_latency, plan_for_target, plan_masks, reachable_fraction, unreachable_message
+from ..apply import apply_plan
+from ..engines.lowrank import decomposable, method_for, resolve_ranks
+from ..engines.pruning import PruningGroup, _preserved_modes, find_pruning_groups, trace_model
+from ..errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
+from ..planning.measure import plan_masks
+from ..planning.plan import CompressionPlan
+from ..planning.targets import plan_for_latency, plan_for_target, reachable_fraction, unreachable_message
+from ..sensitivity.scan import scan_sensitivity, zeroed_by_masks
+from ..sensitivity.table import SensitivityTable
+from ..utils.counting import as_input_tuple
+from ..utils.fingerprint import model_fingerprint
+from ..utils.kl import kd_loss
 from .config import budget, hmc_settings, validate_config_list
-from .counting import as_input_tuple
-from .errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
-from .plan import CompressionPlan
-from .lowrank import decomposable, method_for, resolve_ranks
-from .pruning import PruningGroup, _preserved_modes, find_pruning_groups, trace_model
-from .sensitivity import SensitivityTable, model_fingerprint, scan_sensitivity, zeroed_by_masks
-from .training import kd_loss
 
 __all__ = ['HMCCompressor']
 
 _logger = logging.getLogger(__name__)
 
 COMPRESSIBLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
 TARGET_TOLERANCE = 0.01  # plans land within 1 % of the target (apply.plan_for_target)
 
 

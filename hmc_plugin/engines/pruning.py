@@ -12,7 +12,7 @@ always get identical masks and NNI's mask-conflict repair has nothing to do.
 
 Example
 -------
->>> from hmc_plugin.models import resnet20
+>>> from hmc_plugin.app.models import resnet20
 >>> model, dummy = resnet20(), torch.randn(1, 3, 32, 32)
 >>> groups = find_pruning_groups(model, dummy)
 >>> masks = channel_masks(model, dummy, {'layer1.0.conv1': 0.5})
@@ -34,16 +34,19 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .counting import as_input_tuple
-from .errors import HMCConfigError, UntraceableModelError
+from ..errors import HMCConfigError, UntraceableModelError
+from ..utils.counting import as_input_tuple
 
-__all__ = ['IMPORTANCES', 'PruningGroup', 'find_pruning_groups', 'kept_channels', 'group_channel_masks', 'channel_masks',
-           'trace_model', 'speedup_with_nni', 'prune_physically']
+__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks', 'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically']
 
 _logger = logging.getLogger(__name__)
 
 IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')
+
+
 _ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
 _MASKED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
@@ -80,8 +83,6 @@ def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
     floor = round_to if 1 <= round_to <= channels else 1
     return min(channels, max(kept, floor))
 
-
-# ----------------------------------------------------------------------------- graph helpers
 
 @contextlib.contextmanager
 def _preserved_modes(model: nn.Module) -> Iterator[None]:
@@ -223,8 +224,6 @@ def find_pruning_groups(model: nn.Module, dummy_input: Any, ignored_layers: Iter
     _, found = _groups(model, dummy_input, ignored_layers)
     return [pruning_group for pruning_group, _ in found]
 
-
-# ----------------------------------------------------------------------------- masks
 
 def _importance(name: str) -> tp.importance.Importance:
     if name == 'l1':
@@ -384,8 +383,6 @@ def _accumulate_gradients(model: nn.Module, calibration: tuple[Tensor, Tensor]) 
         outputs = model(*as_input_tuple(inputs))
         nn.functional.cross_entropy(outputs, targets).backward()
 
-
-# ----------------------------------------------------------------------------- applying masks
 
 def trace_model(model: nn.Module, dummy_input: Any) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace`` of ``model``, or an error saying what to change.

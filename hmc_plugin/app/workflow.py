@@ -16,21 +16,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .apply import apply_plan, plan_for_latency, plan_for_target
-from .compressor import HMCCompressor
-from .counting import count_flops, count_params, measure_latency, measure_latency_side_by_side
+from ..apply import apply_plan
+from ..engines.pruning import find_pruning_groups
+from ..errors import HMCConfigError
+from ..nni_api.compressor import HMCCompressor
+from ..planning.plan import CompressionPlan
+from ..planning.targets import plan_for_latency, plan_for_target
+from ..sensitivity.table import SensitivityTable
+from ..utils.counting import count_flops, count_params
+from ..utils.fingerprint import model_fingerprint
+from ..utils.jsonio import encode_float, read_json, write_json
+from ..utils.kl import output_log_probs, per_input_kl
+from ..utils.timing import measure_latency, measure_latency_side_by_side
 from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
-from .errors import HMCConfigError
 from .export import save_compressed
-from .jsonio import encode_float, read_json, write_json
-from .plan import CompressionPlan
-from .pruning import find_pruning_groups
-from .sensitivity import SensitivityTable, model_fingerprint
-from .training import evaluate_accuracy, make_torch_evaluator, output_log_probs, per_input_kl, train, training_step
+from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
 
-__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods',
-           'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'choose_margin', 'plan_by_margin_rule',
-           'one_standard_error_choice', 'sgd_finetune']
+__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'sgd_finetune', 'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
 
 _logger = logging.getLogger(__name__)
 
@@ -232,7 +234,11 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
 
 
 MARGIN_CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
+
+
 AUTO_MARGINS = (0.0, 0.5, math.inf)               # margin 'auto': NaHC without 'both', NaHC's default, AHC
+
+
 AUTO_DECOMPOSE_WEIGHTS = (1.0, 10.0, math.inf)    # as scanned, decompositions 10x as costly, never decompose
 
 

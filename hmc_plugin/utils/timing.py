@@ -1,23 +1,21 @@
-"""Parameters, FLOPs and CPU latency of any model: the one place every report counts from.
-
-FLOPs are multiply-accumulates (MACs) counted exactly as torch-pruning's
-``tp.utils.count_ops_and_params`` counts them: conv and linear MACs plus bias adds, and one op
-per element for BN (two with affine), ReLU and pooling. 1 MAC = 1 FLOP in every figure we print.
-"""
+"""Timing."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import platform
 import statistics
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-__all__ = ['count_params', 'count_flops', 'count_layer_flops', 'measure_latency', 'measure_latency_side_by_side',
-           'steady_allocator', 'as_input_tuple', 'forward_with_hooks']
+from .counting import as_input_tuple
+
+__all__ = ['steady_allocator', 'measure_latency', 'measure_latency_side_by_side', 'machine_description']
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _STEADY_BYTES = 1 << 30
@@ -41,47 +39,6 @@ def steady_allocator() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _STEADY_BYTES))
-
-
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """Normalise a dummy input (tensor, tuple or list) to the tuple a forward call takes."""
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-@torch.no_grad()
-def forward_with_hooks(model: nn.Module, example_inputs: Any, hooks: dict[nn.Module, Callable]) -> None:
-    """One eval-mode forward pass with ``module.register_forward_hook(hook)`` for each pair; hooks removed and
-    the train/eval mode restored afterwards (to record per-layer shapes)."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(*as_input_tuple(example_inputs))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """MACs of one forward pass on ``example_inputs`` (batch included: pass batch 1 for per-image)."""
-    flops, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(flops)
-
-
-def count_layer_flops(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """MACs per named module (leaf modules only) for one forward pass on ``example_inputs``."""
-    _, _, layer_flops, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
-    names = {module: name for name, module in model.named_modules()}
-    return {names[module]: int(flops) for module, flops in layer_flops.items()
-            if flops is not None and module in names and not list(module.children())}
 
 
 @contextlib.contextmanager
@@ -141,3 +98,16 @@ def measure_latency_side_by_side(models: list[nn.Module], example_inputs: Any, *
         for model, mode in zip(models, modes):
             model.train(mode)
     return [statistics.median(model_times) * 1000.0 for model_times in times]
+
+
+def machine_description() -> str:
+    """One line: CPU model, cores, torch version and threads (the context of every latency figure)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}'

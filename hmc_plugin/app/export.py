@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .counting import as_input_tuple
-from .errors import HMCConfigError
-from .plan import CompressionPlan
+from .._version import __version__
+from ..errors import HMCConfigError
+from ..planning.plan import CompressionPlan
+from ..utils.counting import as_input_tuple
 
 __all__ = ['save_compressed', 'load_compressed', 'export_onnx']
 

@@ -37,25 +37,27 @@ import torch
 from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
 
-from .errors import LayerCompressionError
+from ..errors import LayerCompressionError
 
-__all__ = ['Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'METHODS', 'RankSpec',
-           'default_method', 'method_for', 'decomposable', 'resolve_ranks', 'flops_ratio', 'replacement_params',
-           'decompose_module', 'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
+__all__ = ['METHODS', 'RankSpec', 'default_method', 'method_for', 'decomposable', 'flops_ratio', 'replacement_params', 'resolve_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module', 'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
 
 _logger = logging.getLogger(__name__)
 
 METHODS = ('tucker2', 'cp', 'svd')
+
+
 RankSpec = Union[int, float, str, tuple, list]
+
+
 _ALLOWED = ("an int >= 1, a tuple of {n} ints >= 1, a float in (0, 1], 'energy:<fraction>', 'vbmf' "
             "or 'flops:<fraction>' (fractions in (0, 1])")
+
+
 _CP_RANDOM_STATE = 0
+
+
 SCAN_TUCKER_ITERATIONS = 2
 
-
-# ----------------------------------------------------------------------------------------------
-# Which method fits which layer
-# ----------------------------------------------------------------------------------------------
 
 def _is_pointwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
@@ -117,10 +119,6 @@ def decomposable(module: nn.Module, layer_name: str = '', method: str = 'auto') 
         return False
     return True
 
-
-# ----------------------------------------------------------------------------------------------
-# Rank specs
-# ----------------------------------------------------------------------------------------------
 
 def _mode_dims(module: nn.Module, method: str) -> tuple[int, ...]:
     """Upper bound of each rank: (C_out, C_in) for tucker2, (min(out, in),) for svd, (prod/max,) for cp."""
@@ -324,10 +322,6 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
                                     layer_name=layer_name, method=method) from None
     return tuple(min(max(1, estimate(matrix)), dim) for matrix, dim in zip(matrices, dims))
 
-
-# ----------------------------------------------------------------------------------------------
-# Factors (tensorly, float64) -> weights
-# ----------------------------------------------------------------------------------------------
 
 def _tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int]):
     """core (r_out, r_in, kh, kw), U_out (C_out, r_out), U_in (C_in, r_in)."""
@@ -533,10 +527,6 @@ class SVDLinear(_LowRank):
         (rank,) = ranks
         return torch.randn(linear.out_features, rank), torch.randn(rank, linear.in_features)
 
-
-# ----------------------------------------------------------------------------------------------
-# Public entry points
-# ----------------------------------------------------------------------------------------------
 
 def _replacement_class(module: nn.Module, method: str) -> type[_LowRank]:
     if method == 'svd':

@@ -8,17 +8,17 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from ..utils.timing import machine_description
 
-__all__ = ['ROW_KEYS', 'TABLE_COLUMNS', 'format_table', 'markdown_table', 'write_report', 'plot_pareto', 'machine_description']
+__all__ = ['ROW_KEYS', 'TABLE_COLUMNS', 'format_table', 'markdown_table', 'plot_pareto', 'write_report']
 
 ROW_KEYS = ('model', 'mode', 'target_flops', 'params_before', 'params_after', 'flops_before', 'flops_after',
             'acc_before', 'acc_zero_shot', 'acc_after', 'latency_ms_before', 'latency_ms_after',
             'latency_ms_before_b64', 'latency_ms_after_b64', 'layers')
+
 
 # (header, row key, format)
 TABLE_COLUMNS = (
@@ -36,19 +36,6 @@ TABLE_COLUMNS = (
     ('acc zero-shot', 'acc_zero_shot', '{:.4f}'),
     ('acc fine-tuned', 'acc_after', '{:.4f}'),
 )
-
-
-def machine_description() -> str:
-    """One line: CPU model, cores, torch version and threads (the context of every latency figure)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}'
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

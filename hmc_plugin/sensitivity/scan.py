@@ -13,17 +13,15 @@ Three ways to measure the drop:
   cached calibration batch (0 for no change; the same units for both operators), one forward pass of
   the whole network per unit and level.
 - ``proxy`` (default): the same KL, estimated to second order from one forward/backward pass over the
-  calibration batch (``hmc_plugin.fisher``): layer-local, so large models scan in minutes.
+  calibration batch (``hmc_plugin.sensitivity.fisher``): layer-local, so large models scan in minutes.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -32,110 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .counting import as_input_tuple
+from ..engines.lowrank import low_rank_weight, low_rank_weights, method_for
+from ..engines.pruning import PruningGroup, group_channel_masks
+from ..errors import HMCConfigError
+from ..utils.counting import as_input_tuple
+from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
 from .fisher import DEFAULT_PROJECTIONS, fisher_drops
-from .errors import HMCConfigError
-from .jsonio import read_json, write_json
-from .lowrank import low_rank_weight, low_rank_weights, method_for
-from .pruning import PruningGroup, group_channel_masks
+from .table import DEFAULT_LEVELS, SCAN_MODES, Masks, SensitivityTable
 
-__all__ = ['DEFAULT_LEVELS', 'SensitivityTable', 'scan_sensitivity', 'zeroed_by_masks', 'swapped_weight',
-           'proxy_metric', 'model_fingerprint', 'inputs_fingerprint']
+__all__ = ['zeroed_by_masks', 'swapped_weight', 'proxy_metric', 'scan_sensitivity']
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
-SCAN_MODES = ('evaluator', 'proxy', 'kl')
-
-Masks = dict[str, dict[str, torch.Tensor]]
 MaskContext = Callable[[Masks], ContextManager[None]]
-
-
-@dataclass
-class SensitivityTable:
-    """Metric drop per unit and level, for both operators; the seam between scan and plan.
-
-    ``prune[group_name][i]`` and ``decompose[layer_name][i]`` are the drops at ``levels[i]``
-    (fraction of the unit's FLOPs removed). ``groups`` maps each pruning group to its member layers.
-    """
-
-    levels: list[float]
-    mode: str
-    baseline: float
-    prune: dict[str, list[float]] = field(default_factory=dict)
-    decompose: dict[str, list[float]] = field(default_factory=dict)
-    groups: dict[str, list[str]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    evaluations: int = 0
-    seconds: float = 0.0
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        return write_json(asdict(self), path)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | os.PathLike) -> 'SensitivityTable':
-        return cls(**read_json(text_or_path))
-
-    def is_complete(self) -> bool:
-        """True when every scheduled unit has a drop for every level."""
-        expected = self.settings.get('units', {})
-        return all(len(getattr(self, op).get(name, [])) == len(self.levels)
-                   for op, names in expected.items() for name in names)
-
-    def mean_drop(self, operator: str, name: str) -> float:
-        """Mean drop over the levels (the per-unit sensitivity used for ranking and grouping)."""
-        drops = getattr(self, operator)[name]
-        return sum(drops) / len(drops)
-
-    def plot(self, path: str | os.PathLike, max_layers: int = 64) -> None:
-        """Draw per-layer curves (drop against level), pruning and decomposition side by side, as a PNG."""
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        cmap = plt.get_cmap('viridis')
-        for ax, operator, title in ((axes[0], 'prune', 'pruning (per group)'),
-                                    (axes[1], 'decompose', 'decomposition (per layer)')):
-            curves = list(getattr(self, operator).items())[:max_layers]
-            for index, (name, drops) in enumerate(curves):
-                ax.plot([0.0] + self.levels, [0.0] + drops, marker='.', linewidth=1,
-                        color=cmap(index / max(1, len(curves) - 1)), label=name)
-            ax.set_title(title)
-            ax.set_yscale('symlog', linthresh=1e-3)  # drops span orders of magnitude
-            ax.set_xlabel("fraction of the layer's FLOPs removed")
-            ax.grid(alpha=0.3)
-            if len(curves) <= 12:
-                ax.legend(fontsize=6)
-        axes[0].set_ylabel(f'metric drop ({self.mode})')
-        fig.suptitle('HMC sensitivity scan (colour: depth, shallow to deep)')
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the state_dict (names, shapes and bytes): identifies a model's weights."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b'')
-    return digest.hexdigest()
-
-
-def inputs_fingerprint(inputs: Any) -> str:
-    """SHA-256 over a tensor or tuple of tensors (shapes, dtypes and bytes): identifies calibration data."""
-    digest = hashlib.sha256()
-    for item in as_input_tuple(inputs):
-        if isinstance(item, torch.Tensor):
-            digest.update(f'{tuple(item.shape)}{item.dtype}'.encode())
-            digest.update(item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                          if item.numel() else b'')
-        else:
-            digest.update(repr(item).encode())
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -202,7 +109,7 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     mode : 'proxy', 'kl' or 'evaluator'
         ``evaluator`` needs ``eval_fn(model) -> float`` (higher is better, e.g. accuracy);
         ``proxy`` and ``kl`` need ``calibration_inputs`` (a tensor or tuple, e.g. 64 images).
-        ``proxy`` runs one forward/backward pass in all (``hmc_plugin.fisher``); the others run the
+        ``proxy`` runs one forward/backward pass in all (``hmc_plugin.sensitivity.fisher``); the others run the
         whole model once per unit and level.
     levels
         Fractions of a unit's FLOPs removed, each in (0, 1). Pruning level ``c`` prunes a fraction

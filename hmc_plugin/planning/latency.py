@@ -36,17 +36,19 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .counting import as_input_tuple, forward_with_hooks, measure_latency, measure_latency_side_by_side
-from .lowrank import decomposable, replacement_architecture
-from .plan import CostModel, LayerCost, _decomposed_cost, _shape_module
-from .pruning import kept_channels
-from .report import machine_description
+from ..engines.lowrank import decomposable, replacement_architecture
+from ..engines.pruning import kept_channels
+from ..utils.counting import as_input_tuple, forward_with_hooks
+from ..utils.timing import machine_description, measure_latency, measure_latency_side_by_side
+from .cost import CostModel, LayerCost, _decomposed_cost, _shape_module
 
-__all__ = ['LatencyCache', 'LatencyModel', 'default_cache_path', 'batched_input']
+__all__ = ['default_cache_path', 'batched_input', 'LatencyCache', 'LatencyModel']
 
 _logger = logging.getLogger(__name__)
 
 STALE_CACHE_TOLERANCE = 0.25  # warn when the whole model's time differs this much from the cached one
+
+
 _MIN_TIMED_SECONDS = 0.05   # repeat a layer until its timed runs add up to this much (or MAX_REPEATS)
 _MIN_REPEATS, _MAX_REPEATS, _WARMUP = 5, 41, 2
 

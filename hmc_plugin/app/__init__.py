@@ -1,0 +1,1 @@
+"""The application: the ``hmc`` command, the end-to-end workflow, reports, data, models, training, export."""

@@ -1,0 +1,1 @@
+"""Shared utilities every stage may use: counting FLOPs and parameters, timing, KL, fingerprints, JSON."""

@@ -1,0 +1,67 @@
+"""Kl."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['output_log_probs', 'output_kl', 'per_input_kl', 'kd_loss']
+
+_logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def output_log_probs(model: nn.Module, batches: Iterable) -> list[torch.Tensor]:
+    """``model``'s log-softmax outputs (float64, ``(N, classes)``) per batch of ``batches``; see ``output_kl``."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [F.log_softmax(model(_inputs(batch)).flatten(1).double(), dim=1) for batch in batches]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def output_kl(reference: nn.Module | Sequence[torch.Tensor], model: nn.Module, batches: Iterable) -> float:
+    """Mean KL(p_reference || p_model) in nats per input: how far ``model``'s output distribution (softmax of
+    its logits) has moved from ``reference``'s; 0 for identical outputs.
+
+    ``batches`` yields ``(inputs, labels)`` pairs (e.g. a test loader; labels are ignored) or bare input
+    tensors, in the same order every time. ``reference`` is the original model, or its
+    ``output_log_probs`` on the same ``batches`` (to compare many models with one reference pass).
+    Models run in eval mode; their train/eval modes are restored.
+    """
+    batches = list(batches)
+    reference_log_probs = output_log_probs(reference, batches) if isinstance(reference, nn.Module) else reference
+    log_probs = output_log_probs(model, batches)
+    if len(reference_log_probs) != len(log_probs):
+        raise ValueError(f'Got reference outputs for {len(reference_log_probs)} batches but {len(log_probs)} batches')
+    total = sum(float(F.kl_div(mine, theirs, log_target=True, reduction='sum'))
+                for mine, theirs in zip(log_probs, reference_log_probs))
+    return max(0.0, total) / max(1, sum(len(mine) for mine in log_probs))  # >= 0 up to rounding
+
+
+@torch.no_grad()
+def per_input_kl(reference: nn.Module | Sequence[torch.Tensor], model: nn.Module, batches: Iterable) -> torch.Tensor:
+    """KL(p_reference || p_model) of every input, float64 ``(N,)`` in nats: ``output_kl`` before the mean, for
+    paired comparisons of several models on the same inputs."""
+    batches = list(batches)
+    reference_log_probs = output_log_probs(reference, batches) if isinstance(reference, nn.Module) else reference
+    log_probs = output_log_probs(model, batches)
+    if len(reference_log_probs) != len(log_probs):
+        raise ValueError(f'Got reference outputs for {len(reference_log_probs)} batches but {len(log_probs)} batches')
+    return torch.cat([F.kl_div(mine, theirs, log_target=True, reduction='none').sum(1)
+                      for mine, theirs in zip(log_probs, reference_log_probs)])
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton distillation loss: KL(teacher || student) of the softened outputs, times T^2."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    log_target=True, reduction='batchmean') * temperature ** 2
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
