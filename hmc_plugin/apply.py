@@ -16,10 +16,10 @@ from .engines.pruning import speedup_with_nni
 from .errors import HMCConfigError
 from .planning.measure import compress_fast, plan_masks
 from .planning.plan import CompressionPlan
+from .settings import SPEEDUPS
 
 __all__ = ['SPEEDUPS', 'apply_plan']
 
-SPEEDUPS = ('nni', 'torch_pruning')
 
 
 def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, speedup: str = 'nni',

@@ -7,7 +7,6 @@ Every subcommand takes ``--model`` (``resnet56``, ``torchvision:resnet50`` or ``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import shlex
 import sys
@@ -15,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import HMCError
+from ..errors import HMCConfigError, HMCError
+from ..settings import BUDGET_KEYS, COMPRESSOR_IMPORTANCES, MODES, SENSITIVITIES, HMCSettings, unknown_key_message
+from .run_settings import RunSettings
 
 __all__ = ['build_parser', 'main']
 
@@ -44,7 +45,7 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the model's measured CPU time to keep (instead of FLOPs), at --latency-batch "
                              "and --threads on this machine")
     parser.add_argument('--latency-batch', type=int, help='batch size at which --target-latency is measured (default 1)')
-    parser.add_argument('--importance', choices=('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'))
+    parser.add_argument('--importance', choices=COMPRESSOR_IMPORTANCES)
     parser.add_argument('--margin', type=_margin_arg,
                         help="HMC margin tau ('inf' = AHC), or 'auto' with --mode hmc: HMC's margin rule picks tau and "
                              "--decompose-weight from probe fine-tunes, falling back to prune-only's plan")
@@ -70,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True)
     scan = commands.add_parser('scan', help='sensitivity scan: OUT/sensitivity.json and sensitivity.png')
     _add_common(scan)
-    scan.add_argument('--sensitivity', choices=('proxy', 'kl', 'evaluator'))
+    scan.add_argument('--sensitivity', choices=SENSITIVITIES)
     scan.add_argument('--levels', type=float, nargs='+', help='fractions of a layer FLOPs removed (default 0.2 0.4 0.6 0.8)')
     plan = commands.add_parser('plan', help='build a CompressionPlan from OUT/sensitivity.json: OUT/plan.json')
     _add_common(plan)
     _add_budget(plan)
-    plan.add_argument('--mode', choices=('prune', 'decompose', 'ahc', 'nahc', 'hmc'), default='nahc')
+    plan.add_argument('--mode', choices=MODES, default=HMCSettings.mode)
     compress = commands.add_parser('compress', help='compress with one method, fine-tune, save OUT/compressed.pt')
     _add_common(compress)
     _add_budget(compress)
-    compress.add_argument('--mode', choices=('prune', 'decompose', 'ahc', 'nahc', 'hmc'), default='nahc')
+    compress.add_argument('--mode', choices=MODES, default=HMCSettings.mode)
     compress.add_argument('--plan', help='plan.json to apply (skips scan and planning)')
     report = commands.add_parser('report', help='the main job: every method at one budget, report.json/md, PNGs')
     _add_common(report)
@@ -88,29 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace):
-    from .workflow import RunSettings
-
-    fields = {field.name for field in dataclasses.fields(RunSettings)}
+def _settings(args: argparse.Namespace) -> RunSettings:
+    """``RunSettings`` from the ``--config`` file, then the flags given (flags win; a budget flag replaces the file's)."""
     values = {}
     if args.config:
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        unknown = sorted(set(loaded) - fields)
-        if unknown:
-            raise HMCError(f'{args.config}: unknown keys {unknown}; allowed keys are {sorted(fields)}')
+        for key in loaded:
+            if key not in RunSettings.keys():
+                raise HMCConfigError(unknown_key_message(key, RunSettings.keys(), args.config))
         values.update(loaded)
-    for key, value in vars(args).items():
-        if key in fields and value is not None:
-            values[key] = value
+    flags = {key: value for key, value in vars(args).items() if key in RunSettings.keys() and value is not None}
+    if any(key in flags for key in BUDGET_KEYS):
+        values = {key: value for key, value in values.items() if key not in BUDGET_KEYS}
+    values.update(flags)
     if getattr(args, 'methods', None):
         values['methods'] = [method.strip() for method in args.methods.split(',')]
     if getattr(args, 'mode', None):
         values['methods'] = [args.mode]
-    if values.get('margin') == 'auto' and 'hmc' not in values.get('methods', RunSettings.methods):
+    if values.get('margin') == 'auto' and 'hmc' not in values.get('methods', RunSettings().methods):
         raise HMCError("margin 'auto' is HMC's margin rule: use it with --mode hmc (or 'hmc' among --methods)")
-    other_budget = values.get('target_params') is not None or values.get('target_latency') is not None
-    if other_budget and values.get('target_flops', RunSettings.target_flops) == RunSettings.target_flops:
-        values['target_flops'] = None  # a parameter or latency budget replaces the default FLOPs budget
     return RunSettings(**values)
 
 
@@ -233,3 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'hmc {args.command}: error: {error}', file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from nni.compression.base.compressor import Pruner
@@ -26,10 +26,11 @@ from ..planning.plan import CompressionPlan
 from ..planning.targets import plan_for_latency, plan_for_target, reachable_fraction, unreachable_message
 from ..sensitivity.scan import scan_sensitivity, zeroed_by_masks
 from ..sensitivity.table import SensitivityTable
+from ..settings import HMCSettings, unknown_key_message
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import model_fingerprint
-from ..utils.kl import kd_loss
-from .config import budget, hmc_settings, validate_config_list
+from .config import settings_from_config_list, validate_config_list
+from .finetune import finetune
 
 __all__ = ['HMCCompressor']
 
@@ -38,7 +39,15 @@ _logger = logging.getLogger(__name__)
 COMPRESSIBLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-TARGET_TOLERANCE = 0.01  # plans land within 1 % of the target (apply.plan_for_target)
+TARGET_TOLERANCE = 0.01  # plans land within 1 % of the target (planning.targets.plan_for_target)
+# the keyword arguments beside HMC's settings, for the "did you mean" of an unknown one
+CONSTRUCTOR_KEYWORDS = ('model', 'config_list', 'evaluator', 'dummy_input', 'calibration_inputs', 'sensitivity_table',
+                        'plan', 'cache_path', 'latency_cache', 'progress') + HMCSettings.keys()
+FROM_COMPRESSOR_MESSAGE = (
+    "HMCCompressor cannot be made with from_compressor (NNI's compressor chaining): HMC replaces layers by smaller "
+    "or factorised ones, which the wrappers of another compressor cannot follow, and it never leaves the model "
+    "wrapped. Compress with the other compressor first, apply its masks (NNI's ModelSpeedup), then give the sped-up "
+    "model to HMCCompressor (or the reverse).")
 
 
 class HMCCompressor(Pruner):
@@ -56,18 +65,15 @@ class HMCCompressor(Pruner):
     config_list
         NNI ``config_list``: selection keys (``op_types``, ``op_names``, ``exclude_op_names``,
         ``exclude_op_types``, ...), NNI's ``max_sparse_ratio`` (cap on the channel ratio pruned in the
-        selected layers), and HMC's keys: ``mode`` ('prune', 'decompose', 'ahc', 'nahc', 'hmc'),
-        one budget: ``target_flops``, ``target_params`` or ``target_latency`` (fraction to keep; latency is
-        measured on this machine at ``latency_batch`` (default 1) and ``latency_threads`` (default: torch's
-        current thread count), and decompositions slower than their layer are never chosen), ``levels``, ``importance``,
-        ``rank_method``, ``margin`` (tau; 'inf' gives AHC), ``decompose_weight`` (each decomposition drop of
-        the scan counts this many times; default 1), ``sensitivity`` ('proxy', 'kl' or 'evaluator'),
-        ``round_to``, ``speedup`` ('nni' or 'torch_pruning'), ``distill``, ``distill_alpha``,
-        ``distill_temperature``. Unknown keys and bad values raise ``HMCConfigError`` before the model is
-        touched, and so do names that match no module, entries that select nothing and budgets below what
-        compressing every selected layer fully can reach. Selected layers that are neither Conv2d nor
-        Linear, or that share parameters with another module (tied weights), are skipped with a warning
-        naming them; grouped and depthwise convs are pruned but never decomposed.
+        selected layers), and HMC's keys, the fields of ``hmc_plugin.settings.HMCSettings`` (table:
+        ``recipes/configs/README.md``): ``mode``, exactly one budget (``target_flops``, ``target_params``
+        or ``target_latency``: the fraction to keep), ``levels``, ``importance``, ``rank_method``,
+        ``margin``, ``decompose_weight``, ``sensitivity``, ``round_to``, ``speedup``, ``distill``, ... .
+        Unknown keys and bad values raise ``HMCConfigError`` before the model is touched, and so do names
+        that match no module, entries that select nothing and budgets below what compressing every
+        selected layer fully can reach. Selected layers that are neither Conv2d nor Linear, or that share
+        parameters with another module (tied weights), are skipped with a warning naming them; grouped and
+        depthwise convs are pruned but never decomposed.
     evaluator
         NNI ``Evaluator`` (e.g. ``TorchEvaluator``). Needed for ``sensitivity='evaluator'`` (its
         ``evaluate()``) and for fine-tuning (``max_steps`` / ``max_epochs`` in ``compress``).
@@ -84,6 +90,9 @@ class HMCCompressor(Pruner):
     latency_cache
         JSON file of per-layer CPU times for ``target_latency`` (default ``$HMC_LATENCY_CACHE`` or
         ``~/.cache/hmc_plugin/latency.json``), shared by every plan on this machine.
+    mode, target_flops, ..., distill_temperature
+        Keyword-only: any ``HMCSettings`` field, overriding the ``config_list`` (a budget given here
+        replaces the config's). An unknown keyword raises ``HMCConfigError`` with a "did you mean".
 
     Examples
     --------
@@ -111,7 +120,8 @@ class HMCCompressor(Pruner):
 
     Notes
     -----
-    No fusion with other compressors (``from_compressor`` chains) is supported. A model pruned by an NNI
+    No fusion with other compressors is supported: ``HMCCompressor.from_compressor`` raises
+    ``HMCConfigError`` saying why. A model pruned by an NNI
     pruner and sped up with ``ModelSpeedup`` is an ordinary model and can be given to ``HMCCompressor``.
     """
 
@@ -119,10 +129,19 @@ class HMCCompressor(Pruner):
                  dummy_input: Any = None, *, calibration_inputs: Any = None,
                  sensitivity_table: SensitivityTable | None = None, plan: CompressionPlan | None = None,
                  cache_path: str | None = None, latency_cache: str | None = None, progress: bool = True,
-                 **overrides):
+                 mode: str | None = None, target_flops: float | None = None, target_params: float | None = None,
+                 target_latency: float | None = None, latency_batch: int | None = None,
+                 latency_threads: int | None = None, levels: Sequence[float] | None = None,
+                 importance: str | None = None, rank_method: str | None = None, margin: float | str | None = None,
+                 decompose_weight: float | str | None = None, sensitivity: str | None = None,
+                 round_to: int | None = None, speedup: str | None = None, distill: bool | None = None,
+                 distill_alpha: float | None = None, distill_temperature: float | None = None, **unknown):
+        arguments = dict(locals())
         # Everything that can fail on user input happens before NNI wraps the model.
+        _refuse_unknown_keywords(unknown)
         normalised = validate_config_list(config_list)
-        self.settings = hmc_settings(normalised, **overrides)
+        self.settings = settings_from_config_list(
+            normalised, **{key: value for key, value in arguments.items() if key in HMCSettings.keys()})
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise HMCConfigError(f'Got evaluator of type {type(evaluator).__name__} but expected an NNI Evaluator '
                                  f'(e.g. nni.compression.TorchEvaluator)')
@@ -131,11 +150,11 @@ class HMCCompressor(Pruner):
         if dummy_input is None:
             raise HMCConfigError('dummy_input is required (an example input, batch 1 is enough) when the evaluator '
                                  'has none: pass dummy_input=torch.rand(1, 3, H, W) or give the evaluator one')
-        if self.settings['sensitivity'] == 'evaluator' and evaluator is None and sensitivity_table is None and plan is None:
+        if self.settings.sensitivity == 'evaluator' and evaluator is None and sensitivity_table is None and plan is None:
             raise HMCConfigError("sensitivity='evaluator' needs an evaluator; pass one or set sensitivity='proxy'")
-        if self.settings['sensitivity'] in ('proxy', 'kl') and calibration_inputs is None and sensitivity_table is None \
+        if self.settings.sensitivity in ('proxy', 'kl') and calibration_inputs is None and sensitivity_table is None \
                 and plan is None:
-            raise HMCConfigError(f"sensitivity={self.settings['sensitivity']!r} needs calibration_inputs "
+            raise HMCConfigError(f"sensitivity={self.settings.sensitivity!r} needs calibration_inputs "
                                  "(a small batch of real inputs)")
         _check_finite(model)
         _check_runs(model, dummy_input, 'dummy_input')
@@ -215,7 +234,7 @@ class HMCCompressor(Pruner):
 
     def _decomposable_layers(self, model: nn.Module) -> list[str]:
         """Selected layers the configured ``rank_method`` can decompose (not grouped convs; CP needs zero padding)."""
-        rank_method = self.settings['rank_method']
+        rank_method = self.settings.rank_method
         return [name for name in self.layers if decomposable(
             model.get_submodule(name), name, method_for(model.get_submodule(name), rank_method, name))]
 
@@ -224,15 +243,15 @@ class HMCCompressor(Pruner):
         if getattr(module, 'groups', 1) != 1:
             return f'groups={module.groups}: grouped and depthwise convs are only pruned'
         try:
-            resolve_ranks(module, 1, method_for(module, self.settings['rank_method'], name), name)
+            resolve_ranks(module, 1, method_for(module, self.settings.rank_method, name), name)
         except LayerCompressionError as error:
             return f'{error}; it is only pruned'
         return 'not decomposable'
 
     def _check_traceable(self, model: nn.Module, plan: CompressionPlan | None) -> None:
         """NNI's speedup needs a ``torch.fx`` trace: fail now rather than after the scan."""
-        prunes = self.settings['mode'] != 'decompose' if plan is None else bool(plan.prune_ratios)
-        if self.settings['speedup'] != 'nni' or not prunes:
+        prunes = self.settings.mode != 'decompose' if plan is None else bool(plan.prune_ratios)
+        if self.settings.speedup != 'nni' or not prunes:
             return
         try:
             trace_model(model, self.dummy_input)
@@ -243,7 +262,7 @@ class HMCCompressor(Pruner):
 
     def _warn_unhandled(self, model: nn.Module) -> None:
         """One warning per selected layer that HMC will leave as it is, or compress one way only, and why."""
-        mode = self.settings['mode']
+        mode = self.settings.mode
         prunable = {member for group in self._eligible_groups() for member in group.members}
         decomposable_layers = set(self._decomposable_layers(model))
         layers = [name for name, module in model.named_modules() if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))]
@@ -267,17 +286,22 @@ class HMCCompressor(Pruner):
 
     def _check_reachable(self, model: nn.Module) -> None:
         """Fail before the scan if the budget is below what compressing every selected layer fully can give."""
-        metric, target = budget(self.settings)
+        metric, target = self.settings.budget
         if metric == 'latency':  # needs timings; plan_for_latency refuses an unreachable one after the scan
             return
-        level = max(self.settings['levels'])
+        level = max(self.settings.levels)
         lowest = reachable_fraction(model, self.dummy_input, self._eligible_groups(), self._decomposable_layers(model),
-                                    metric=metric, mode=self.settings['mode'], level=level,
-                                    max_ratios=self.max_ratios, round_to=self.settings['round_to'],
-                                    rank_method=self.settings['rank_method'])
+                                    metric=metric, mode=self.settings.mode, level=level,
+                                    max_ratios=self.max_ratios, round_to=self.settings.round_to,
+                                    rank_method=self.settings.rank_method)
         if lowest > target + TARGET_TOLERANCE:
-            raise HMCConfigError(unreachable_message(metric, target, lowest, self.settings['mode'], level,
+            raise HMCConfigError(unreachable_message(metric, target, lowest, self.settings.mode, level,
                                                      suggest_ahc=False))
+
+    @classmethod
+    def from_compressor(cls, compressor, new_config_list, *args, evaluator=None, **kwargs):
+        """Not supported: raises ``HMCConfigError`` saying why and what to do instead."""
+        raise HMCConfigError(FROM_COMPRESSOR_MESSAGE)
 
     def _validate_config(self):
         # Validation of NNI's and HMC's keys already ran in __init__ (validate_config_list).
@@ -286,11 +310,23 @@ class HMCCompressor(Pruner):
     # -- pipeline --------------------------------------------------------------------------------
 
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
-        """Scan, plan, prune (masks + speedup), decompose, fine-tune; return ``(compressed_model, masks)``.
+        """Scan, plan, prune (masks + speedup), decompose and, if asked, fine-tune.
 
-        ``compressor.plan`` holds the ``CompressionPlan`` and ``compressor.sensitivity`` the table.
-        Fine-tuning runs through the evaluator when ``max_steps`` or ``max_epochs`` is given.
-        The model given to the constructor is unwrapped and left exactly as it was.
+        Parameters
+        ----------
+        max_steps, max_epochs
+            Fine-tune the compressed model through the evaluator for this many steps or epochs (neither:
+            no fine-tuning).
+
+        Returns
+        -------
+        Tuple[nn.Module, Dict[str, Dict[str, Tensor]]]
+            The compressed model (a new module: pruned layers shrunk, decomposed layers replaced; the
+            model given to the constructor is unwrapped and left exactly as it was) and the pruning
+            masks in NNI's format ``{module_name: {'weight': mask, 'bias': mask}}``. The masks describe
+            the pruning half of the plan only (``compressor.plan`` holds the whole ``CompressionPlan``,
+            ``compressor.sensitivity`` the ``SensitivityTable``): the compressed model already has them
+            applied, so it needs no ``ModelSpeedup``.
         """
         try:
             super().compress(max_steps, max_epochs)  # runs _single_compress
@@ -317,7 +353,7 @@ class HMCCompressor(Pruner):
         self.make_plan()
         compressed = copy.deepcopy(self.bound_model)
         self.masks = plan_masks(compressed, self.plan, self.dummy_input)
-        compressed = apply_plan(compressed, self.plan, self.dummy_input, speedup=self.settings['speedup'],
+        compressed = apply_plan(compressed, self.plan, self.dummy_input, speedup=self.settings.speedup,
                                 masks=self.masks)
         _check_compressed_runs(compressed, self.dummy_input)
         if max_steps is not None or max_epochs is not None:
@@ -333,14 +369,14 @@ class HMCCompressor(Pruner):
             self.wrap_model()
         groups = self._eligible_groups()
         layers = self._decomposable_layers(self.bound_model)
-        mode = self.settings['sensitivity']
+        mode = self.settings.sensitivity
         if mode == 'evaluator':
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
         try:
             return scan_sensitivity(self.bound_model, self.dummy_input, groups=groups, layers=layers, mode=mode,
                                     eval_fn=self._evaluate if mode == 'evaluator' else None, calibration_inputs=self.calibration_inputs,
-                                    levels=self.settings['levels'], importance=self.settings['importance'],
-                                    round_to=self.settings['round_to'], rank_method=self.settings['rank_method'],
+                                    levels=self.settings.levels, importance=self.settings.importance,
+                                    round_to=self.settings.round_to, rank_method=self.settings.rank_method,
                                     cache_path=self.cache_path, progress=self.progress,
                                     mask_context=self._nni_mask_context, mask_model=self._reference,
                                     weight_owner=self._module_wrappers.__getitem__)
@@ -370,15 +406,15 @@ class HMCCompressor(Pruner):
                                    for name, value in wrapped.items()})
 
     def _build_plan(self, table: SensitivityTable) -> CompressionPlan:
-        common = dict(mode=self.settings['mode'], margin=self.settings['margin'],
-                      decompose_weight=self.settings['decompose_weight'], importance=self.settings['importance'],
-                      round_to=self.settings['round_to'], rank_method=self.settings['rank_method'],
+        common = dict(mode=self.settings.mode, margin=self.settings.margin,
+                      decompose_weight=self.settings.decompose_weight, importance=self.settings.importance,
+                      round_to=self.settings.round_to, rank_method=self.settings.rank_method,
                       max_ratios=self.max_ratios)
-        metric, target = budget(self.settings)
+        metric, target = self.settings.budget
         if metric == 'latency':
             plan, self.latency_report = plan_for_latency(
                 table, self.bound_model, self.dummy_input, self.groups, target_latency=target,
-                batch=self.settings['latency_batch'], threads=self.settings['latency_threads'],
+                batch=self.settings.latency_batch, threads=self.settings.latency_threads,
                 latency_cache=self.latency_cache, **common)
             return plan
         plan, _ = plan_for_target(table, self.bound_model, self.dummy_input, self.groups,
@@ -386,47 +422,20 @@ class HMCCompressor(Pruner):
         return plan
 
     def finetune(self, compressed: nn.Module, max_steps: int | None = None, max_epochs: int | None = None) -> None:
-        """Train ``compressed`` in place through the evaluator (its optimizer re-bound to the new parameters),
-        distilling from the original model when ``distill`` is set."""
-        if self.evaluator is None:
-            raise HMCConfigError('fine-tuning (max_steps / max_epochs) needs an evaluator')
-        known = set(dict(self.bound_model.named_parameters()))
-        new_params: dict[str, list[torch.Tensor]] = {}
-        for name, param in compressed.named_parameters():
-            if name not in known:
-                new_params.setdefault(name.rsplit('.', 1)[0], []).append(param)
-        self.evaluator.bind_model(compressed)
-        try:
-            if new_params:
-                self.evaluator.patch_optim_param_group(new_params)
-            hook = self._patch_distillation(compressed) if self.settings['distill'] else None
-            try:
-                self.evaluator.train(max_steps, max_epochs)
-            finally:
-                if hook is not None:
-                    hook.remove()
-        finally:
-            self.evaluator.unbind_model()
+        """Train ``compressed`` in place through the evaluator (``nni_api.finetune``), distilling from the
+        original model when ``distill`` is set."""
+        finetune(compressed, self.evaluator, original=self.bound_model, max_steps=max_steps, max_epochs=max_epochs,
+                 distill=self.settings.distill, distill_alpha=self.settings.distill_alpha,
+                 distill_temperature=self.settings.distill_temperature)
 
-    def _patch_distillation(self, student: nn.Module):
-        """Add ``alpha * KD(teacher=original model)`` to the evaluator's loss (Hinton et al. 2015).
 
-        The student's logits are caught by a forward hook (returned, to be removed after training), so the
-        user's ``training_step`` runs unchanged; NNI's ``patch_loss`` adds the KD term.
-        """
-        teacher = copy.deepcopy(self.bound_model).eval()
-        alpha, temperature = self.settings['distill_alpha'], self.settings['distill_temperature']
-        last_output: dict[str, torch.Tensor] = {}
-        handle = student.register_forward_hook(lambda module, inputs, output: last_output.__setitem__('logits', output))
-
-        def patch(loss: torch.Tensor, batch) -> torch.Tensor:
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            with torch.no_grad():
-                teacher_logits = teacher(inputs)
-            return (1 - alpha) * loss + alpha * kd_loss(last_output['logits'], teacher_logits, temperature)
-
-        self.evaluator.patch_loss(patch)
-        return handle
+def _refuse_unknown_keywords(unknown: dict[str, Any]) -> None:
+    """``HMCConfigError`` for a keyword ``HMCCompressor`` does not take, with a "did you mean" suggestion."""
+    if 'existed_wrappers' in unknown:
+        raise HMCConfigError(FROM_COMPRESSOR_MESSAGE)
+    if unknown:
+        key = next(iter(unknown))
+        raise HMCConfigError(unknown_key_message(key, CONSTRUCTOR_KEYWORDS, 'HMCCompressor'))
 
 
 def _tied_layers(model: nn.Module) -> dict[str, list[str]]:

@@ -7,8 +7,6 @@ global settings: entries that repeat one must agree.
 """
 from __future__ import annotations
 
-import difflib
-import math
 import re
 from copy import deepcopy
 from typing import Any
@@ -16,79 +14,18 @@ from typing import Any
 from nni.compression.base.config import default_config_schema, trans_legacy_config_list
 from schema import SchemaError
 
-from ..engines.pruning import IMPORTANCES
 from ..errors import HMCConfigError
-from ..planning.plan import MODES
+from ..settings import BUDGET_KEYS, HMCSettings, unknown_key_message
 
-__all__ = ['BUDGET_KEYS', 'HMC_DEFAULTS', 'HMC_KEYS', 'NNI_KEYS', 'validate_config_list', 'hmc_settings', 'budget']
+__all__ = ['NNI_KEYS', 'validate_config_list', 'settings_from_config_list']
 
-BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')
-
-
-DECOMPOSITIONS = ('auto', 'tucker2', 'cp')
-
-
-HMC_DEFAULTS: dict[str, Any] = {
-    'mode': 'nahc', 'target_flops': None, 'target_params': None, 'target_latency': None, 'latency_batch': 1,
-    'latency_threads': None, 'levels': [0.2, 0.4, 0.6, 0.8],
-    'importance': 'l1', 'rank_method': 'auto', 'margin': None, 'decompose_weight': 1.0, 'sensitivity': 'proxy',
-    'round_to': 1, 'speedup': 'nni', 'distill': False, 'distill_alpha': 0.5, 'distill_temperature': 4.0,
-}
-
-
-def _fraction_open_closed(value):  # (0, 1]
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
-
-
-def _levels(value):
-    return (isinstance(value, (list, tuple)) and len(value) > 0
-            and all(isinstance(v, (int, float)) and 0 < v < 1 for v in value) and list(value) == sorted(set(value)))
-
-
-def _margin(value):
-    return value in ('inf', math.inf) or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
-
-
-# key -> (check, what is allowed)
-HMC_KEYS: dict[str, tuple[Any, str]] = {
-    'mode': (lambda v: v in MODES, f'one of {MODES}'),
-    'target_flops': (_fraction_open_closed, 'a fraction of the FLOPs to keep in (0, 1]'),
-    'target_params': (_fraction_open_closed, 'a fraction of the parameters to keep in (0, 1]'),
-    'target_latency': (_fraction_open_closed, "a fraction of the model's measured CPU time to keep in (0, 1]"),
-    'latency_batch': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                      'the batch size (an int >= 1) at which target_latency is measured'),
-    'latency_threads': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                        'the torch thread count (an int >= 1) at which target_latency is measured'),
-    'levels': (_levels, 'increasing fractions in (0, 1), e.g. [0.2, 0.4, 0.6, 0.8]'),
-    # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
-    'importance': (lambda v: v in IMPORTANCES and v != 'taylor',
-                   f"one of {tuple(i for i in IMPORTANCES if i != 'taylor')} ('taylor' needs labelled calibration "
-                   f"batches: use it through hmc_plugin.engines.pruning.channel_masks(..., calibration=(inputs, targets)))"),
-    'rank_method': (lambda v: v in DECOMPOSITIONS, f'one of {DECOMPOSITIONS} (decomposition of kxk convs)'),
-    'margin': (_margin, "a number >= 0 or 'inf' (inf reproduces AHC); 'auto' (HMC's margin rule) needs held-out "
-                        "training data: run `hmc compress --mode hmc --margin auto`, or pass the plan of "
-                        "hmc_plugin.app.workflow.plan_by_margin_rule as HMCCompressor(plan=...)"),
-    'decompose_weight': (lambda v: v in ('inf', math.inf) or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                               and 0 < v < math.inf),
-                         "a number > 0 or 'inf': each decomposition drop of the scan counts this many times "
-                         "(1 = as scanned, inf = never decompose)"),
-    'sensitivity': (lambda v: v in ('proxy', 'kl', 'evaluator'),
-                    "'proxy' (Fisher estimate of the KL, one pass), 'kl' (KL per unit and level) or 'evaluator'"),
-    'round_to': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1'),
-    'speedup': (lambda v: v in ('nni', 'torch_pruning'), "'nni' or 'torch_pruning'"),
-    'distill': (lambda v: isinstance(v, bool), 'True or False'),
-    'distill_alpha': (_fraction_open_closed, 'a weight in (0, 1] of the distillation loss'),
-    'distill_temperature': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, 'a number > 0'),
-}
-
+# HMC's keys are HMCSettings' fields; 'auto' margins need held-out training data, which a config_list lacks
+MARGIN_AUTO_HINT = ("'auto' (HMC's margin rule) needs held-out training data: run `hmc compress --mode hmc --margin "
+                    "auto`, or pass the plan of hmc_plugin.app.workflow.plan_by_margin_rule as HMCCompressor(plan=...)")
 
 NNI_KEYS = ('op_types', 'op_names', 'op_names_re', 'exclude_op_names', 'exclude_op_types', 'exclude_op_names_re',
             'max_sparse_ratio')
-
-
 SELECTION_KEYS = ('op_types', 'op_names', 'op_names_re')
-
-
 EXCLUSION_KEYS = ('exclude_op_names', 'exclude_op_types', 'exclude_op_names_re')
 
 
@@ -106,21 +43,16 @@ def validate_config_list(config_list: list[dict]) -> list[dict]:
         raise HMCConfigError(f'Got config_list={config_list!r} but expected a non-empty list of dicts')
     normalised = trans_legacy_config_list(deepcopy(config_list))
     nni_schema = default_config_schema('pruning')
-    allowed = sorted(set(NNI_KEYS) | set(HMC_KEYS))
+    allowed = set(NNI_KEYS) | set(HMCSettings.keys())
     for index, entry in enumerate(normalised):
         for key, value in entry.items():
             if key in NNI_KEYS_NOT_USED:
                 raise HMCConfigError(f'config_list[{index}]: key {key!r} is not used by HMCCompressor: {NNI_KEYS_NOT_USED[key]}')
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                suggestion = f' (did you mean {close[0]!r}?)' if close else ''
-                raise HMCConfigError(f'config_list[{index}]: unknown key {key!r}{suggestion}; allowed keys are {allowed}')
-            if key in HMC_KEYS:
-                check, expected = HMC_KEYS[key]
-                if not check(value):
-                    raise HMCConfigError(f'config_list[{index}]: got {key}={value!r} but expected {expected}')
+                raise HMCConfigError(unknown_key_message(key, allowed, f'config_list[{index}]'))
+        _check_hmc_keys(index, entry)
         _check_nni_keys(index, entry)
-        nni_part = {key: value for key, value in entry.items() if key not in HMC_KEYS}
+        nni_part = {key: value for key, value in entry.items() if key not in HMCSettings.keys()}
         try:
             nni_schema.validate(nni_part)
         except SchemaError as error:
@@ -158,37 +90,45 @@ def _check_nni_keys(index: int, entry: dict) -> None:
                                  f'(the largest fraction of channels pruned in the selected layers)')
 
 
-def hmc_settings(config_list: list[dict], **overrides) -> dict[str, Any]:
-    """HMC's global settings: defaults, then keys set in the entries (which must agree), then ``overrides``."""
-    settings = dict(HMC_DEFAULTS)
+def _check_hmc_keys(index: int, entry: dict) -> None:
+    """HMC's keys of one entry, each checked by ``HMCSettings`` (the budget's exactly-one rule applies to all)."""
+    if entry.get('margin') == 'auto':
+        raise HMCConfigError(f"config_list[{index}]: got margin='auto' but {MARGIN_AUTO_HINT}")
+    try:
+        HMCSettings(**{key: value for key, value in entry.items() if key in HMCSettings.keys() and key not in BUDGET_KEYS})
+    except HMCConfigError as error:
+        raise HMCConfigError(f'config_list[{index}]: {error}') from None
+    for key in BUDGET_KEYS:
+        if key in entry:
+            try:
+                HMCSettings(**{key: entry[key]})
+            except HMCConfigError as error:
+                raise HMCConfigError(f'config_list[{index}]: {error}') from None
+
+
+def settings_from_config_list(config_list: list[dict], **overrides) -> HMCSettings:
+    """HMC's global settings: defaults, then the keys set in the entries (which must agree), then ``overrides``.
+
+    ``overrides`` are ``HMCCompressor``'s keyword arguments (``None`` = not given); a budget among them
+    replaces the config's budget. Raises ``HMCConfigError`` for conflicts, no budget or two budgets.
+    """
     seen: dict[str, Any] = {}
     for index, entry in enumerate(config_list):
-        for key in HMC_KEYS:
+        for key in HMCSettings.keys():
             if key in entry:
                 if key in seen and seen[key] != entry[key]:
                     raise HMCConfigError(f'config_list[{index}]: {key}={entry[key]!r} conflicts with {key}={seen[key]!r} '
                                          f'in an earlier entry; HMC keys are global, set each once')
                 seen[key] = entry[key]
-    settings.update(seen)
-    for key, value in overrides.items():
-        if value is not None:
-            check, expected = HMC_KEYS[key]
-            if not check(value):
-                raise HMCConfigError(f'Got {key}={value!r} but expected {expected}')
-            settings[key] = value
-    for key in ('margin', 'decompose_weight'):
-        if settings[key] == 'inf':
-            settings[key] = math.inf
-    budgets = [key for key in BUDGET_KEYS if settings[key] is not None]
-    if not budgets:
-        raise HMCConfigError("config_list sets no budget: add 'target_flops' (fraction of FLOPs to keep, "
-                             "e.g. 0.5), 'target_params' or 'target_latency' to an entry")
+    budgets = [key for key in BUDGET_KEYS if key in seen]
     if len(budgets) > 1:
         raise HMCConfigError(f"config_list sets {' and '.join(repr(key) for key in budgets)}; keep exactly one budget")
+    settings = HMCSettings(**seen)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if given.get('margin') == 'auto':
+        raise HMCConfigError(f"Got margin='auto' but {MARGIN_AUTO_HINT}")
+    settings = settings.replace(**given) if given else settings
+    if not any(getattr(settings, key) is not None for key in BUDGET_KEYS):
+        raise HMCConfigError("config_list sets no budget: add 'target_flops' (fraction of FLOPs to keep, "
+                             "e.g. 0.5), 'target_params' or 'target_latency' to an entry")
     return settings
-
-
-def budget(settings: dict[str, Any]) -> tuple[str, float]:
-    """``('flops' | 'params' | 'latency', fraction to keep)`` of validated settings."""
-    key = next(key for key in BUDGET_KEYS if settings[key] is not None)
-    return key[len('target_'):], settings[key]

@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import HMCConfigError
+from ..settings import MODES
 from ..utils.jsonio import decode_float, encode_float, read_json, write_json
 
 __all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'UnreachableTargetError']
 
 _logger = logging.getLogger(__name__)
 
-MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
 
 
 LAYER_GROUPS = ('prune', 'decompose', 'both', 'keep')

@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
+from ..settings import DEFAULT_LEVELS, SENSITIVITIES
 from ..utils.jsonio import read_json, write_json
 
 __all__ = ['DEFAULT_LEVELS', 'SensitivityTable']
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
 
 
-SCAN_MODES = ('evaluator', 'proxy', 'kl')
+SCAN_MODES = SENSITIVITIES
 
 
 Masks = dict[str, dict[str, torch.Tensor]]

@@ -4,13 +4,14 @@ import math
 import pytest
 
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.nni_api.config import hmc_settings, validate_config_list
+from hmc_plugin.nni_api.config import settings_from_config_list, validate_config_list
 
 
 def test_valid_entry_passes_and_keeps_hmc_keys():
     config = validate_config_list([{'op_types': ['Conv2d'], 'target_flops': 0.5, 'mode': 'nahc', 'margin': 'inf'}])
-    settings = hmc_settings(config)
-    assert settings['target_flops'] == 0.5 and settings['mode'] == 'nahc' and math.isinf(settings['margin'])
+    settings = settings_from_config_list(config)
+    assert settings.target_flops == 0.5 and settings.mode == 'nahc' and math.isinf(settings.margin)
+    assert settings.budget == ('flops', 0.5)
 
 
 @pytest.mark.parametrize('entry, words', [
@@ -36,16 +37,16 @@ def test_bad_entry_error_names_key_and_value(entry, words):
 
 def test_budget_is_required_and_unique():
     with pytest.raises(HMCConfigError, match='target_flops'):
-        hmc_settings(validate_config_list([{'op_types': ['Conv2d']}]))
+        settings_from_config_list(validate_config_list([{'op_types': ['Conv2d']}]))
     with pytest.raises(HMCConfigError, match="'target_flops' and 'target_params'; keep exactly one"):
-        hmc_settings(validate_config_list([{'op_types': ['Conv2d'], 'target_flops': 0.5, 'target_params': 0.5}]))
+        settings_from_config_list(validate_config_list([{'op_types': ['Conv2d'], 'target_flops': 0.5, 'target_params': 0.5}]))
 
 
 def test_conflicting_global_keys_are_reported():
     config = validate_config_list([{'op_types': ['Conv2d'], 'target_flops': 0.5, 'mode': 'ahc'},
                                    {'op_names': ['fc'], 'mode': 'prune'}])
     with pytest.raises(HMCConfigError, match="mode='prune' conflicts"):
-        hmc_settings(config)
+        settings_from_config_list(config)
 
 
 def test_empty_or_non_list_config_is_rejected():
