@@ -1,4 +1,4 @@
-"""HMC's margin rule (workflow.choose_margin) and the operators' exchange rate (decompose_weight), on digits."""
+"""HMC's margin rule (planning.margin through app.workflow.choose_margin) and the operators' exchange rate (decompose_weight), on digits."""
 from __future__ import annotations
 
 import json
@@ -66,15 +66,12 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
                                          decompose_weights=weights, probe_steps=8, held_out=128)
     assert model_fingerprint(model) == before
     assert [(t['margin'], t['decompose_weight']) for t in trials] == [(m, w) for w in weights for m in candidates]
-    # one-standard-error rule: of the candidates within one standard error of the lowest KL, the fewest decomposed
-    # layers, then prune-only's plan, then the most parameters (what a FLOPs budget leaves free)
+    # one-standard-error rule (its order is pinned by test_probe_ties_fall_back_to_prune_only): the choice is within
+    # one standard error of the lowest KL, and no candidate that is decomposes fewer layers
     lowest = min(t['kl'] for t in trials)
-    equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
-    simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
-    pruning_alone = [t for t in simplest if (t['margin'], t['decompose_weight']) == (math.inf, math.inf)]
-    assert chosen in (pruning_alone or simplest)
-    assert chosen['params_kept'] == max(t['params_kept'] for t in pruning_alone or simplest)
+    assert chosen['kl'] - lowest <= chosen['kl_se']
+    assert all(t['decomposed'] >= chosen['decomposed'] for t in trials if t['kl'] - lowest <= t['kl_se'])
     assert chosen['decomposed'] == len(plan.ranks)
     # tau inf with an infinite weight is prune-only's plan: the rule can always fall back to pruning alone
     prune_only, _ = plan_for_target(table, model, dummy, groups, mode='prune', target_flops=0.5)
@@ -93,15 +90,11 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     margin, plan, trials = choose_margin(model, digits, settings_params, table, candidates=candidates,
                                          decompose_weights=weights, probe_steps=8, held_out=128)
     lowest = min(t['kl'] for t in trials)
-    equal = [t for t in trials if t['kl'] - lowest <= t['kl_se']]
     chosen = next(t for t in trials if (t['margin'], t['decompose_weight']) == (margin, plan.decompose_weight))
-    simplest = [t for t in equal if t['decomposed'] == min(t['decomposed'] for t in equal)]
-    pruning_alone = [t for t in simplest if (t['margin'], t['decompose_weight']) == (math.inf, math.inf)]
-    assert chosen['flops_kept'] == max(t['flops_kept'] for t in pruning_alone or simplest)
+    assert chosen['kl'] - lowest <= chosen['kl_se']
     assert all(t['params_kept'] == pytest.approx(0.5, abs=0.02) for t in trials)
     with pytest.raises(HMCConfigError, match='probe_steps=-1'):
         choose_margin(model, digits, settings, table, probe_steps=-1)
-
 
 
 def _trial(margin, weight, kl, kl_se, decomposed, flops_kept):
@@ -147,7 +140,7 @@ def test_margin_rule_probes_resume_from_their_cache(scanned, digits, tmp_path, m
     assert len(probed) == 1 and (tmp_path / 'margin_rule.json').exists()
     monkeypatch.setattr(hmc_plugin.app.workflow, 'sgd_finetune', lambda *args, **kw: probed.append(1) or real_finetune(*args, **kw))
     first = choose_margin(model, digits, settings, table, **kwargs)
-    distinct_plans = len(json.loads((tmp_path / 'margin_rule.json').read_text())['measured'])
+    distinct_plans = len(json.loads((tmp_path / 'margin_rule.json').read_text())['entries'])
     assert len(probed) - 1 == distinct_plans - 1  # the plan probed before the interruption is not probed again
     monkeypatch.setattr(hmc_plugin.app.workflow, 'sgd_finetune', lambda *args, **kw: pytest.fail('probed again'))
     again = choose_margin(model, digits, settings, table, **kwargs)

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
-    """``RunSettings`` from the ``--config`` file, then the flags given (flags win; a budget flag replaces the file's)."""
+    """``RunSettings`` from ``--config``, then the flags given (flags win; a budget flag replaces the file's)."""
     values = {}
     if args.config:
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -127,20 +127,6 @@ def _load(args, settings):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from ..planning.plan import CompressionPlan
-    from ..sensitivity.table import SensitivityTable
-    from .export import save_compressed
-    from .report import format_table, write_report
-    from .workflow import (
-        compare_methods,
-        compress_and_measure,
-        make_compressor,
-        plan_by_margin_rule,
-        scan,
-        train_or_load_baseline,
-        uncompressed_row,
-    )
-
     settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,60 +134,85 @@ def _run(args: argparse.Namespace) -> None:
     model, splits = _load(args, settings)
     command = 'hmc ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
     if args.command == 'report':
-        rows, _ = compare_methods(model, splits, settings, out, progress)
-        write_report(out, rows, settings.as_dict(), [command])
-        print(format_table(rows))
-        print(f'\nWrote {out}/report.json, report.md, plan.json, pareto.png, sensitivity.png and the compressed model.')
+        _report_command(model, splits, settings, out, progress, command)
         return
+    from .workflow import train_or_load_baseline
+
     model = train_or_load_baseline(model, splits, settings, out, progress)
-    if args.command == 'scan':
-        table = scan(model, splits, settings, out, progress)
-        print(f'Scanned {len(table.prune)} pruning groups and {len(table.decompose)} layers at levels {table.levels} '
-              f'in {table.seconds:.1f} s ({table.evaluations} evaluations, mode {table.mode}).')
-        print(f'Wrote {out}/sensitivity.json and {out}/sensitivity.png')
-        return
-    if args.command == 'plan':
-        table_path = out / 'sensitivity.json'
-        if not table_path.exists():
-            raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
-        table = SensitivityTable.from_json(table_path)
-        if settings.methods[0] == 'hmc' and settings.margin == 'auto':
-            plan, margin_rule = plan_by_margin_rule(model, splits, settings, table, cache_path=out / 'margin_rule.json')
-            latency_report = margin_rule['latency_budget']
-            print(_margin_rule_line(margin_rule))
-        else:
-            compressor = make_compressor(model, splits, settings, settings.methods[0], table=table, progress=progress)
-            plan, latency_report = compressor.make_plan(), compressor.latency_report
-        plan.to_json(out / 'plan.json')
+    run = {'scan': _scan_command, 'plan': _plan_command, 'compress': _compress_command}[args.command]
+    run(model, splits, settings, out, progress, command, args)
+
+
+def _report_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str) -> None:
+    from .report import format_table, write_report
+    from .workflow import compare_methods
+
+    rows, _ = compare_methods(model, splits, settings, out, progress)
+    write_report(out, rows, settings.as_dict(), [command])
+    print(format_table(rows))
+    print(f'\nWrote {out}/report.json, report.md, plan.json, pareto.png, sensitivity.png and the compressed model.')
+
+
+def _scan_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str, args) -> None:
+    from .workflow import scan
+
+    table = scan(model, splits, settings, out, progress)
+    print(f'Scanned {len(table.prune)} pruning groups and {len(table.decompose)} layers at levels {table.levels} '
+          f'in {table.seconds:.1f} s ({table.evaluations} evaluations, mode {table.mode}).')
+    print(f'Wrote {out}/sensitivity.json and {out}/sensitivity.png')
+
+
+def _plan_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str, args) -> None:
+    from ..sensitivity.table import SensitivityTable
+    from .workflow import make_compressor, plan_by_margin_rule
+
+    table_path = out / 'sensitivity.json'
+    if not table_path.exists():
+        raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
+    table = SensitivityTable.from_json(table_path)
+    if settings.methods[0] == 'hmc' and settings.margin == 'auto':
+        plan, margin_rule = plan_by_margin_rule(model, splits, settings, table, cache_path=out / 'margin_rule.json')
+        latency_report = margin_rule['latency_budget']
+        print(_margin_rule_line(margin_rule))
+    else:
+        compressor = make_compressor(model, splits, settings, settings.methods[0], table=table, progress=progress)
+        plan, latency_report = compressor.make_plan(), compressor.latency_report
+    plan.to_json(out / 'plan.json')
+    print(plan.table())
+    measured = ', '.join(f'{metric} {value:.4f}' for metric, value in plan.measured.items())
+    print(f'\nMeasured kept fractions of this plan: {measured}. Wrote {out}/plan.json')
+    if latency_report:
+        print(_latency_line(latency_report))
+
+
+def _compress_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str, args) -> None:
+    from ..planning.plan import CompressionPlan
+    from ..sensitivity.table import SensitivityTable
+    from .export import save_compressed
+    from .report import format_table, write_report
+    from .workflow import compress_and_measure, make_compressor, scan, uncompressed_row
+
+    if args.plan:
+        plan = CompressionPlan.from_json(args.plan)
+        compressor = make_compressor(model, splits, settings, plan.mode, plan=plan, progress=progress)
+        compressed, _ = compressor.compress(max_epochs=settings.finetune_epochs or None)
+        save_compressed(compressed, out / 'compressed.pt', plan)
         print(plan.table())
-        measured = ', '.join(f'{metric} {value:.4f}' for metric, value in plan.measured.items())
-        print(f'\nMeasured kept fractions of this plan: {measured}. Wrote {out}/plan.json')
-        if latency_report:
-            print(_latency_line(latency_report))
-        return
-    if args.command == 'compress':
+    else:
         table_path = out / 'sensitivity.json'
-        table = SensitivityTable.from_json(table_path) if table_path.exists() else None
-        if args.plan:
-            plan = CompressionPlan.from_json(args.plan)
-            compressor = make_compressor(model, splits, settings, plan.mode, plan=plan, progress=progress)
-            compressed, _ = compressor.compress(max_epochs=settings.finetune_epochs or None)
-            save_compressed(compressed, out / 'compressed.pt', plan)
-            print(plan.table())
-        else:
-            table = table if table is not None else scan(model, splits, settings, out, progress)
-            row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress,
-                                                         out)
-            rows = [uncompressed_row(model, splits, settings), row]
-            write_report(out, rows, settings.as_dict(), [command])
-            plan.to_json(out / 'plan.json')
-            save_compressed(compressed, out / 'compressed.pt', plan)
-            print(format_table(rows))
-            if row.get('margin_rule'):
-                print(_margin_rule_line(row['margin_rule']))
-            if row.get('latency_budget'):
-                print(_latency_line(row['latency_budget']))
-        print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
+        table = SensitivityTable.from_json(table_path) if table_path.exists() else scan(model, splits, settings, out,
+                                                                                         progress)
+        row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress, out)
+        rows = [uncompressed_row(model, splits, settings), row]
+        write_report(out, rows, settings.as_dict(), [command])
+        plan.to_json(out / 'plan.json')
+        save_compressed(compressed, out / 'compressed.pt', plan)
+        print(format_table(rows))
+        if row.get('margin_rule'):
+            print(_margin_rule_line(row['margin_rule']))
+        if row.get('latency_budget'):
+            print(_latency_line(row['latency_budget']))
+    print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
 
 
 def _margin_rule_line(rule: dict) -> str:
