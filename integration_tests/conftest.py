@@ -12,6 +12,18 @@ from hmc_plugin.app.training import train, training_step
 
 logging.getLogger('nni').setLevel(logging.WARNING)
 
+# End-to-end modules that train, scan, fine-tune or start NNI: `pytest -m "not slow"` leaves them out (the inner
+# loop); CI and the README's test command run everything.
+SLOW_MODULES = {'test_benchmarks', 'test_cli_recipes', 'test_compressor', 'test_latency_budget', 'test_margin_rule',
+                'test_nni_experiment', 'test_pruning_speedup', 'test_reliability', 'test_reliability_layers',
+                'test_sensitivity_plan', 'test_settings_flow', 'test_torchvision_family'}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit('.', 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope='session')
 def digits():

@@ -24,6 +24,7 @@ Using Fine-tuned CP-Decomposition", ICLR.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -281,30 +282,49 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
     """
     method = _check_supported(module, method, layer_name)
     dims = _mode_dims(module, method)
-
-    def fail(extra: str = ''):
-        raise LayerCompressionError(f"Got rank={rank!r} for layer '{layer_name}' but expected "
-                                    f"{_ALLOWED.format(n=len(dims))}{extra}", layer_name=layer_name, method=method)
-
     is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
     if is_int or isinstance(rank, (tuple, list)):
-        ranks = (rank,) * len(dims) if is_int else tuple(rank)
-        if len(ranks) != len(dims) or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
-                                              and r >= 1 for r in ranks):
-            fail()
-        clipped = tuple(min(int(r), dim) for r, dim in zip(ranks, dims))
-        if clipped != ranks:
-            warnings.warn(f"rank={rank!r} for layer '{layer_name}' exceeds the dimensions {dims} of "
-                          f"method={method!r}; clipped to {clipped}", UserWarning, stacklevel=2)
-        return clipped
+        return _explicit_ranks(rank, is_int, dims, method, layer_name)
     if isinstance(rank, numbers.Real) and not isinstance(rank, bool):
-        if not 0 < rank <= 1:
-            fail()
-        out_features, in_features = module.weight.shape[:2]
-        channels = {'tucker2': (out_features, in_features), 'cp': (out_features,), 'svd': dims}[method]
-        return tuple(max(1, math.ceil(rank * c - 1e-9)) for c in channels)
+        return _channel_fraction_ranks(module, rank, dims, method, layer_name)
     if not isinstance(rank, str):
-        fail()
+        raise _rank_error(rank, dims, method, layer_name)
+    return _spectral_ranks(module, rank, dims, method, layer_name)
+
+
+def _rank_error(rank: RankSpec, dims: tuple[int, ...], method: str, layer_name: str) -> LayerCompressionError:
+    """The error for a rank spec of the wrong type or value, naming the layer and the allowed forms."""
+    return LayerCompressionError(f"Got rank={rank!r} for layer '{layer_name}' but expected "
+                                 f"{_ALLOWED.format(n=len(dims))}", layer_name=layer_name, method=method)
+
+
+def _explicit_ranks(rank: RankSpec, is_int: bool, dims: tuple[int, ...], method: str,
+                    layer_name: str) -> tuple[int, ...]:
+    """An int (every mode) or a tuple/list (per mode) of ranks >= 1, clipped to ``dims`` with a warning."""
+    ranks = (rank,) * len(dims) if is_int else tuple(rank)
+    if len(ranks) != len(dims) or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                                          and r >= 1 for r in ranks):
+        raise _rank_error(rank, dims, method, layer_name)
+    clipped = tuple(min(int(r), dim) for r, dim in zip(ranks, dims))
+    if clipped != ranks:  # stacklevel 3: the warning points at resolve_ranks' caller
+        warnings.warn(f"rank={rank!r} for layer '{layer_name}' exceeds the dimensions {dims} of "
+                      f"method={method!r}; clipped to {clipped}", UserWarning, stacklevel=3)
+    return clipped
+
+
+def _channel_fraction_ranks(module: nn.Module, rank: float, dims: tuple[int, ...], method: str,
+                            layer_name: str) -> tuple[int, ...]:
+    """A fraction ``f`` in (0, 1] of the channels: ``ceil(f * C)`` per mode, at least 1."""
+    if not 0 < rank <= 1:
+        raise _rank_error(rank, dims, method, layer_name)
+    out_features, in_features = module.weight.shape[:2]
+    channels = {'tucker2': (out_features, in_features), 'cp': (out_features,), 'svd': dims}[method]
+    return tuple(max(1, math.ceil(rank * c - 1e-9)) for c in channels)
+
+
+def _spectral_ranks(module: nn.Module, rank: str, dims: tuple[int, ...], method: str,
+                    layer_name: str) -> tuple[int, ...]:
+    """``'flops:f'`` (by cost), or ``'energy:f'`` / ``'vbmf'`` from the spectra of the mode unfoldings."""
     kind, _, value = rank.partition(':')
     if kind == 'vbmf' and not value:
         estimate = _vbmf_rank
@@ -312,9 +332,9 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
         fraction = _parse_fraction(value)
         if kind == 'flops':
             return _flops_ranks(module, fraction, method)
-        estimate = lambda matrix: _energy_rank(matrix, fraction)  # noqa: E731
+        estimate = functools.partial(_energy_rank, fraction=fraction)
     else:
-        fail()
+        raise _rank_error(rank, dims, method, layer_name)
     try:
         matrices = _mode_unfoldings(module.weight, method)
     except ValueError as error:
@@ -390,6 +410,12 @@ class _LowRank(nn.Sequential):
         raise NotImplementedError
 
 
+def _copy_bias(dense: nn.Module, last: nn.Module) -> None:
+    """The replacement's ``last`` layer takes a copy of the dense layer's bias (if it has one)."""
+    if dense.bias is not None:
+        last.bias = nn.Parameter(dense.bias.detach().clone())
+
+
 def _conv(conv: nn.Conv2d, in_channels: int, out_channels: int, kernel_size=1, bias: bool = False, **kwargs):
     return nn.Conv2d(in_channels, out_channels, kernel_size, bias=bias, device=conv.weight.device,
                      dtype=conv.weight.dtype, **kwargs)
@@ -419,8 +445,7 @@ class Tucker2Conv2d(_LowRank):
         first.weight = _param(u_in.T, first.weight)
         middle.weight = _param(core, middle.weight)
         last.weight = _param(u_out, last.weight)
-        if conv.bias is not None:
-            last.bias = nn.Parameter(conv.bias.detach().clone())
+        _copy_bias(conv, last)
         return cls(OrderedDict(first=first, core=middle, last=last))
 
     @classmethod
@@ -458,8 +483,7 @@ class CPConv2d(_LowRank):
         vertical.weight = _param(k_h.T, vertical.weight)
         horizontal.weight = _param(k_w.T, horizontal.weight)
         last.weight = _param(a_out * cp_weights, last.weight)
-        if conv.bias is not None:
-            last.bias = nn.Parameter(conv.bias.detach().clone())
+        _copy_bias(conv, last)
         return cls(OrderedDict(first=first, vertical=vertical, horizontal=horizontal, last=last))
 
     @classmethod
@@ -469,63 +493,68 @@ class CPConv2d(_LowRank):
                                                                       *conv.kernel_size)]
 
 
-class SVDConv2d(_LowRank):
-    """Truncated SVD of a 1x1 conv: ``first`` 1x1 C_in -> r (stride, padding), ``last`` 1x1 r -> C_out (bias).
+class _SVD(_LowRank):
+    """Truncated SVD of a dense layer: ``first`` in -> r (no bias), ``last`` r -> out (bias), ``sqrt(S)`` on both sides.
 
-    ``ranks = (r,)``; exact at ``r == min(C_in, C_out)``.
+    ``ranks = (r,)``; exact at ``r == min(in, out)``. Subclasses build the two stock layers (``_layers``).
     """
 
     method = 'svd'
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> SVDConv2d:
-        return cls.from_dense(conv, ranks, layer_name)
-
-    @classmethod
-    def _build(cls, conv, ranks, factors=None):
+    def _build(cls, dense, ranks, factors=None):
         (rank,) = ranks
-        left, right = factors or _svd_factors(conv.weight.reshape(conv.out_channels, conv.in_channels), rank)
-        first = _conv(conv, conv.in_channels, rank, stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, padding_mode=conv.padding_mode)
-        last = _conv(conv, rank, conv.out_channels, bias=conv.bias is not None)
+        out_features, in_features = dense.weight.shape[:2]
+        left, right = factors or _svd_factors(dense.weight.reshape(out_features, in_features), rank)
+        first, last = cls._layers(dense, rank)
         first.weight = _param(right, first.weight)
         last.weight = _param(left, last.weight)
-        if conv.bias is not None:
-            last.bias = nn.Parameter(conv.bias.detach().clone())
+        _copy_bias(dense, last)
         return cls(OrderedDict(first=first, last=last))
 
     @classmethod
-    def _random_factors(cls, conv, ranks):
+    def _random_factors(cls, dense, ranks):
         (rank,) = ranks
-        return torch.randn(conv.out_channels, rank), torch.randn(rank, conv.in_channels)
+        out_features, in_features = dense.weight.shape[:2]
+        return torch.randn(out_features, rank), torch.randn(rank, in_features)
+
+    @staticmethod
+    def _layers(dense: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+        """``(first, last)``: the stock layers in -> r and r -> out, same device and dtype as ``dense``."""
+        raise NotImplementedError
 
 
-class SVDLinear(_LowRank):
+class SVDConv2d(_SVD):
+    """Truncated SVD of a 1x1 conv: ``first`` 1x1 C_in -> r (stride, padding), ``last`` 1x1 r -> C_out (bias).
+
+    ``ranks = (r,)``; exact at ``r == min(C_in, C_out)``.
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> SVDConv2d:
+        return cls.from_dense(conv, ranks, layer_name)
+
+    @staticmethod
+    def _layers(conv, rank):
+        first = _conv(conv, conv.in_channels, rank, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, padding_mode=conv.padding_mode)
+        last = _conv(conv, rank, conv.out_channels, bias=conv.bias is not None)
+        return first, last
+
+
+class SVDLinear(_SVD):
     """Truncated SVD of a Linear: ``first`` in -> r (no bias), ``last`` r -> out (bias). ``ranks = (r,)``."""
-
-    method = 'svd'
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks: RankSpec, layer_name: str = '') -> SVDLinear:
         return cls.from_dense(linear, ranks, layer_name)
 
-    @classmethod
-    def _build(cls, linear, ranks, factors=None):
-        (rank,) = ranks
-        left, right = factors or _svd_factors(linear.weight, rank)
+    @staticmethod
+    def _layers(linear, rank):
         factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         first = nn.Linear(linear.in_features, rank, bias=False, **factory)
         last = nn.Linear(rank, linear.out_features, bias=linear.bias is not None, **factory)
-        first.weight = _param(right, first.weight)
-        last.weight = _param(left, last.weight)
-        if linear.bias is not None:
-            last.bias = nn.Parameter(linear.bias.detach().clone())
-        return cls(OrderedDict(first=first, last=last))
-
-    @classmethod
-    def _random_factors(cls, linear, ranks):
-        (rank,) = ranks
-        return torch.randn(linear.out_features, rank), torch.randn(rank, linear.in_features)
+        return first, last
 
 
 def _replacement_class(module: nn.Module, method: str) -> type[_LowRank]:

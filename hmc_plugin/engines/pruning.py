@@ -35,13 +35,13 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..errors import HMCConfigError, UntraceableModelError
+from ..settings import IMPORTANCES
 from ..utils.counting import as_input_tuple
 
 __all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks', 'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically']
 
 _logger = logging.getLogger(__name__)
 
-IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')
 
 
 _ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -322,23 +322,36 @@ def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, fl
         Unknown importance, group name or ignored layer; ratio outside [0, 1); ``'taylor'``
         without ``calibration``; two names of one group with different ratios.
     """
+    checked = _checked_ratios(ratios, importance, round_to, calibration)
+    # A copy keeps the caller's grads, BN statistics and requires_grad flags untouched.
+    scratch = copy.deepcopy(model)
+    graph, found = _groups(scratch, dummy_input, ignored_layers)
+    group_ratios = _ratio_per_group(found, checked)
+    if importance == 'taylor':
+        _accumulate_gradients(scratch, calibration)
+    return _masks_per_group(graph, scratch, group_ratios, importance, round_to)
+
+
+def _checked_ratios(ratios: dict[str, float], importance: str, round_to: Any,
+                    calibration: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+    """``ratios`` as floats, after checking them and the other arguments of :func:`group_channel_masks`."""
     if importance not in IMPORTANCES:
         raise HMCConfigError(f'Got importance={importance!r} but expected one of {IMPORTANCES}')
     if importance == 'taylor' and calibration is None:
         raise HMCConfigError("Got importance='taylor' without calibration; pass calibration=(inputs, targets)")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise HMCConfigError(f'Got round_to={round_to!r} but expected an int >= 1')
-    checked = {key: _check_ratio(key, ratio) for key, ratio in ratios.items()}
+    return {key: _check_ratio(key, ratio) for key, ratio in ratios.items()}
 
-    # A copy keeps the caller's grads, BN statistics and requires_grad flags untouched.
-    scratch = copy.deepcopy(model)
-    graph, found = _groups(scratch, dummy_input, ignored_layers)
+
+def _ratio_per_group(found: list[tuple[PruningGroup, Any]], ratios: dict[str, float]) -> dict[str, tuple[float, Any]]:
+    """Group name -> ``(ratio, tp group)`` from ratios keyed by group names or members; one ratio per group."""
     by_name = {}
     for pruning_group, group in found:
         for name in pruning_group.members:
             by_name[name] = (pruning_group, group)
     group_ratios: dict[str, tuple[float, Any]] = {}
-    for key, ratio in checked.items():
+    for key, ratio in ratios.items():
         if key not in by_name:
             valid = [pruning_group.name for pruning_group, _ in found]
             raise HMCConfigError(f'Got ratio for {key!r} but it is not an out-channel member of any prunable '
@@ -349,9 +362,12 @@ def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, fl
             raise HMCConfigError(f'Got ratios {previous[0]} and {ratio} for group {pruning_group.name!r} '
                                  f'(through {key!r}); give each group one ratio')
         group_ratios[pruning_group.name] = (ratio, group)
+    return group_ratios
 
-    if importance == 'taylor':
-        _accumulate_gradients(scratch, calibration)
+
+def _masks_per_group(graph: tp.DependencyGraph, scratch: nn.Module, group_ratios: dict[str, tuple[float, Any]],
+                     importance: str, round_to: int) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """Score each group of ``scratch`` (the scored copy) with ``importance`` and mask its lowest channels."""
     scorer = _importance(importance)
     names = {module: name for name, module in scratch.named_modules()}
     masks_by_group: dict[str, dict[str, dict[str, Tensor]]] = {}

@@ -21,10 +21,13 @@ def finetune(compressed: nn.Module, evaluator: Evaluator | None, *, original: nn
     The evaluator's optimizer is re-bound to ``compressed``: parameters whose names ``original`` (the
     model the evaluator was made for) does not have, such as low-rank factors, join its param groups
     (NNI's ``patch_optim_param_group``). With ``distill`` the loss becomes ``(1 - alpha) * loss + alpha *
-    KD(teacher=original)`` (Hinton et al. 2015). The evaluator is unbound again afterwards.
+    KD(teacher=original)`` (Hinton et al. 2015). An evaluator no compressor has bound yet is initialised on
+    ``original``; it is unbound again afterwards.
     """
     if evaluator is None:
         raise HMCConfigError('fine-tuning (max_steps / max_epochs) needs an evaluator')
+    if not evaluator._initialization_complete:  # as NNI's Compressor.__init__ does for an evaluator it is given
+        evaluator._init_optimizer_helpers(original)
     known = set(dict(original.named_parameters()))
     new_params: dict[str, list[torch.Tensor]] = {}
     for name, param in compressed.named_parameters():

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from ..engines.lowrank import decomposable
 from ..engines.pruning import PruningGroup
@@ -97,133 +98,208 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     check_table(table)
     table = weigh_decomposition(table, decompose_weight)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
-    # Grouping compares the operators at equal savings: of FLOPs (the levels), or of measured time.
+    groups = _sensitivity_groups(table, cost, candidates, mode, margin, keep_factor, metric, latency)
+    units = _allocation_units(table, cost, groups, mode, metric, max_ratios or {})
+    allocation = _Allocation(cost, latency, metric, round_to, step, table.levels, units.level_cap)
+    full_total = allocation.total if metric == 'latency' else cost.full[metric]
+    reached = _allocate(allocation, units, target * full_total)
+    plan = _plan_from_state(cost, candidates, allocation.prune_ratios, allocation.dec_levels, mode, {metric: target},
+                            importance, round_to, margin, latency, decompose_weight)
+    if not reached:
+        raise UnreachableTargetError(
+            f'Got target_{metric}={target} but the selected layers can only reach {allocation.total / full_total:.3f} '
+            f'of their {metric} in mode {mode!r} (levels up to {max(table.levels)}); raise the target, add layers '
+            f'to the selection or add a higher level', plan, metric, target)
+    return plan
+
+
+def _sensitivity_groups(table, cost: CostModel, candidates: Sequence[str], mode: str, margin: float | None,
+                        keep_factor: float, metric: str, latency) -> dict[str, str]:
+    """Step 1, the grouping: layer -> 'prune', 'decompose', 'both' or 'keep' (``grouping.group_layers``).
+
+    Grouping compares the operators at equal savings: of FLOPs (the levels), or of measured time under a
+    latency budget, where a decomposition that never saves time is no candidate.
+    """
     score = _time_equal_drop(table, cost, latency) if metric == 'latency' else None
     groups = group_layers(table, candidates, mode, margin, keep_factor, score)
-    max_level = max(table.levels)
-    if metric == 'latency' and mode == 'decompose':  # a decomposition that never saves time is not a candidate
+    if metric == 'latency' and mode == 'decompose':
         for layer, group in groups.items():
             if group == 'decompose' and math.isinf(score('decompose', layer)):
                 groups[layer] = 'keep'
+    return groups
 
-    max_ratios = max_ratios or {}
-    units: dict[tuple[str, str], Any] = {}
-    unit_max: dict[tuple[str, str], float] = {}
+
+Unit = tuple[str, str]  # ('prune', group name) or ('decompose', layer name)
+
+
+DropCurve = Callable[[float], float]  # level -> interpolated metric drop (``grouping._drop_curve``)
+
+
+@dataclass
+class _Units:
+    """Step 2, what the allocation may compress: unit -> drop curve, in the order units are tried.
+
+    ``active`` is allocated from the start; ``keep_reserve`` (layers grouped 'keep', by their cheaper
+    operator) joins only when the budget needs it, then ``latency_reserve`` (under a latency budget,
+    pruning the groups the grouping left to decomposition). ``level_cap`` caps every unit's level.
+    """
+
+    active: dict[Unit, DropCurve]
+    keep_reserve: dict[Unit, DropCurve]
+    latency_reserve: dict[Unit, DropCurve]
+    level_cap: dict[Unit, float]
+
+
+def _allocation_units(table, cost: CostModel, groups: dict[str, str], mode: str, metric: str,
+                      max_ratios: dict[str, float]) -> _Units:
+    """The units each sensitivity group allows, the two reserves (``_add_reserves``), and every unit's level cap."""
+    units = _Units({}, {}, {}, {})
     for group_name, members in table.groups.items():
         allowed = [m for m in members if groups.get(m) in ('prune', 'both')]
         if group_name in table.prune and allowed and 2 * len(allowed) >= len(members):
-            units[('prune', group_name)] = _drop_curve(table.levels, table.prune[group_name])
-            unit_max[('prune', group_name)] = min([max_level] + [max_ratios.get(m, 1.0) for m in members])
+            _add_unit(units.active, units, table, ('prune', group_name), max_ratios)
     # grouped/depthwise convs are never decomposed, whatever the table holds
     decomposable_layers = {name for name in table.decompose if name in cost.layers and decomposable(
         _shape_module(cost.layers[name], cost.layers[name].in_channels, cost.layers[name].out_channels))}
     for layer, group in groups.items():
         if group in ('decompose', 'both') and layer in decomposable_layers:
-            units[('decompose', layer)] = _drop_curve(table.levels, table.decompose[layer])
-            unit_max[('decompose', layer)] = max_level
-    # Layers grouped 'keep' are compressed (by their cheaper operator) only if the budget needs them.
-    reserve: dict[tuple[str, str], Any] = {}
+            _add_unit(units.active, units, table, ('decompose', layer), max_ratios)
+    if mode not in ('prune', 'decompose'):
+        _add_reserves(units, table, groups, decomposable_layers, metric, max_ratios)
+    return units
+
+
+def _add_reserves(units: _Units, table, groups: dict[str, str], decomposable_layers: set[str], metric: str,
+                  max_ratios: dict[str, float]) -> None:
+    """Each layer grouped 'keep' by its cheaper operator, and under a latency budget every other pruning group."""
     group_of_member = {member: name for name, members in table.groups.items() for member in members}
     for layer, group in groups.items():
-        if group != 'keep' or mode in ('prune', 'decompose'):
+        if group != 'keep':
             continue
         options = [('prune', group_of_member[layer])] if group_of_member.get(layer) in table.prune else []
         options += [('decompose', layer)] if layer in decomposable_layers else []
-        options = [unit for unit in options if unit not in units]
+        options = [unit for unit in options if unit not in units.active]
         if options:
-            unit = min(options, key=lambda u: table.mean_drop(*u))
-            reserve[unit] = _drop_curve(table.levels, getattr(table, unit[0])[unit[1]])
-            unit_max[unit] = max_level if unit[0] == 'decompose' else min(
-                [max_level] + [max_ratios.get(m, 1.0) for m in table.groups[unit[1]]])
-
-    # Under a latency budget, the last resort is pruning the groups the grouping left to decomposition.
-    latency_reserve: dict[tuple[str, str], Any] = {}
-    if metric == 'latency' and mode not in ('prune', 'decompose'):
+            _add_unit(units.keep_reserve, units, table, min(options, key=lambda u: table.mean_drop(*u)), max_ratios)
+    if metric == 'latency':
         for group_name in table.prune:
             unit = ('prune', group_name)
-            if unit not in units and unit not in reserve and group_name in table.groups:
-                latency_reserve[unit] = _drop_curve(table.levels, table.prune[group_name])
-                unit_max[unit] = min([max_level] + [max_ratios.get(m, 1.0) for m in table.groups[group_name]])
+            if unit not in units.active and unit not in units.keep_reserve and group_name in table.groups:
+                _add_unit(units.latency_reserve, units, table, unit, max_ratios)
 
-    prune_ratios: dict[str, float] = {}
-    dec_levels: dict[str, float] = {}
-    def layer_cost(name, prune_state, dec_state):
-        if metric == 'latency':
-            return latency.layer_ms(name, prune_state, dec_state, round_to)
-        return cost.layer_cost(name, prune_state, dec_state, round_to)[0 if metric == 'flops' else 1]
 
-    layer_costs = {name: layer_cost(name, prune_ratios, dec_levels) for name in cost.layers}
-    total = sum(layer_costs.values())
-    full_total = total if metric == 'latency' else cost.full[metric]
-    goal = target * full_total
-    scanned_levels = sorted(table.levels)
+def _add_unit(into: dict[Unit, DropCurve], units: _Units, table, unit: Unit, max_ratios: dict[str, float]) -> None:
+    """Put ``unit`` with its drop curve into ``into``; its cap is the highest level, and for a group the
+    smallest ``max_ratios`` of its members too."""
+    operator, name = unit
+    into[unit] = _drop_curve(table.levels, getattr(table, operator)[name])
+    max_level = max(table.levels)
+    units.level_cap[unit] = max_level if operator == 'decompose' else min(
+        [max_level] + [max_ratios.get(member, 1.0) for member in table.groups[name]])
 
-    def next_level(unit, level):
-        if metric == 'latency' and unit[0] == 'decompose':  # only the timed levels
-            return next((scanned for scanned in scanned_levels if scanned > level + 1e-9), unit_max[unit])
-        return min(unit_max[unit], round(level + step, 6))
 
-    def affected(unit):
+class _Allocation:
+    """Step 3, the greedy allocation's state: group prune ratios, decomposition levels and what each layer costs.
+
+    Costs are in the budget's unit: MACs per image ('flops'), parameters ('params') or predicted
+    milliseconds ('latency'); ``total`` is their sum over the cost model's layers.
+    """
+
+    def __init__(self, cost: CostModel, latency, metric: str, round_to: int, step: float, levels: Sequence[float],
+                 level_cap: dict[Unit, float]):
+        self.cost, self.latency, self.metric, self.round_to, self.step = cost, latency, metric, round_to, step
+        self.scanned_levels = sorted(levels)
+        self.level_cap = level_cap
+        self.prune_ratios: dict[str, float] = {}
+        self.dec_levels: dict[str, float] = {}
+        self.layer_costs = {name: self.layer_cost(name, self.prune_ratios, self.dec_levels) for name in cost.layers}
+        self.total = sum(self.layer_costs.values())
+
+    def layer_cost(self, name: str, prune_ratios: dict[str, float], dec_levels: dict[str, float]) -> float:
+        if self.metric == 'latency':
+            return self.latency.layer_ms(name, prune_ratios, dec_levels, self.round_to)
+        return self.cost.layer_cost(name, prune_ratios, dec_levels, self.round_to)[0 if self.metric == 'flops' else 1]
+
+    def level_of(self, unit: Unit) -> float:
+        return (self.prune_ratios if unit[0] == 'prune' else self.dec_levels).get(unit[1], 0.0)
+
+    def next_level(self, unit: Unit, level: float) -> float:
+        if self.metric == 'latency' and unit[0] == 'decompose':  # only the timed levels
+            return next((scanned for scanned in self.scanned_levels if scanned > level + 1e-9), self.level_cap[unit])
+        return min(self.level_cap[unit], round(level + self.step, 6))
+
+    def costs_with(self, unit: Unit, level: float) -> dict[str, float]:
+        """Costs of the layers ``unit`` affects, were it at ``level``."""
         operator, name = unit
-        return cost.affected[name] if operator == 'prune' else [name]
+        trial_prune = dict(self.prune_ratios)
+        trial_dec = dict(self.dec_levels)
+        (trial_prune if operator == 'prune' else trial_dec)[name] = level
+        affected = self.cost.affected[name] if operator == 'prune' else [name]
+        return {layer: self.layer_cost(layer, trial_prune, trial_dec) for layer in affected}
 
-    def level_of(unit):
-        return (prune_ratios if unit[0] == 'prune' else dec_levels).get(unit[1], 0.0)
+    def first_saving_step(self, unit: Unit, level: float) -> tuple[float, dict[str, float], float]:
+        """``(new_level, new_costs, saved)`` of the first level above ``level`` that saves, or of the cap.
 
-    def costs_with(unit, level):
-        trial_prune = dict(prune_ratios)
-        trial_dec = dict(dec_levels)
-        (trial_prune if unit[0] == 'prune' else trial_dec)[unit[1]] = level
-        return {name: layer_cost(name, trial_prune, trial_dec) for name in affected(unit)}
+        Small layers save nothing at the first steps (ranks clipped to the channels, rounding): without
+        looking ahead such a unit would never move.
+        """
+        new_level = level
+        while True:
+            new_level = self.next_level(unit, new_level)
+            new_costs = self.costs_with(unit, new_level)
+            saved = sum(self.layer_costs[name] - value for name, value in new_costs.items())
+            if saved > 0 or new_level >= self.level_cap[unit] - 1e-9:
+                return new_level, new_costs, saved
 
-    while total > goal:
+    def cheapest_step(self, units: dict[Unit, DropCurve]):
+        """``(score, unit, new_level, new_costs, saved)`` of the least drop per cost saved, or None if no unit saves."""
         best = None
         for unit, curve in units.items():
-            level = level_of(unit)
-            if level >= unit_max[unit] - 1e-9:
+            level = self.level_of(unit)
+            if level >= self.level_cap[unit] - 1e-9:
                 continue
-            # Small layers save nothing at the first steps (ranks clipped to the channels, rounding): look
-            # ahead to the first level that saves, or such a unit would never move.
-            new_level = level
-            while True:
-                new_level = next_level(unit, new_level)
-                new_costs = costs_with(unit, new_level)
-                saved = sum(layer_costs[name] - value for name, value in new_costs.items())
-                if saved > 0 or new_level >= unit_max[unit] - 1e-9:
-                    break
+            new_level, new_costs, saved = self.first_saving_step(unit, level)
             if saved <= 0:
                 continue
             score = (curve(new_level) - curve(level) + 1e-12) / saved
             if best is None or score < best[0]:
                 best = (score, unit, new_level, new_costs, saved)
-        if best is None and reserve:
-            _logger.warning('The budget needs layers grouped "keep" (too sensitive to both operators): '
-                            'compressing %d of them with their cheaper operator', len(reserve))
-            units.update(reserve)
-            reserve = {}
-            continue
-        if best is None and latency_reserve:
-            _logger.warning('The latency budget needs more time saved than the sensitivity groups allow (decomposition '
+        return best
+
+    def take(self, unit: Unit, new_level: float, new_costs: dict[str, float], saved: float) -> None:
+        (self.prune_ratios if unit[0] == 'prune' else self.dec_levels)[unit[1]] = new_level
+        self.layer_costs.update(new_costs)
+        self.total -= saved
+
+
+_KEEP_RESERVE_WARNING = ('The budget needs layers grouped "keep" (too sensitive to both operators): compressing %d of '
+                         'them with their cheaper operator')
+
+
+_LATENCY_RESERVE_WARNING = ('The latency budget needs more time saved than the sensitivity groups allow (decomposition '
                             'saves little time on this CPU): also pruning %d channel group(s) whose layers were grouped '
-                            'for decomposition', len(latency_reserve))
-            units.update(latency_reserve)
-            latency_reserve = {}
+                            'for decomposition')
+
+
+def _allocate(allocation: _Allocation, units: _Units, goal: float) -> bool:
+    """Step 4, the greedy loop: take the cheapest step until ``allocation.total <= goal``, calling in the
+    reserves in turn when no active unit can move. False when every unit reaches its cap first (the target
+    is out of reach)."""
+    active = units.active
+    reserves = [(reserve, warning) for reserve, warning in ((units.keep_reserve, _KEEP_RESERVE_WARNING),
+                                                            (units.latency_reserve, _LATENCY_RESERVE_WARNING)) if reserve]
+    while allocation.total > goal:
+        best = allocation.cheapest_step(active)
+        if best is None and reserves:
+            reserve, warning = reserves.pop(0)
+            _logger.warning(warning, len(reserve))
+            active.update(reserve)
             continue
         if best is None:
-            reachable = total / full_total
-            raise UnreachableTargetError(
-                f'Got target_{metric}={target} but the selected layers can only reach {reachable:.3f} of their '
-                f'{metric} in mode {mode!r} (levels up to {max_level}); raise the target, add layers '
-                f'to the selection or add a higher level',
-                _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance,
-                                 round_to, margin, latency, decompose_weight), metric, target)
+            return False
         _, unit, new_level, new_costs, saved = best
-        (prune_ratios if unit[0] == 'prune' else dec_levels)[unit[1]] = new_level
-        layer_costs.update(new_costs)
-        total -= saved
-
-    return _plan_from_state(cost, candidates, prune_ratios, dec_levels, mode, {metric: target}, importance, round_to,
-                            margin, latency, decompose_weight)
+        allocation.take(unit, new_level, new_costs, saved)
+    return True
 
 
 def _plan_from_state(cost: CostModel, candidates: Sequence[str], prune_ratios: dict[str, float],

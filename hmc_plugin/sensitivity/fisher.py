@@ -196,40 +196,64 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
     prune_masks = prune_masks or {}
     weight_changes = weight_changes or {}
     inputs = as_input_tuple(calibration_inputs)
-    samples = inputs[0].shape[0]
     modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            classes = model(*(tensor[:1] for tensor in inputs)).flatten(1).shape[1]
-        copies = min(classes, projections)
-        group_members = {group: list(levels[0]) for group, levels in prune_masks.items() if levels}
-        ends = chain_ends(model, tuple(tensor[:1] for tensor in inputs), group_members)
-        channel_modules = {name for names in ends.values() for name in names}
-
-        per_sample = max(1, inputs[0][:1].numel())
-        chunk = max(1, min(_MAX_REPLICATED_BATCH, _MAX_BATCH_ELEMENTS // per_sample) // copies)
-        generator = torch.Generator().manual_seed(seed)
-        accumulator = _Accumulator()
-        scale = 1.0
-        with _hooks(modules, channel_modules, weight_changes, copies, accumulator), \
-                tqdm(total=samples, desc='HMC sensitivity scan (proxy, Fisher)', unit='img', disable=not progress) as bar:
-            for start in range(0, samples, chunk):
-                part = tuple(tensor[start:start + chunk] for tensor in inputs)
-                # Gradients are taken w.r.t. the input only: every activation is on that path, and no
-                # parameter gradient is computed (or left behind).
-                replicated = tuple(_replicate(tensor, copies) for tensor in part)
-                with torch.enable_grad():
-                    logits = model(*replicated).flatten(1)
-                    n = part[0].shape[0]
-                    rows, scale = _projections(logits[:n], copies, generator)          # (K, N, C)
-                    loss = (logits * rows.reshape(copies * n, -1).to(logits.dtype)).sum()
-                    torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
-                bar.update(n)
+        ends, accumulator, scale = _fisher_scores(model, inputs, modules, prune_masks, weight_changes, projections,
+                                                  seed, progress)
     finally:
         model.train(was_training)
+    return (_prune_drops(prune_masks, ends, modules, accumulator, scale),
+            _decompose_drops(weight_changes, accumulator, scale))
 
+
+def _fisher_scores(model: nn.Module, inputs: tuple, modules: dict[str, nn.Module], prune_masks: dict[str, list[Masks]],
+                   weight_changes: dict[str, list[Tensor]], projections: int, seed: int,
+                   progress: bool) -> tuple[dict[str, list[str]], _Accumulator, float]:
+    """The one pass, ``model`` in eval mode: ``(chain ends of each group, per-sample scores, projection scale)``."""
+    with torch.no_grad():
+        classes = model(*(tensor[:1] for tensor in inputs)).flatten(1).shape[1]
+    copies = min(classes, projections)
+    group_members = {group: list(levels[0]) for group, levels in prune_masks.items() if levels}
+    ends = chain_ends(model, tuple(tensor[:1] for tensor in inputs), group_members)
+    channel_modules = {name for names in ends.values() for name in names}
+    accumulator = _Accumulator()
+    with _hooks(modules, channel_modules, weight_changes, copies, accumulator):
+        scale = _backward_passes(model, inputs, copies, seed, progress)
+    return ends, accumulator, scale
+
+
+def _backward_passes(model: nn.Module, inputs: tuple, copies: int, seed: int, progress: bool) -> float:
+    """Forward and backward the batch in chunks, each replicated ``copies`` times; returns the projections' scale.
+
+    ``_hooks`` records the scores. A replicated chunk holds at most ``_MAX_REPLICATED_BATCH`` samples and
+    ``_MAX_BATCH_ELEMENTS`` input elements (but at least one sample); the scale is 1 (exact rows) or ``1 / copies``.
+    """
+    samples = inputs[0].shape[0]
+    per_sample = max(1, inputs[0][:1].numel())
+    chunk = max(1, min(_MAX_REPLICATED_BATCH, _MAX_BATCH_ELEMENTS // per_sample) // copies)
+    generator = torch.Generator().manual_seed(seed)
+    scale = 1.0
+    with tqdm(total=samples, desc='HMC sensitivity scan (proxy, Fisher)', unit='img', disable=not progress) as bar:
+        for start in range(0, samples, chunk):
+            part = tuple(tensor[start:start + chunk] for tensor in inputs)
+            # Gradients are taken w.r.t. the input only: every activation is on that path, and no
+            # parameter gradient is computed (or left behind).
+            replicated = tuple(_replicate(tensor, copies) for tensor in part)
+            with torch.enable_grad():
+                logits = model(*replicated).flatten(1)
+                n = part[0].shape[0]
+                rows, scale = _projections(logits[:n], copies, generator)          # (K, N, C)
+                loss = (logits * rows.reshape(copies * n, -1).to(logits.dtype)).sum()
+                torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
+            bar.update(n)
+    return scale
+
+
+def _prune_drops(prune_masks: dict[str, list[Masks]], ends: dict[str, list[str]], modules: dict[str, nn.Module],
+                 accumulator: _Accumulator, scale: float) -> dict[str, list[float]]:
+    """Each group's drop per level: the pruned channels' scores, summed over the group's chain ends."""
     channel_scores = {name: torch.cat(chunks, dim=1) for name, chunks in accumulator.channel_scores.items()}  # (K, N, C)
     prune = {}
     for group, levels in prune_masks.items():
@@ -242,11 +266,17 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
                 joint = -scores if joint is None else joint - scores
             drops.append(_kl_estimate(joint, scale))
         prune[group] = drops
+    return prune
+
+
+def _decompose_drops(weight_changes: dict[str, list[Tensor]], accumulator: _Accumulator,
+                     scale: float) -> dict[str, list[float]]:
+    """Each decomposed layer's drop per level, from its scores ``g . delta``."""
     decompose = {}
     for layer in weight_changes:
         scores = torch.cat(accumulator.layer_scores[layer], dim=2)  # (levels, K, N)
         decompose[layer] = [_kl_estimate(level_scores, scale) for level_scores in scores]
-    return prune, decompose
+    return decompose
 
 
 def _replicate(tensor: Tensor, copies: int) -> Tensor:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from hmc_plugin.app.baselines import nni_l1_masks, nni_l1_prune
 from hmc_plugin.app.models import resnet20
@@ -12,17 +11,6 @@ from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.utils.counting import count_flops
 from hmc_plugin.utils.fingerprint import model_fingerprint
 from hmc_plugin.utils.kl import output_kl, output_log_probs
-
-
-@pytest.fixture
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    net = resnet20()
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-    return net.eval()
 
 
 def test_nni_l1_masks_are_shared_by_residual_coupled_convs(model):

@@ -21,18 +21,6 @@ from hmc_plugin.errors import HMCConfigError, UntraceableModelError
 
 
 @pytest.fixture
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    net = resnet20()
-    # Random BN affine params so that importances and outputs are not degenerate.
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-    return net.eval()
-
-
-@pytest.fixture
 def dummy() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
@@ -247,7 +235,6 @@ def test_physical_pruning_keeps_mode_dtype_and_requires_grad(model, dummy):
 
 
 def test_nni_speedup_of_a_train_mode_model_keeps_bn_statistics_and_mode():
-    from hmc_plugin.app.models import resnet20
     from hmc_plugin.engines.pruning import channel_masks, speedup_with_nni
     model = resnet20().train()
     dummy_input = torch.zeros(1, 3, 32, 32)
