@@ -1,8 +1,11 @@
 """The `hmc` command and the recipes, on tiny settings (ResNet-20, short schedules, generated data)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +28,28 @@ def test_help_lists_the_subcommands():
         assert command in result.stdout
 
 
-def test_report_on_digits_writes_every_file_with_the_documented_rows(tmp_path, capsys):
-    assert main(['report', '--model', 'resnet20', '--data', 'digits', '--methods', 'prune,nahc',
-                 '--target-flops', '0.5', '--out', str(tmp_path), *TINY]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope='module')
+def digits_report(tmp_path_factory):
+    """`hmc report` on digits (ResNet-20, prune and NaHC, one epoch each): its folder and what it printed."""
+    out = tmp_path_factory.mktemp('report')
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(['report', '--model', 'resnet20', '--data', 'digits', '--methods', 'prune,nahc',
+                     '--target-flops', '0.5', '--threads', '1', '--out', str(out), *TINY]) == 0
+    return out, printed.getvalue()
+
+
+def printed_table(printed: str) -> dict[str, dict[str, str]]:
+    """The comparison table `hmc report` printed: method -> column header -> cell."""
+    lines = printed.strip().split('\n\n')[0].splitlines()
+    header = re.split(r'\s{2,}', lines[0].strip())
+    cells = [re.split(r'\s{2,}', line.strip()) for line in lines[2:]]
+    assert all(len(row) == len(header) for row in cells), lines
+    return {row[0]: dict(zip(header, row)) for row in cells}
+
+
+def test_report_on_digits_writes_every_file_with_the_documented_rows(digits_report):
+    tmp_path, printed = digits_report
     assert 'uncompressed' in printed and 'nahc' in printed and 'acc fine-tuned' in printed
     for name in ('report.json', 'report.md', 'plan.json', 'pareto.png', 'sensitivity.png', 'sensitivity.json',
                  'compressed_nahc.pt'):
@@ -42,6 +63,26 @@ def test_report_on_digits_writes_every_file_with_the_documented_rows(tmp_path, c
     assert {'name', 'group', 'prune_ratio', 'ranks'} <= set(nahc['layers'][0])
     model, plan = load_compressed(tmp_path / 'compressed_nahc.pt')
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_report_table_takes_every_time_and_speed_up_from_one_side_by_side_timing(digits_report):
+    out, printed = digits_report
+    rows = json.loads((out / 'report.json').read_text())['methods']
+    table = printed_table(printed)
+    uncompressed = rows[0]
+    assert uncompressed['mode'] == 'uncompressed' and set(table) == {row['mode'] for row in rows}
+    for row in rows:
+        printed_row = table[row['mode']]
+        for suffix, batch in (('', 'b1'), ('_b64', 'b64')):
+            before, after = row[f'latency_ms_before{suffix}'], row[f'latency_ms_after{suffix}']
+            # the uncompressed model's time is every row's "before": one timing, not one per method
+            assert before == uncompressed[f'latency_ms_after{suffix}'] == uncompressed[f'latency_ms_before{suffix}']
+            assert printed_row[f'speed-up {batch}'] == f'{before / after:.2f}x'
+        assert printed_row['lat b1 ms'] == f"{row['latency_ms_after']:.2f}"
+        # and the printed ms divide into the printed speed-up, up to their rounding
+        reference_ms, ms = float(table['uncompressed']['lat b1 ms']), float(printed_row['lat b1 ms'])
+        lowest, highest = (reference_ms - 0.005) / (ms + 0.005), (reference_ms + 0.005) / max(ms - 0.005, 1e-9)
+        assert lowest - 0.005 <= float(printed_row['speed-up b1'].rstrip('x')) <= highest + 0.005
 
 
 def test_scan_plan_compress_steps_share_the_output_folder(tmp_path, capsys):

@@ -197,7 +197,8 @@ def test_a_cache_made_under_other_load_is_reported(scanned, tmp_path, caplog):
     cost = CostModel(model, dummy, groups)
     LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
     data = json.loads(cache_path.read_text())
-    data['ms'] = {key: value * (10 if '|model ' in key else 1) for key, value in data['ms'].items()}
+    for entry in data['entries'].values():  # the store keeps what each time was measured for beside it
+        entry['value'] *= 10 if '|model ' in entry['key'] else 1
     cache_path.write_text(json.dumps(data))
     with caplog.at_level('WARNING', logger='hmc_plugin.planning.latency'):
         LatencyModel(model, dummy, cost, LEVELS, batch=BATCH, threads=1, cache=cache_path)
@@ -221,8 +222,9 @@ def test_an_interrupted_plan_keeps_the_layer_times_it_measured(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         for index in range(10):
             cache.get(f'shape {index}', interrupt_after_four)
-    saved = json.loads((tmp_path / 'latency.json').read_text())['ms']
-    assert sorted(saved) == ['shape 0', 'shape 1', 'shape 2']  # the first save_every measurements survived
+    saved = json.loads((tmp_path / 'latency.json').read_text())['entries']
+    # the first save_every measurements survived
+    assert sorted(entry['key'] for entry in saved.values()) == ['shape 0', 'shape 1', 'shape 2']
     again = LatencyCache(tmp_path / 'latency.json')
     assert again.get('shape 1', lambda: pytest.fail('measured again')) == 1.0 and again.measured == 0
 

@@ -203,7 +203,7 @@ def _compress_command(model, splits, settings: RunSettings, out: Path, progress:
         table = SensitivityTable.from_json(table_path) if table_path.exists() else scan(model, splits, settings, out,
                                                                                          progress)
         row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress, out)
-        rows = [uncompressed_row(model, splits, settings), row]
+        rows = [uncompressed_row(model, splits, settings, latencies=row), row]
         write_report(out, rows, settings.as_dict(), [command])
         plan.to_json(out / 'plan.json')
         save_compressed(compressed, out / 'compressed.pt', plan)

@@ -1,23 +1,102 @@
-"""Reports a person can read: the method comparison table, ``report.json``, ``report.md`` and ``pareto.png``.
+"""Reports a person can read: the method comparison table, ``report.json``, ``report.md`` and ``pareto.png``,
+and the one builder of their rows (``method_row``, ``uncompressed_row``).
 
 ``report.json`` is ``{"version": 1, "created": ISO date, "machine": str, "settings": {...},
-"methods": [row, ...]}``; every row has the keys of ``ROW_KEYS`` (see README "report.json").
+"methods": [row, ...]}``; every row has the keys of ``ROW_KEYS`` (see README "report.json"). A table's
+times and speed-ups come from one side-by-side timing (``latency_fields``), so that every ms it prints
+divides into the speed-up it prints.
 """
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from torch import nn
+
+from ..planning.plan import CompressionPlan
+from ..utils.counting import count_flops, count_params
+from ..utils.jsonio import write_json
 from ..utils.timing import machine_description
 
-__all__ = ['ROW_KEYS', 'TABLE_COLUMNS', 'format_table', 'markdown_table', 'plot_pareto', 'write_report']
+__all__ = ['ROW_KEYS', 'LATENCY_KEYS', 'TABLE_COLUMNS', 'latency_fields', 'size_fields', 'method_row',
+           'uncompressed_row', 'flops_kept', 'params_kept', 'speedup', 'format_table', 'markdown_table',
+           'plot_pareto', 'write_report']
 
 ROW_KEYS = ('model', 'mode', 'target_flops', 'params_before', 'params_after', 'flops_before', 'flops_after',
             'acc_before', 'acc_zero_shot', 'acc_after', 'latency_ms_before', 'latency_ms_after',
             'latency_ms_before_b64', 'latency_ms_after_b64', 'layers')
+
+# Batch-1 and batch-64 CPU times (ms) of the original ("before") and the compressed model ("after").
+LATENCY_KEYS = ('latency_ms_before', 'latency_ms_after', 'latency_ms_before_b64', 'latency_ms_after_b64')
+
+
+def latency_fields(before_ms: float | None = None, after_ms: float | None = None, before_ms_b64: float | None = None,
+                   after_ms_b64: float | None = None) -> dict[str, float | None]:
+    """A row's ``LATENCY_KEYS`` from one side-by-side timing per batch size (``None``: not timed)."""
+    return dict(zip(LATENCY_KEYS, (before_ms, after_ms, before_ms_b64, after_ms_b64)))
+
+
+def size_fields(original: nn.Module, compressed: nn.Module, dummy_input: Any) -> dict[str, int]:
+    """``params_before``/``params_after`` and ``flops_before``/``flops_after`` (MACs per ``dummy_input``)."""
+    params, flops = count_params(original), count_flops(original, dummy_input)
+    if compressed is original:
+        return {'params_before': params, 'params_after': params, 'flops_before': flops, 'flops_after': flops}
+    return {'params_before': params, 'params_after': count_params(compressed),
+            'flops_before': flops, 'flops_after': count_flops(compressed, dummy_input)}
+
+
+def _plan_layers(plan: CompressionPlan | None) -> list[dict[str, Any]]:
+    if plan is None:
+        return []
+    return [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
+             'ranks': list(layer.ranks) if layer.ranks else None} for layer in plan.layers]
+
+
+def method_row(model_name: str, mode: str, original: nn.Module, compressed: nn.Module, dummy_input: Any, *,
+               acc_before: float, acc_zero_shot: float, acc_after: float,
+               latencies: dict[str, float | None] | None = None, target_flops: float | None = None,
+               plan: CompressionPlan | None = None, **extra: Any) -> dict[str, Any]:
+    """One report row (``ROW_KEYS``, plus ``groups`` when a ``plan`` is given, plus ``extra``).
+
+    ``latencies``: ``latency_fields`` of a side-by-side timing of ``original`` and ``compressed`` (``None``:
+    not timed yet; fill them in with ``row.update(latency_fields(...))``). Accuracies are fractions in [0, 1].
+    """
+    row: dict[str, Any] = {'model': model_name, 'mode': mode, 'target_flops': target_flops,
+                           **size_fields(original, compressed, dummy_input),
+                           'acc_before': acc_before, 'acc_zero_shot': acc_zero_shot, 'acc_after': acc_after,
+                           **(latencies if latencies is not None else latency_fields()),
+                           'layers': _plan_layers(plan)}
+    if plan is not None:
+        row['groups'] = plan.group_counts()
+    row.update(extra)
+    return row
+
+
+def uncompressed_row(model_name: str, model: nn.Module, dummy_input: Any, *, accuracy: float,
+                     latencies: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """The reference row: ``model`` as trained, its own "before" and "after"; ``latencies`` as ``method_row``'s
+    (the original's times taken from the same timing as the method rows')."""
+    return method_row(model_name, 'uncompressed', model, model, dummy_input, acc_before=accuracy,
+                      acc_zero_shot=accuracy, acc_after=accuracy, latencies=latencies)
+
+
+def flops_kept(row: dict[str, Any]) -> float:
+    """The compressed model's FLOPs over the original's."""
+    return row['flops_after'] / row['flops_before']
+
+
+def params_kept(row: dict[str, Any]) -> float:
+    """The compressed model's parameters over the original's."""
+    return row['params_after'] / row['params_before']
+
+
+def speedup(row: dict[str, Any], batch: int = 1) -> float | None:
+    """Original time over compressed time at batch 1 or 64, from the row's side-by-side timing (None: untimed)."""
+    suffix = '' if batch == 1 else f'_b{batch}'
+    before, after = row.get(f'latency_ms_before{suffix}'), row.get(f'latency_ms_after{suffix}')
+    return None if before is None or after is None else before / after
 
 
 # (header, row key, format)
@@ -40,12 +119,11 @@ TABLE_COLUMNS = (
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if key == 'flops_kept':
-        value = row['flops_after'] / row['flops_before']
+        value = flops_kept(row)
     elif key.startswith('speedup_'):  # before / after, measured side by side
-        suffix = '' if key.endswith('_b1') else '_b64'
-        value = row[f'latency_ms_before{suffix}'] / row[f'latency_ms_after{suffix}']
-        if key.startswith('speedup_per_flops'):  # real speed-up over FLOPs reduction: 1 = FLOPs tell the truth
-            value /= row['flops_before'] / row['flops_after']
+        value = speedup(row, 1 if key.endswith('_b1') else 64)
+        if value is not None and key.startswith('speedup_per_flops'):
+            value *= flops_kept(row)  # over the FLOPs reduction (1 / kept): 1 = FLOPs tell the truth
     elif key == 'latency_budget':  # the latency budget's fractions (target_latency runs only)
         budget = row.get('latency_budget')
         value = None if not budget else '{:.3f} / {:.3f} (b{})'.format(budget['predicted'], budget['measured'],
@@ -88,7 +166,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None
     methods = list(dict.fromkeys(row['mode'] for row in rows))
     for row in rows:
         colour = colours(methods.index(row['mode']) % 10)
-        kept = row['flops_after'] / row['flops_before']
+        kept = flops_kept(row)
         ax.scatter([kept], [row['acc_after']], color=colour, s=50,
                    label=row['mode'] if row['mode'] not in ax.get_legend_handles_labels()[1] else None)
         if row.get('acc_zero_shot') is not None and row['mode'] != 'uncompressed':
@@ -122,7 +200,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], set
             raise ValueError(f'report row {row.get("mode")} lacks keys {missing}')
     report = {'version': 1, 'created': datetime.datetime.now().isoformat(timespec='seconds'),
               'machine': machine_description(), 'settings': settings, 'methods': list(rows)}
-    (out / 'report.json').write_text(json.dumps(report, indent=1))
+    write_json(report, out / 'report.json')
     plot_pareto(rows, out / 'pareto.png')
     md = [f'# HMC report: {settings.get("model")} on {settings.get("data")}', '',
           f'Created {report["created"]} on {report["machine"]}.', '',

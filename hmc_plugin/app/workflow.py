@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,59 +18,31 @@ from ..apply import apply_plan
 from ..engines.pruning import find_pruning_groups
 from ..errors import HMCConfigError
 from ..nni_api.compressor import HMCCompressor
+from ..nni_api.finetune import finetune
+from ..planning.margin import (
+    AUTO_DECOMPOSE_WEIGHTS,
+    AUTO_MARGINS,
+    MARGIN_CANDIDATES,
+    ProbeStore,
+    choose_margin_by,
+    one_standard_error_choice,
+)
 from ..planning.plan import CompressionPlan
 from ..planning.targets import plan_for_latency, plan_for_target
 from ..sensitivity.table import SensitivityTable
-from ..utils.counting import count_flops, count_params
 from ..utils.fingerprint import model_fingerprint
-from ..utils.jsonio import encode_float, read_json, write_json
+from ..utils.jsonio import encode_float
 from ..utils.kl import output_log_probs, per_input_kl
-from ..utils.timing import measure_latency, measure_latency_side_by_side
+from ..utils.timing import measure_latency_side_by_side
+from . import report
 from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
 from .export import save_compressed
+from .run_settings import RunSettings
 from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
 
 __all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'sgd_finetune', 'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSettings:
-    """Everything a run depends on; written into report.json so a run can be reproduced."""
-
-    model: str = 'resnet56'
-    data: str = 'digits'
-    image_size: int | None = None
-    target_flops: float | None = 0.5
-    target_params: float | None = None
-    target_latency: float | None = None
-    latency_batch: int = 1
-    latency_cache: str | None = None   # None: $HMC_LATENCY_CACHE or ~/.cache/hmc_plugin/latency.json
-    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
-    op_types: Sequence[str] = ('Conv2d',)
-    exclude_op_names: Sequence[str] = ()
-    levels: Sequence[float] = (0.2, 0.4, 0.6, 0.8)
-    importance: str = 'l1'
-    rank_method: str = 'auto'
-    margin: float | str | None = None   # 'auto': HMC's margin rule (choose_margin) picks tau and decompose_weight
-    probe_steps: int = 60                # fine-tuning steps of each candidate of margin 'auto'
-    decompose_weight: float = 1.0
-    sensitivity: str = 'proxy'
-    calibration_size: int = 64
-    train_epochs: int = 15
-    train_lr: float = 0.1
-    finetune_epochs: int = 3
-    finetune_lr: float = 0.003
-    batch_size: int = 64
-    seed: int = 0
-    threads: int = 2
-    distill: bool = False
-    speedup: str = 'nni'
-    checkpoint: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.__dict__.items()}
 
 
 def train_or_load_baseline(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
@@ -112,22 +82,13 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr,
                                      dummy_input=dummy_input, progress=progress, on_epoch_end=on_epoch_end)
-    entry: dict[str, Any] = {'op_types': list(settings.op_types), 'mode': mode, 'levels': list(settings.levels),
-                             'importance': settings.importance, 'rank_method': settings.rank_method,
-                             'sensitivity': settings.sensitivity, 'speedup': settings.speedup, 'distill': settings.distill}
+    entry: dict[str, Any] = {'op_types': list(settings.op_types)}
     if settings.exclude_op_names:
         entry['exclude_op_names'] = list(settings.exclude_op_names)
-    entry.update(_budget(settings))
-    if settings.target_latency is not None:
-        entry.update(latency_batch=settings.latency_batch, latency_threads=settings.threads)
-    if settings.margin is not None and settings.margin != 'auto':
-        entry['margin'] = settings.margin
-    if settings.decompose_weight != 1:
-        entry['decompose_weight'] = settings.decompose_weight
     calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
     return HMCCompressor(model, [entry], evaluator, dummy_input, calibration_inputs=calibration,
                          sensitivity_table=table, plan=plan, cache_path=str(cache_path) if cache_path else None,
-                         latency_cache=settings.latency_cache, progress=progress)
+                         latency_cache=settings.latency_cache, progress=progress, **settings.compressor_options(mode))
 
 
 def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
@@ -146,10 +107,14 @@ def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: P
 
 
 def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str,
-                         table: SensitivityTable, progress: bool = True,
-                         out_dir: Path | None = None) -> tuple[dict[str, Any], nn.Module, CompressionPlan]:
+                         table: SensitivityTable, progress: bool = True, out_dir: Path | None = None,
+                         timed: bool = True) -> tuple[dict[str, Any], nn.Module, CompressionPlan]:
     """Compress a copy of ``model`` with ``mode``, fine-tune it, and measure one report row (margin 'auto':
-    the probes are kept in ``out_dir/margin_rule.json`` for a rerun)."""
+    the probes are kept in ``out_dir/margin_rule.json`` for a rerun).
+
+    ``timed=False`` leaves the row's latencies ``None``, for a caller that times every model of its table
+    together (``compare_methods``); else the row is timed side by side with ``model``.
+    """
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     started = time.perf_counter()
@@ -163,95 +128,83 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
     acc_zero_shot = evaluate_accuracy(compressed, test_loader)
     torch.manual_seed(settings.seed)
     compressor.finetune(compressed, max_epochs=settings.finetune_epochs)
-    row = {
-        'model': settings.model, 'mode': mode, 'target_flops': settings.target_flops,
-        'target_latency': settings.target_latency,
-        'latency_budget': margin_rule['latency_budget'] if margin_rule else compressor.latency_report,
-        'params_before': count_params(model), 'params_after': count_params(compressed),
-        'flops_before': count_flops(model, dummy_input), 'flops_after': count_flops(compressed, dummy_input),
-        'acc_before': evaluate_accuracy(model, test_loader), 'acc_zero_shot': acc_zero_shot,
-        'acc_after': evaluate_accuracy(compressed, test_loader),
-        'seconds': time.perf_counter() - started,
-        **_latencies(model, compressed, splits, settings),
-        'groups': plan.group_counts(),
-        'layers': [{'name': layer.name, 'group': layer.group, 'prune_ratio': layer.prune_ratio,
-                    'ranks': list(layer.ranks) if layer.ranks else None} for layer in plan.layers],
-    }
-    if margin_rule:
-        row['margin_rule'] = margin_rule
+    acc_before, acc_after = evaluate_accuracy(model, test_loader), evaluate_accuracy(compressed, test_loader)
+    seconds = time.perf_counter() - started
+    row = report.method_row(settings.model, mode, model, compressed, dummy_input, acc_before=acc_before,
+                            acc_zero_shot=acc_zero_shot, acc_after=acc_after,
+                            latencies=_latencies(model, [compressed], splits, settings)[1] if timed else None,
+                            target_flops=settings.target_flops, plan=plan, target_latency=settings.target_latency,
+                            latency_budget=margin_rule['latency_budget'] if margin_rule else compressor.latency_report,
+                            seconds=seconds, **({'margin_rule': margin_rule} if margin_rule else {}))
     return row, compressed, plan
 
 
-def _latencies(model: nn.Module, compressed: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, float]:
-    """Batch-1 and batch-64 latency of the original and the compressed model, measured side by side."""
+def _latencies(model: nn.Module, compressed: Sequence[nn.Module], splits: DataSplits,
+               settings: RunSettings) -> list[dict[str, float]]:
+    """Row latencies (``report.latency_fields``) of ``model`` and every ``compressed`` model, all timed in one
+    side-by-side timing per batch size (1 and 64): the uncompressed row's first, then one per compressed model.
+    Every row's "before" is the same number, so each printed ms divides into its printed speed-up."""
     size = (splits.in_channels, splits.image_size, splits.image_size)
-    before, after = measure_latency_side_by_side([model, compressed], torch.zeros(1, *size), num_threads=settings.threads)
-    before64, after64 = measure_latency_side_by_side([model, compressed], torch.zeros(64, *size),
-                                                     num_threads=settings.threads, warmup=2, repeats=7)
-    return {'latency_ms_before': before, 'latency_ms_after': after,
-            'latency_ms_before_b64': before64, 'latency_ms_after_b64': after64}
+    models = [model, *compressed]
+    batch1 = measure_latency_side_by_side(models, torch.zeros(1, *size), num_threads=settings.threads)
+    batch64 = measure_latency_side_by_side(models, torch.zeros(64, *size), num_threads=settings.threads,
+                                           warmup=2, repeats=7)
+    return [report.latency_fields(batch1[0], after, batch64[0], after64) for after, after64 in zip(batch1, batch64)]
 
 
-def _budget(settings: RunSettings) -> dict[str, float]:
-    """The one budget of the settings as a config key: target_latency, else target_flops, else target_params."""
-    for key in ('target_latency', 'target_flops', 'target_params'):
-        if getattr(settings, key) is not None:
-            return {key: getattr(settings, key)}
-    raise HMCConfigError('The run settings set no budget: give target_flops, target_params or target_latency')
+def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings,
+                     latencies: dict[str, float] | None = None) -> dict[str, Any]:
+    """The reference row: the model as trained.
 
-
-def uncompressed_row(model: nn.Module, splits: DataSplits, settings: RunSettings) -> dict[str, Any]:
-    """The reference row: the model as trained."""
+    ``latencies``: a row timed with ``model`` (e.g. ``compress_and_measure``'s), whose ``latency_ms_before``
+    times become this row's, so the two rows come from one timing; ``None``: ``model`` is timed alone.
+    """
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
-    batch64 = torch.zeros(64, splits.in_channels, splits.image_size, splits.image_size)
-    params, flops, accuracy = count_params(model), count_flops(model, dummy_input), evaluate_accuracy(model, test_loader)
-    latency = measure_latency(model, dummy_input, num_threads=settings.threads)
-    latency64 = measure_latency(model, batch64, num_threads=settings.threads, warmup=2, repeats=7)
-    return {'model': settings.model, 'mode': 'uncompressed', 'target_flops': None,
-            'params_before': params, 'params_after': params, 'flops_before': flops, 'flops_after': flops,
-            'acc_before': accuracy, 'acc_zero_shot': accuracy, 'acc_after': accuracy,
-            'latency_ms_before': latency, 'latency_ms_after': latency,
-            'latency_ms_before_b64': latency64, 'latency_ms_after_b64': latency64, 'layers': []}
+    timing = latencies if latencies is not None else _latencies(model, [], splits, settings)[0]
+    before, before64 = timing['latency_ms_before'], timing['latency_ms_before_b64']
+    return report.uncompressed_row(settings.model, model, dummy_input, accuracy=evaluate_accuracy(model, test_loader),
+                                   latencies=report.latency_fields(before, before, before64, before64))
 
 
 def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
                     progress: bool = True) -> tuple[list[dict[str, Any]], SensitivityTable]:
     """Baseline, one scan, every method at the same budget; saves plan.json and the compressed model of
-    the last method (NaHC by default)."""
+    the last method (NaHC by default).
+
+    After every method is compressed, the original and all compressed models are timed together, side by
+    side (batch 1 and 64), and every row's times and speed-ups come from that one timing.
+    """
     model = train_or_load_baseline(model, splits, settings, out_dir, progress)
     table = scan(model, splits, settings, out_dir, progress)
-    rows = [uncompressed_row(model, splits, settings)]
+    rows, compressed_models = [], []
     for mode in settings.methods:
-        row, compressed, plan = compress_and_measure(model, splits, settings, mode, table, progress, out_dir)
+        row, compressed, plan = compress_and_measure(model, splits, settings, mode, table, progress, out_dir,
+                                                     timed=False)
         rows.append(row)
-        _logger.info('%s: FLOPs kept %.3f, accuracy %.4f -> %.4f', mode, row['flops_after'] / row['flops_before'],
+        compressed_models.append(compressed)
+        _logger.info('%s: FLOPs kept %.3f, accuracy %.4f -> %.4f', mode, report.flops_kept(row),
                      row['acc_zero_shot'], row['acc_after'])
         if mode == settings.methods[-1]:
             plan.to_json(out_dir / 'plan.json')
             save_compressed(compressed, out_dir / f'compressed_{mode}.pt', plan)
-    return rows, table
-
-
-MARGIN_CANDIDATES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
-
-
-AUTO_MARGINS = (0.0, 0.5, math.inf)               # margin 'auto': NaHC without 'both', NaHC's default, AHC
-
-
-AUTO_DECOMPOSE_WEIGHTS = (1.0, 10.0, math.inf)    # as scanned, decompositions 10x as costly, never decompose
+    reference, *timings = _latencies(model, compressed_models, splits, settings)
+    for row, timing in zip(rows, timings):
+        row.update(timing)
+    return [uncompressed_row(model, splits, settings, latencies=reference), *rows], table
 
 
 def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
-    """Fine-tune ``model`` in place for ``settings.finetune_epochs`` epochs (or ``max_steps`` steps): SGD at
-    ``settings.finetune_lr``, momentum 0.9, weight decay 5e-4 (as ``make_torch_evaluator``), batch order seeded
-    by ``settings.seed``. Leaves the model in eval mode; returns the seconds it took."""
+    """Fine-tune ``model`` in place for ``settings.finetune_epochs`` epochs (or ``max_steps`` steps) through an NNI
+    ``TorchEvaluator`` (``make_torch_evaluator``: SGD at ``settings.finetune_lr``, momentum 0.9, weight decay
+    5e-4) and ``nni_api.finetune``, the path of every compressed model; batch order seeded by ``settings.seed``.
+    Leaves the model in eval mode; returns the seconds it took."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
-    train(model, optimizer, training_step, train_loader, max_steps=max_steps,
-          max_epochs=None if max_steps is not None else settings.finetune_epochs, progress=False)
+    train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr, progress=False)
+    finetune(model, evaluator, original=model, max_steps=max_steps,
+             max_epochs=None if max_steps is not None else settings.finetune_epochs)
     model.eval()
     return time.perf_counter() - started
 
@@ -277,44 +230,6 @@ def plan_by_margin_rule(model: nn.Module, splits: DataSplits, settings: RunSetti
     return plan, {'margin': encode_float(margin), 'decompose_weight': encode_float(plan.decompose_weight),
                   'probe_steps': settings.probe_steps, 'latency_budget': chosen.get('latency_budget'),
                   'trials': encoded}
-
-
-def one_standard_error_choice(trials: Sequence[dict[str, Any]], free: str) -> dict[str, Any]:
-    """The probe rule of ``choose_margin`` over its reached trials (``'kl'``, ``'kl_se'``, ``'decomposed'``, ``free``).
-
-    Of the trials whose KL exceeds the lowest by at most their ``kl_se``, the fewest decomposed layers win,
-    then prune-only's plan (tau inf, weight inf), then the most ``free`` (``'flops_kept'`` or
-    ``'params_kept'``: what the budget leaves free), then the lowest KL.
-    """
-    lowest = min(trial['kl'] for trial in trials)
-    equal = [trial for trial in trials if trial['kl'] - lowest <= trial['kl_se']]
-    return max(equal, key=lambda trial: (-trial['decomposed'], _is_prune_only(trial), trial[free], -trial['kl']))
-
-
-def _is_prune_only(trial: dict[str, Any]) -> bool:
-    """Whether a margin-rule trial is prune-only's plan: tau inf (no groups) with weight inf (never decompose)."""
-    return trial['margin'] == math.inf and trial['decompose_weight'] == math.inf
-
-
-class _ProbeCache:
-    """Per-image KL of each probed plan (plan key -> tensor), kept in a JSON file under a settings key."""
-
-    def __init__(self, path: str | os.PathLike | None, key: dict[str, Any]):
-        self.path, self.key, self.measured = (Path(path) if path else None), key, {}
-        if self.path is not None and self.path.exists():
-            try:
-                data = read_json(self.path)
-            except ValueError:
-                data = {}
-            if data.get('key') == key:
-                self.measured = {plan: torch.tensor(values) for plan, values in data.get('measured', {}).items()}
-                _logger.info('HMC margin rule: %d probed plan(s) reused from %s', len(self.measured), self.path)
-
-    def add(self, plan_key: str, per_image: torch.Tensor) -> None:
-        self.measured[plan_key] = per_image
-        if self.path is not None:
-            write_json({'key': self.key, 'measured': {plan: values.tolist() for plan, values in self.measured.items()}},
-                       self.path)
 
 
 def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, table: SensitivityTable, *,
@@ -369,57 +284,27 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     probe_splits = without_train_images(splits, train_permutation(splits, settings.seed)[
         settings.calibration_size:settings.calibration_size + held_out]) if probe_steps else None
     groups = find_pruning_groups(model, dummy_input)
-    budget = _budget(settings)
+    budget = settings.hmc.budget_entry
     reference = output_log_probs(model, [held_out_images])
-    trials, plans = [], {}
-    probes = _ProbeCache(cache_path, {'model': model_fingerprint(model), 'data': settings.data, 'seed': settings.seed,
-                                      'calibration_size': settings.calibration_size, 'held_out': held_out,
-                                      'probe_steps': probe_steps, 'finetune_lr': settings.finetune_lr,
-                                      'batch_size': settings.batch_size})
-    for weight in decompose_weights:
-        for margin in candidates:
-            common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
-                          rank_method=settings.rank_method, **budget)
-            trial: dict[str, Any] = {'margin': margin, 'decompose_weight': weight, 'probe_steps': probe_steps}
-            try:
-                if settings.target_latency is not None:
-                    plan, trial['latency_budget'] = plan_for_latency(
-                        table, model, dummy_input, groups, batch=settings.latency_batch, threads=settings.threads,
-                        latency_cache=settings.latency_cache, **common)
-                else:
-                    plan, _ = plan_for_target(table, model, dummy_input, groups, **common)
-            except HMCConfigError as error:  # this grouping cannot reach the budget: not a candidate
-                trials.append({**trial, 'kl': None, 'flops_kept': None, 'groups': None, 'error': str(error)})
-                continue
-            key = json.dumps([plan.prune_ratios, {name: list(ranks) for name, ranks in plan.ranks.items()}],
-                             sort_keys=True)
-            if key not in probes.measured:
-                compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
-                if probe_steps:
-                    sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
-                probes.add(key, per_input_kl(reference, compressed, [held_out_images]))
-            per_image = probes.measured[key]
-            plans[(margin, weight)] = plan
-            _logger.info('HMC margin rule: candidate %d of %d (tau %s, decompose_weight %s): held-out KL %.4g',
-                         len(trials) + 1, len(candidates) * len(decompose_weights), margin, weight,
-                         float(per_image.mean()))
-            trials.append({**trial, 'kl': max(0.0, float(per_image.mean())), 'flops_kept': plan.measured['flops'],
-                           'params_kept': plan.measured['params'], 'decomposed': len(plan.ranks),
-                           'groups': plan.group_counts(),
-                           '_per_image': per_image})
-    if not plans:
-        raise HMCConfigError(f'No margin in {list(candidates)} reaches the budget {budget}: {trials[-1]["error"]}')
-    reached = [trial for trial in trials if 'error' not in trial]
-    lowest = min(reached, key=lambda trial: (trial['kl'], trial['margin'], trial['decompose_weight']))
-    for trial in reached:
-        difference = trial.pop('_per_image') - lowest['_per_image'] if trial is not lowest else None
-        trial['kl_se'] = 0.0 if difference is None else float(difference.std() / math.sqrt(len(difference)))
-    lowest.pop('_per_image')
-    best = lowest
-    if probe_steps:
-        best = one_standard_error_choice(reached, 'params_kept' if 'target_flops' in budget else 'flops_kept')
-    _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
-                 best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
-                 ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "
-                           f"{'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')}" for trial in trials))
-    return best['margin'], plans[(best['margin'], best['decompose_weight'])], trials
+    probes = ProbeStore(cache_path, {'model': model_fingerprint(model), 'data': settings.data, 'seed': settings.seed,
+                                     'calibration_size': settings.calibration_size, 'held_out': held_out,
+                                     'probe_steps': probe_steps, 'finetune_lr': settings.finetune_lr,
+                                     'batch_size': settings.batch_size})
+
+    def plan_candidate(margin: float, weight: float):
+        common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
+                      rank_method=settings.rank_method, **budget)
+        if settings.target_latency is not None:
+            return plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
+                                    threads=settings.threads, latency_cache=settings.latency_cache, **common)
+        return plan_for_target(table, model, dummy_input, groups, **common)[0], None
+
+    def score(plan: CompressionPlan) -> torch.Tensor:
+        compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+        if probe_steps:
+            sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
+        return per_input_kl(reference, compressed, [held_out_images])
+
+    return choose_margin_by(plan_candidate, score, candidates=candidates, decompose_weights=decompose_weights,
+                            probes=probes, free='params_kept' if 'target_flops' in budget else 'flops_kept',
+                            probe_steps=probe_steps)

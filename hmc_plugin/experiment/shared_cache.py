@@ -12,8 +12,6 @@ units and settings recorded inside), so a stale or foreign file is rescanned, ne
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import time
@@ -28,6 +26,7 @@ from ..app.data import DataSplits
 from ..app.workflow import RunSettings, make_compressor, train_or_load_baseline
 from ..sensitivity.table import SensitivityTable
 from ..utils.fingerprint import model_fingerprint
+from ..utils.store import key_of
 
 __all__ = ['BASELINE_KEYS', 'SCAN_KEYS', 'ScanResult', 'SharedCache']
 
@@ -56,7 +55,7 @@ def _key_hash(settings: RunSettings, keys: tuple[str, ...], splits: DataSplits) 
     values: dict[str, Any] = {key: getattr(settings, key) for key in keys}
     values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
     values['splits'] = repr(splits)  # data name and split sizes (subsets are seeded by settings.seed)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return key_of(values)[:16]
 
 
 def _safe_name(model_name: str) -> str:

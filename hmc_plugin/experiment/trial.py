@@ -9,7 +9,6 @@ so only the first trial of an experiment trains and scans.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,15 +19,17 @@ import torch
 
 from ..app.data import make_loaders, parse_data_spec, subset_splits
 from ..app.models import build_model
+from ..app.report import flops_kept, latency_fields, method_row, params_kept, speedup
 from ..app.training import evaluate_accuracy
 from ..app.workflow import RunSettings, make_compressor
 from ..engines.pruning import IMPORTANCES
 from ..errors import HMCConfigError
-from ..utils.counting import count_flops, count_params
+from ..utils.jsonio import write_json
 from ..utils.timing import measure_latency_side_by_side
-from .shared_cache import SharedCache
+from .shared_cache import ScanResult, SharedCache
 
-__all__ = ['SEARCHABLE', 'DEFAULT_PARAMETERS', 'FINAL_KEYS', 'TrialOptions', 'trial_settings', 'run_trial']
+__all__ = ['SEARCHABLE', 'DEFAULT_PARAMETERS', 'FINAL_KEYS', 'TrialOptions', 'trial_settings', 'run_trial',
+           'final_result']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ DEFAULT_PARAMETERS: dict[str, Any] = {'mode': 'nahc', 'target_flops': 0.5, 'impo
                                       'finetune_epochs': 2, 'sensitivity': 'proxy'}
 
 
-# Keys of the final result (``default`` is the fine-tuned test accuracy, the metric the tuner maximises).
+# Keys of the final result, filled from the trial's report row by ``final_result`` (``default`` is the
+# fine-tuned test accuracy, the metric the tuner maximises).
 FINAL_KEYS = ('default', 'acc_zero_shot', 'acc_before', 'flops_kept', 'params_kept', 'flops', 'params',
               'latency_ms', 'latency_ms_before', 'speedup', 'scan_reused', 'scan_seconds', 'seconds')
 
@@ -145,22 +147,26 @@ def run_trial(parameters: dict[str, Any], options: TrialOptions, *,
     latency_before, latency_after = measure_latency_side_by_side(
         [model, compressed], dummy_input, warmup=min(5, options.latency_repeats), repeats=options.latency_repeats,
         num_threads=options.threads)
-    flops_before, flops_after = count_flops(model, dummy_input), count_flops(compressed, dummy_input)
-    params_before, params_after = count_params(model), count_params(compressed)
-    result = {
-        'default': epoch_accuracies[-1] if epoch_accuracies else acc_zero_shot,
-        'acc_zero_shot': acc_zero_shot, 'acc_before': evaluate_accuracy(model, test_loader),
-        'flops_kept': flops_after / flops_before, 'params_kept': params_after / params_before,
-        'flops': flops_after, 'params': params_after,
-        'latency_ms': latency_after, 'latency_ms_before': latency_before, 'speedup': latency_before / latency_after,
-        'scan_reused': int(scan.reused), 'scan_seconds': scan.seconds,
-        'seconds': time.perf_counter() - started,
-    }
+    row = method_row(settings.model, settings.methods[0], model, compressed, dummy_input,
+                     acc_before=evaluate_accuracy(model, test_loader), acc_zero_shot=acc_zero_shot,
+                     acc_after=epoch_accuracies[-1] if epoch_accuracies else acc_zero_shot,
+                     latencies=latency_fields(latency_before, latency_after), target_flops=settings.target_flops,
+                     plan=compressor.plan)
+    result = final_result(row, scan, seconds=time.perf_counter() - started)
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         compressor.plan.to_json(out / 'plan.json')
-        (out / 'result.json').write_text(json.dumps(
-            {'parameters': parameters, 'settings': settings.as_dict(), 'options': dataclasses.asdict(options),
-             'scan': str(scan.path), 'epoch_accuracies': epoch_accuracies, 'result': result}, indent=1))
+        write_json({'parameters': parameters, 'settings': settings.as_dict(), 'options': dataclasses.asdict(options),
+                    'scan': str(scan.path), 'epoch_accuracies': epoch_accuracies, 'row': row, 'result': result},
+                   out / 'result.json')
     return result
+
+
+def final_result(row: dict[str, Any], scan: ScanResult, seconds: float) -> dict[str, float]:
+    """The trial's final result (``FINAL_KEYS``) from its report row (``app.report.method_row``, batch 1 timed)."""
+    return {'default': row['acc_after'], 'acc_zero_shot': row['acc_zero_shot'], 'acc_before': row['acc_before'],
+            'flops_kept': flops_kept(row), 'params_kept': params_kept(row),
+            'flops': row['flops_after'], 'params': row['params_after'],
+            'latency_ms': row['latency_ms_after'], 'latency_ms_before': row['latency_ms_before'],
+            'speedup': speedup(row), 'scan_reused': int(scan.reused), 'scan_seconds': scan.seconds, 'seconds': seconds}

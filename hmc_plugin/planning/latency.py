@@ -21,24 +21,20 @@ corrects the plan's target by the miss.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import nn
 
 from ..engines.lowrank import decomposable, replacement_architecture
 from ..engines.pruning import kept_channels
 from ..utils.counting import as_input_tuple, forward_with_hooks
+from ..utils.store import JsonStore, key_of
 from ..utils.timing import machine_description, measure_latency, measure_latency_side_by_side
 from .cost import CostModel, LayerCost, _decomposed_cost, _shape_module
 
@@ -64,76 +60,64 @@ def batched_input(dummy_input: Any, batch: int) -> tuple:
 
 
 class LatencyCache:
-    """Milliseconds per measurement key, in a JSON file shared by all plans on this machine.
+    """Milliseconds per measurement key, in a JSON file shared by all plans on this machine (a ``JsonStore``).
 
-    ``measured`` counts the keys this object had to measure (0 when everything came from the file).
-    Writes merge with the file under a lock, so concurrent runs (NNI trials) keep each other's entries;
-    every ``save_every`` new measurements are written (and logged), so an interrupted plan keeps them.
+    A key names what was timed (machine, torch version, batch, threads, layer shape, replacement); the store
+    keeps it beside the time under its digest. ``measured`` counts the keys this object had to measure (0 when
+    everything came from the file). Writes merge with the file under a lock, so concurrent runs (NNI trials)
+    keep each other's entries; every ``save_every`` new measurements are written (and logged), so an
+    interrupted plan keeps them. A file of another layout reads as empty.
     """
+
+    VERSION = 1
 
     def __init__(self, path: str | os.PathLike | None = None, save_every: int = 50):
         self.path = Path(path) if path is not None else default_cache_path()
-        self.entries: dict[str, float] = {}
+        self.store = JsonStore(self.path, version=self.VERSION, save_every=save_every)
         self.measured = 0
-        self.save_every = save_every
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                self.entries = {str(k): float(v) for k, v in data.get('ms', {}).items()}
-            except (ValueError, AttributeError, TypeError):
-                self.entries = {}  # a damaged cache only costs a re-measurement
+        self._digests: dict[str, str] = {}  # the planner asks for the same keys at every allocation step
 
-    def get(self, key: str, measure) -> float:
+    def _digest(self, key: str) -> str:
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = self._digests[key] = key_of(key)
+        return digest
+
+    def __contains__(self, key: str) -> bool:
+        return self._digest(key) in self.store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, key: str) -> float:
+        """The cached time (ms) of ``key``; ``KeyError`` when it was never measured."""
+        digest = self._digest(key)
+        if digest not in self.store:
+            raise KeyError(key)
+        return float(self.store.get(digest))
+
+    def get(self, key: str, measure: Callable[[], float]) -> float:
         """The cached time of ``key``, or ``measure()`` (ms), stored."""
-        if key not in self.entries:
+        if key not in self:
             self.put(key, measure())
-        return self.entries[key]
+        return self[key]
 
     def put(self, key: str, ms: float) -> None:
         """Store a new measurement (ms) of ``key``."""
-        self.entries[key] = float(ms)
         self.measured += 1
-        if self.measured % self.save_every == 0:
-            self.save()
+        self.store.put(self._digest(key), float(ms), key_data=key)
+        if self.store.unsaved == 0:
             _logger.info('Timed %d layer shapes so far (saved to %s)', self.measured, self.path)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + '.lock'):
-            on_disk = {}
-            if self.path.exists():
-                try:
-                    on_disk = json.loads(self.path.read_text()).get('ms', {})
-                except (ValueError, AttributeError):
-                    on_disk = {}
-            merged = {**on_disk, **self.entries}
-            temporary = self.path.with_suffix('.tmp')
-            temporary.write_text(json.dumps({'ms': merged}, indent=0, sort_keys=True))
-            temporary.replace(self.path)
-        self.entries = merged
+        """Write the new measurements (merged with the file's)."""
+        self.store.save()
 
 
-@torch.no_grad()
 def _time_ms(module: nn.Module, inputs: torch.Tensor, threads: int) -> float:
     """Median time (ms) of ``module(inputs)``: warm-up, then repeats until about 50 ms were timed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        module.eval()
-        for _ in range(_WARMUP):
-            module(inputs)
-        start = time.perf_counter()
-        module(inputs)
-        first = time.perf_counter() - start
-        repeats = int(min(_MAX_REPEATS, max(_MIN_REPEATS, math.ceil(_MIN_TIMED_SECONDS / max(first, 1e-6)))))
-        times = [first]
-        for _ in range(repeats - 1):
-            start = time.perf_counter()
-            module(inputs)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return statistics.median(times) * 1000.0
+    return measure_latency(module, inputs, warmup=_WARMUP, repeats=_MIN_REPEATS, num_threads=threads,
+                           min_seconds=_MIN_TIMED_SECONDS, max_repeats=_MAX_REPEATS)
 
 
 def _nearest(nodes: Sequence[int], value: int) -> int:
@@ -212,14 +196,14 @@ class LatencyModel:
                         confirm=lambda fraction: False) -> tuple[float, float]:
         """``(original_ms, compressed_ms)``: ``compressed`` timed side by side with ``model`` at the batch and threads.
 
-        Interleaved runs (``counting.measure_latency_side_by_side``: 2 warm-up, median of 7); when
+        Interleaved runs (``utils.timing.measure_latency_side_by_side``: 2 warm-up, median of 7); when
         ``confirm(compressed_ms / original_ms)`` is true the pair is timed again and the means are kept (one
         timing can be lucky on a busy machine). Cached by the original's and the compressed model's
         architectures, so a compressed model that was timed before is not timed again.
         """
         key = f'{self._model_key(model, dummy_input)}|compressed {_architecture(compressed, dummy_input)}'
         keys = (f'{key}|original', f'{key}|compressed')
-        if not all(name in self.cache.entries for name in keys):
+        if not all(name in self.cache for name in keys):
             inputs = batched_input(dummy_input, self.batch)
             original_ms, compressed_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=2, repeats=7,
                                                                       num_threads=self.threads)
@@ -229,7 +213,7 @@ class LatencyModel:
                 original_ms, compressed_ms = (original_ms + again_original_ms) / 2, (compressed_ms + again_ms) / 2
             self.cache.put(keys[0], original_ms)
             self.cache.put(keys[1], compressed_ms)
-        return self.cache.entries[keys[0]], self.cache.entries[keys[1]]
+        return self.cache[keys[0]], self.cache[keys[1]]
 
     def _layer_key(self, layer: LayerCost, in_channels: int, out_channels: int, replacement: str) -> str:
         size = self.input_sizes[layer.name]
@@ -350,8 +334,4 @@ def _architecture(model: nn.Module, dummy_input: Any) -> str:
     shapes = [tuple(tensor.shape[1:]) for tensor in as_input_tuple(dummy_input)]
     signature = [(name, type(module).__name__, tuple(p.shape for p in module.parameters(recurse=False)))
                  for name, module in model.named_modules()]
-    return f'{type(model).__name__} {_digest(repr((type(model).__name__, shapes, signature)))}'
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return f'{type(model).__name__} {key_of(repr((type(model).__name__, shapes, signature)))[:12]}'

@@ -18,10 +18,12 @@ Three ways to measure the drop:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -35,6 +37,7 @@ from ..engines.pruning import PruningGroup, group_channel_masks
 from ..errors import HMCConfigError
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
+from ..utils.kl import kl_divergence
 from .fisher import DEFAULT_PROJECTIONS, fisher_drops
 from .table import DEFAULT_LEVELS, SCAN_MODES, Masks, SensitivityTable
 
@@ -77,9 +80,11 @@ def swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
 
 @torch.no_grad()
 def proxy_metric(model: nn.Module, calibration_inputs: tuple, reference_log_probs: torch.Tensor) -> float:
-    """KL(original || current) of the output distributions, batch mean, in nats (0 = unchanged)."""
-    log_probs = F.log_softmax(model(*calibration_inputs).flatten(1).float(), dim=1)
-    return float(F.kl_div(log_probs, reference_log_probs, log_target=True, reduction='batchmean'))
+    """KL(original || current) of the output distributions, batch mean, in nats (0 = unchanged): the mean of
+    ``utils.kl.kl_divergence``, summed in float64. The log-softmax runs in ``reference_log_probs``' dtype, so
+    an unchanged model gives exactly 0."""
+    log_probs = F.log_softmax(model(*calibration_inputs).flatten(1).to(reference_log_probs.dtype), dim=1)
+    return float(kl_divergence(reference_log_probs, log_probs).mean())
 
 
 def _schedule(groups: Sequence[PruningGroup], layers: Sequence[str]) -> dict[str, list[str]]:
@@ -130,6 +135,28 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     projections
         ``proxy`` only: Fisher directions per image (all classes when there are at most this many).
     """
+    levels = _checked_levels(mode, levels, eval_fn, calibration_inputs)
+    mask_model = mask_model if mask_model is not None else model
+    mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
+    calibration_batch = _taylor_batch(importance, calibration_inputs, calibration_targets)
+    settings = _scan_settings(mode, levels, importance, round_to, rank_method, _schedule(groups, layers), mask_model,
+                              projections, calibration_inputs)
+    table = _load_cache(cache_path, settings)
+    if mode == 'proxy':
+        if table is None or not table.is_complete():
+            table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
+                                  calibration_batch, progress)
+            if cache_path is not None:
+                table.to_json(cache_path)
+        return table
+    modules = dict(mask_model.named_modules())
+    unit_scan = _UnitScan(mask_model, dummy_input, groups, settings, calibration_batch, mask_context,
+                          weight_owner or modules.__getitem__, modules)
+    return _measured_table(model, table, unit_scan, eval_fn, calibration_inputs, cache_path, progress)
+
+
+def _checked_levels(mode: str, levels: Sequence[float], eval_fn, calibration_inputs) -> list[float]:
+    """``levels`` as floats, after checking them and that ``mode`` has what it measures with."""
     if mode not in SCAN_MODES:
         raise HMCConfigError(f"Got sensitivity mode={mode!r} but expected one of {SCAN_MODES}")
     levels = [float(level) for level in levels]
@@ -139,90 +166,135 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         raise HMCConfigError("sensitivity mode 'evaluator' needs an evaluator or eval_fn; pass one or use mode='proxy'")
     if mode in ('proxy', 'kl') and calibration_inputs is None:
         raise HMCConfigError(f"sensitivity mode {mode!r} needs calibration_inputs (a small batch of model inputs)")
-    mask_model = mask_model if mask_model is not None else model
-    mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
+    return levels
 
-    calibration_batch = None
-    if importance == 'taylor':
-        if calibration_inputs is None or calibration_targets is None:
-            raise HMCConfigError("importance='taylor' needs calibration_inputs and calibration_targets (its gradients)")
-        calibration_batch = (calibration_inputs, calibration_targets)
-    schedule = _schedule(groups, layers)
+
+def _taylor_batch(importance: str, calibration_inputs, calibration_targets) -> tuple | None:
+    """``(inputs, targets)`` for the gradients of ``importance='taylor'``; None for the other importances."""
+    if importance != 'taylor':
+        return None
+    if calibration_inputs is None or calibration_targets is None:
+        raise HMCConfigError("importance='taylor' needs calibration_inputs and calibration_targets (its gradients)")
+    return (calibration_inputs, calibration_targets)
+
+
+def _scan_settings(mode: str, levels: list[float], importance: str, round_to: int, rank_method: str,
+                   schedule: dict[str, list[str]], mask_model: nn.Module, projections: int,
+                   calibration_inputs) -> dict:
+    """Everything a table depends on: a cache made with other settings is rescanned, not resumed."""
     settings = {'mode': mode, 'levels': levels, 'importance': importance, 'round_to': round_to,
                 'rank_method': rank_method, 'units': schedule, 'weights': model_fingerprint(mask_model)}
     if mode == 'proxy':
         settings['projections'] = int(projections)
     if mode in ('proxy', 'kl'):  # a cache scanned on other calibration data must not be resumed
         settings['calibration'] = inputs_fingerprint(calibration_inputs)
-    table = _load_cache(cache_path, settings)
-    if mode == 'proxy':
-        if table is None or not table.is_complete():
-            table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
-                                  calibration_batch, progress)
-            if cache_path is not None:
-                table.to_json(cache_path)
-        return table
+    return settings
 
+
+@dataclass
+class _UnitScan:
+    """How the ``kl`` and ``evaluator`` scans apply one unit at one level, measure, and undo it.
+
+    Pruning masks come from ``mask_model`` (all groups at a level at once, kept for the other groups);
+    low-rank weights from ``modules``, swapped into ``weight_owner(name)``.
+    """
+
+    mask_model: nn.Module
+    dummy_input: Any
+    groups: Sequence[PruningGroup]
+    settings: dict
+    calibration_batch: tuple | None
+    mask_context: MaskContext
+    weight_owner: Callable[[str], nn.Module]
+    modules: dict[str, nn.Module]
+    masks_by_level: dict[float, dict[str, Masks]] = field(default_factory=dict)
+
+    def drop(self, operator: str, name: str, level: float, measure: Callable[[], float]) -> float:
+        """``measure()`` with unit ``(operator, name)`` at ``level``; the model is restored afterwards."""
+        if operator == 'prune':
+            if level not in self.masks_by_level:
+                self.masks_by_level[level] = group_channel_masks(
+                    self.mask_model, self.dummy_input, {group.name: level for group in self.groups},
+                    importance=self.settings['importance'], round_to=self.settings['round_to'],
+                    calibration=self.calibration_batch)
+            with self.mask_context(self.masks_by_level[level][name]):
+                return measure()
+        module = self.modules[name]
+        spec = f'flops:{1.0 - level:.6g}'
+        weight = low_rank_weight(module, spec, method=method_for(module, self.settings['rank_method'], name),
+                                 layer_name=name)
+        with swapped_weight(self.weight_owner(name), weight):
+            return measure()
+
+
+def _measured_table(model: nn.Module, table: SensitivityTable | None, unit_scan: _UnitScan,
+                    eval_fn: Callable[[nn.Module], float] | None, calibration_inputs: Any,
+                    cache_path: str | os.PathLike | None, progress: bool) -> SensitivityTable:
+    """The ``kl`` or ``evaluator`` scan, in eval mode: every unit not yet in ``table`` (a resumed cache or None)."""
+    settings = unit_scan.settings
+    mode, levels = settings['mode'], settings['levels']
     was_training = model.training
     model.eval()
-    modules = dict(mask_model.named_modules())
-    weight_owner = weight_owner or modules.__getitem__
     try:
-        if mode == 'kl':
-            calibration = as_input_tuple(calibration_inputs)
-            with torch.no_grad():
-                reference = F.log_softmax(model(*calibration).flatten(1).float(), dim=1)
-
-            def drop() -> float:
-                return proxy_metric(model, calibration, reference)
-            baseline = 0.0
-        else:
-            baseline = float(eval_fn(model))
-            if not math.isfinite(baseline):
-                raise HMCConfigError(f'The evaluator returned {baseline} for the unmodified model; it must return a finite metric')
-
-            def drop() -> float:
-                value = float(eval_fn(model))
-                if not math.isfinite(value):
-                    raise HMCConfigError(f'The evaluator returned {value}; it must return a finite metric')
-                return baseline - value
-
+        baseline, measure = _drop_measure(model, mode, eval_fn, calibration_inputs)
         if table is None:
             table = SensitivityTable(levels=levels, mode=mode, baseline=baseline,
-                                     groups={group.name: list(group.members) for group in groups},
+                                     groups={group.name: list(group.members) for group in unit_scan.groups},
                                      settings=settings)
-        todo = [(op, name) for op, names in schedule.items() for name in names
+        todo = [(op, name) for op, names in settings['units'].items() for name in names
                 if len(getattr(table, op).get(name, [])) < len(levels)]
-        total = len(todo) * len(levels)
-        started = time.perf_counter()
-        seconds_before = table.seconds
-        masks_by_level: dict[float, dict[str, Masks]] = {}
-        with tqdm(total=total, desc=f'HMC sensitivity scan ({mode})', disable=not progress, unit='eval') as bar:
-            for operator, name in todo:
-                drops = []
-                for level in levels:
-                    if operator == 'prune':
-                        if level not in masks_by_level:
-                            masks_by_level[level] = group_channel_masks(
-                                mask_model, dummy_input, {group.name: level for group in groups},
-                                importance=importance, round_to=round_to, calibration=calibration_batch)
-                        with mask_context(masks_by_level[level][name]):
-                            drops.append(drop())
-                    else:
-                        module = modules[name]
-                        spec = f'flops:{1.0 - level:.6g}'
-                        weight = low_rank_weight(module, spec, method=method_for(module, rank_method, name), layer_name=name)
-                        with swapped_weight(weight_owner(name), weight):
-                            drops.append(drop())
-                    table.evaluations += 1
-                    bar.update(1)
-                getattr(table, operator)[name] = drops
-                table.seconds = seconds_before + time.perf_counter() - started
-                if cache_path is not None:
-                    table.to_json(cache_path)
+        _scan_units(table, todo, unit_scan, measure, cache_path, progress)
     finally:
         model.train(was_training)
     return table
+
+
+def _drop_measure(model: nn.Module, mode: str, eval_fn: Callable[[nn.Module], float] | None,
+                  calibration_inputs: Any) -> tuple[float, Callable[[], float]]:
+    """``(baseline, measure)``: the unmodified model's metric (0 for ``kl``) and ``measure() -> drop`` of the model now."""
+    if mode == 'kl':
+        calibration = as_input_tuple(calibration_inputs)
+        with torch.no_grad():
+            reference = F.log_softmax(model(*calibration).flatten(1).float(), dim=1)
+        return 0.0, functools.partial(_kl_drop, model, calibration, reference)
+    baseline = float(eval_fn(model))
+    if not math.isfinite(baseline):
+        raise HMCConfigError(f'The evaluator returned {baseline} for the unmodified model; it must return a finite metric')
+    return baseline, functools.partial(_evaluator_drop, model, eval_fn, baseline)
+
+
+def _kl_drop(model: nn.Module, calibration: tuple, reference: torch.Tensor) -> float:
+    return proxy_metric(model, calibration, reference)
+
+
+def _evaluator_drop(model: nn.Module, eval_fn: Callable[[nn.Module], float], baseline: float) -> float:
+    value = float(eval_fn(model))
+    if not math.isfinite(value):
+        raise HMCConfigError(f'The evaluator returned {value}; it must return a finite metric')
+    return baseline - value
+
+
+def _scan_units(table: SensitivityTable, todo: list[tuple[str, str]], unit_scan: _UnitScan,
+                measure: Callable[[], float], cache_path: str | os.PathLike | None, progress: bool) -> None:
+    """Fill ``table`` with the drops of every ``(operator, name)`` of ``todo`` at every level, saving after each unit.
+
+    ``table.seconds`` adds this run's time to the resumed table's.
+    """
+    mode, levels = unit_scan.settings['mode'], unit_scan.settings['levels']
+    started = time.perf_counter()
+    seconds_before = table.seconds
+    with tqdm(total=len(todo) * len(levels), desc=f'HMC sensitivity scan ({mode})', disable=not progress,
+              unit='eval') as bar:
+        for operator, name in todo:
+            drops = []
+            for level in levels:
+                drops.append(unit_scan.drop(operator, name, level, measure))
+                table.evaluations += 1
+                bar.update(1)
+            getattr(table, operator)[name] = drops
+            table.seconds = seconds_before + time.perf_counter() - started
+            if cache_path is not None:
+                table.to_json(cache_path)
 
 
 def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],

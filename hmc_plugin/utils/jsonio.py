@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .store import write_json_atomic
+
 __all__ = ['read_json', 'write_json', 'encode_float', 'decode_float']
 
 
@@ -19,15 +21,10 @@ def read_json(text_or_path: str | os.PathLike) -> Any:
 
 
 def write_json(data: Any, path: str | os.PathLike | None = None) -> str:
-    """Serialise ``data``; when ``path`` is given, write it atomically (a crash never leaves half a file)."""
-    text = json.dumps(data, indent=1)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + '.tmp')
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return text
+    """Serialise ``data``; when ``path`` is given, write it atomically (``store.write_json_atomic``)."""
+    if path is None:
+        return json.dumps(data, indent=1)
+    return write_json_atomic(path, data, indent=1)
 
 
 def encode_float(value):

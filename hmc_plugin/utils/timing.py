@@ -1,14 +1,21 @@
-"""Timing."""
+"""Latency timers, the package's one home for timing a forward pass: ``measure_latency`` and
+``measure_latency_side_by_side`` (interleaved runs, for ratios), and the machine they ran on.
+
+``torch.utils.benchmark.Timer`` is not used: it cannot interleave models, its samples are means of blocks
+whose count follows a time budget rather than a number of repeats, and importing it loads
+``torch.utils.cpp_extension`` (a warning on machines without a CUDA runtime).
+"""
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -42,7 +49,7 @@ def steady_allocator() -> bool:
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int):
+def _torch_threads(num_threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
@@ -53,34 +60,29 @@ def _torch_threads(num_threads: int):
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
-                    num_threads: int = 2) -> float:
+                    num_threads: int = 2, min_seconds: float = 0.0, max_repeats: int | None = None) -> float:
     """Median wall time of one forward pass in milliseconds, on CPU, in eval mode.
 
-    ``warmup`` untimed runs first; ``num_threads`` is fixed for the measurement and restored after.
-    The model's train/eval mode is restored too.
+    ``warmup`` untimed runs first, then ``repeats`` timed ones (more, up to ``max_repeats``, until
+    ``min_seconds`` were timed: for layers of unknown cost). ``num_threads`` is fixed for the measurement
+    and restored after, and so is the model's train/eval mode. The one-model case of
+    :func:`measure_latency_side_by_side`: a time measured alone and one measured side by side are alike.
     """
-    inputs = as_input_tuple(example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with _torch_threads(num_threads):
-            for _ in range(warmup):
-                model(*inputs)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(*inputs)
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return statistics.median(times) * 1000.0
+    return measure_latency_side_by_side([model], example_inputs, warmup=warmup, repeats=repeats,
+                                        num_threads=num_threads, min_seconds=min_seconds, max_repeats=max_repeats)[0]
 
 
 @torch.no_grad()
-def measure_latency_side_by_side(models: list[nn.Module], example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
-                                 num_threads: int = 2) -> list[float]:
+def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: Any, *, warmup: int = 5,
+                                 repeats: int = 21, num_threads: int = 2, min_seconds: float = 0.0,
+                                 max_repeats: int | None = None) -> list[float]:
     """Median forward time (ms) of each model, runs interleaved (A B A B ...) so that machine drift hits
-    all models alike: use this for speed-up ratios. Eval mode during, modes restored after."""
+    all models alike: use this for speed-up ratios, and time every model of one table in one call.
+
+    ``warmup`` untimed rounds, then ``repeats`` timed rounds; with ``min_seconds`` > 0, as many rounds as the
+    first one says make up that much time, between ``repeats`` and ``max_repeats``. ``num_threads`` is fixed
+    and restored after. Eval mode during, modes restored after.
+    """
     inputs = as_input_tuple(example_inputs)
     modes = [model.training for model in models]
     times: list[list[float]] = [[] for _ in models]
@@ -88,12 +90,19 @@ def measure_latency_side_by_side(models: list[nn.Module], example_inputs: Any, *
         for model in models:
             model.eval()
         with _torch_threads(num_threads):
-            for round_index in range(warmup + repeats):
+            for _ in range(warmup):
+                for model in models:
+                    model(*inputs)
+            rounds, done = repeats, 0
+            while done < rounds:
                 for index, model in enumerate(models):
                     start = time.perf_counter()
                     model(*inputs)
-                    if round_index >= warmup:
-                        times[index].append(time.perf_counter() - start)
+                    times[index].append(time.perf_counter() - start)
+                if done == 0 and min_seconds > 0:
+                    first = sum(model_times[0] for model_times in times)
+                    rounds = min(max(repeats, math.ceil(min_seconds / max(first, 1e-6))), max(repeats, max_repeats or 0))
+                done += 1
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
-import json
 import logging
 import os
 import shlex
@@ -29,6 +27,7 @@ from torch import nn
 from hmc_plugin.app.baselines import nni_l1_prune
 from hmc_plugin.app.data import DataSplits, load_digits_data
 from hmc_plugin.app.models import build_model
+from hmc_plugin.app.report import flops_kept, params_kept, size_fields
 from hmc_plugin.app.workflow import (
     MARGIN_CANDIDATES,
     RunSettings,
@@ -39,8 +38,8 @@ from hmc_plugin.app.workflow import (
     train_or_load_baseline,
 )
 from hmc_plugin.sensitivity.table import SensitivityTable
-from hmc_plugin.utils.counting import count_flops, count_params
 from hmc_plugin.utils.jsonio import encode_float
+from hmc_plugin.utils.store import JsonStore, key_of, write_json_atomic
 from hmc_plugin.utils.timing import machine_description, steady_allocator
 
 METHODS = ('nahc', 'hmc', 'ahc', 'prune', 'decompose', 'nni_l1')
@@ -150,8 +149,8 @@ def compress(model: nn.Module, splits: DataSplits, settings: RunSettings, method
         compressed, _ = compressor.compress()
         info['groups'] = compressor.plan.group_counts()
     info['seconds'] = time.perf_counter() - started
-    info['flops_kept'] = count_flops(compressed, dummy_input) / count_flops(model, dummy_input)
-    info['params_kept'] = count_params(compressed) / count_params(model)
+    sizes = size_fields(model, compressed, dummy_input)
+    info['flops_kept'], info['params_kept'] = flops_kept(sizes), params_kept(sizes)
     return compressed.eval(), info
 
 
@@ -165,9 +164,8 @@ def finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_st
 
 
 def table_fingerprint(table: SensitivityTable) -> str:
-    """Hash of a scan's drops (not its timing): cached results made from another scan are not reused."""
-    drops = json.dumps([table.levels, table.prune, table.decompose], sort_keys=True)
-    return hashlib.sha256(drops.encode()).hexdigest()[:16]
+    """Digest of a scan's drops (not its timing): cached results made from another scan are not reused."""
+    return key_of([table.levels, table.prune, table.decompose])[:16]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -201,19 +199,12 @@ def header(suite: str, settings: dict[str, Any]) -> dict[str, Any]:
             'commit': git_commit(), 'settings': settings}
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def write_suite(out: Path, report: dict[str, Any], markdown: str, *, also: Sequence[str] = (),
                 quiet: bool = False) -> None:
     """Write ``out/SUITE.json`` and ``out/SUITE.md`` (``markdown``, rendered from the report), print the markdown
     unless ``quiet``, and say what was written (``also``: other files the suite wrote into ``out``)."""
     suite = report['suite']
-    write_json(out / f'{suite}.json', report)
+    write_json_atomic(out / f'{suite}.json', report)
     (out / f'{suite}.md').write_text(markdown)
     if not quiet:
         print(markdown)
@@ -221,19 +212,11 @@ def write_suite(out: Path, report: dict[str, Any], markdown: str, *, also: Seque
     print(f'Wrote {out}/{", ".join(files[:-1])} and {files[-1]} in {report["wall_seconds"] / 60:.1f} min.')
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 def cached_cell(path: Path, key: Any, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``compute()``, stored in ``path`` under ``key``; read back instead while the stored key equals ``key``
-    (a rerun resumes, and a cell made from other settings, weights or scans is made again)."""
-    stored = read_json(path) if path.exists() else None
-    if stored is not None and stored.get('key') == key:
-        return stored['cell']
-    cell = compute()
-    write_json(path, {'key': key, 'cell': cell})
-    return cell
+    """``compute()``, stored in the ``JsonStore`` at ``path`` under ``key`` (JSON data: the cell's settings,
+    weights and scan); read back instead while a stored entry has the same key, so a rerun resumes and a cell
+    made from other settings, weights or scans is made again (beside the old one)."""
+    return JsonStore(path).get_or_compute(key, compute)
 
 
 def finetune_budget(settings: dict[str, Any]) -> str:

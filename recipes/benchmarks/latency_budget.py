@@ -51,7 +51,7 @@ import common  # noqa: E402  (recipes/benchmarks is not a package)
 import scan_cost  # noqa: E402
 
 from hmc_plugin.app.data import DataSplits, make_loaders  # noqa: E402
-from hmc_plugin.app.report import markdown_table  # noqa: E402
+from hmc_plugin.app.report import flops_kept, markdown_table, size_fields  # noqa: E402
 from hmc_plugin.app.training import evaluate_accuracy  # noqa: E402
 from hmc_plugin.app.workflow import AUTO_DECOMPOSE_WEIGHTS, AUTO_MARGINS, RunSettings, choose_margin  # noqa: E402
 from hmc_plugin.apply import apply_plan
@@ -61,7 +61,6 @@ from hmc_plugin.planning.latency import LatencyCache, batched_input  # noqa: E40
 from hmc_plugin.planning.plan import CompressionPlan  # noqa: E402
 from hmc_plugin.planning.targets import plan_for_latency, plan_for_target  # noqa: E402
 from hmc_plugin.sensitivity.table import SensitivityTable
-from hmc_plugin.utils.counting import count_flops
 from hmc_plugin.utils.fingerprint import model_fingerprint  # noqa: E402
 from hmc_plugin.utils.jsonio import encode_float  # noqa: E402
 from hmc_plugin.utils.timing import measure_latency_side_by_side  # noqa: E402
@@ -191,7 +190,7 @@ def make_plan(subject: Subject, method: str, budget: str, target: float, args: a
 
 def cache_size(path: Path) -> int:
     """Number of timings in the latency cache file."""
-    return len(LatencyCache(path).entries)
+    return len(LatencyCache(path))
 
 
 def timed_ratio(subject: Subject, compressed: nn.Module, threads: int, args: argparse.Namespace) -> dict[str, float]:
@@ -217,7 +216,7 @@ def landing_row(subject: Subject, method: str, budget: str, args: argparse.Names
     plans[(subject.name, subject.settings.seed if subject.settings else None, method, budget)] = (plan, info)
     compressed = apply_plan(copy.deepcopy(subject.model), plan, subject.dummy_input, speedup='torch_pruning').eval()
     row.update(timed_ratio(subject, compressed, args.threads, args))
-    row['flops_kept'] = count_flops(compressed, subject.dummy_input) / count_flops(subject.model, subject.dummy_input)
+    row['flops_kept'] = flops_kept(size_fields(subject.model, compressed, subject.dummy_input))
     row['flops_reduction'] = 1.0 / row['flops_kept']
     row['speedup_per_flops_reduction'] = row['speedup'] / row['flops_reduction']
     row['groups'] = plan.group_counts()
@@ -247,7 +246,7 @@ def accuracy_cell(subject: Subject, method: str, args: argparse.Namespace, cache
     compressed = apply_plan(copy.deepcopy(subject.model), plan, subject.dummy_input, speedup='torch_pruning').eval()
     _, test_loader = make_loaders(subject.splits, settings.batch_size, seed=settings.seed)
     cell.update(timed_ratio(subject, compressed, args.threads, args))
-    cell['flops_kept'] = count_flops(compressed, subject.dummy_input) / count_flops(subject.model, subject.dummy_input)
+    cell['flops_kept'] = flops_kept(size_fields(subject.model, compressed, subject.dummy_input))
     cell['margin'] = info.get('margin')
     cell['decompose_weight'] = info.get('decompose_weight')
     cell['decomposed'] = len(plan.ranks)

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import resource
 import threading
@@ -30,6 +29,7 @@ from hmc_plugin.app.data import load_digits_data
 from hmc_plugin.app.models import build_model
 from hmc_plugin.app.workflow import RunSettings, make_compressor, scan, train_or_load_baseline
 from hmc_plugin.utils.counting import count_params
+from hmc_plugin.utils.store import write_json_atomic
 
 MIB = 1024 * 1024
 
@@ -115,7 +115,7 @@ def main() -> None:
     results['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
     results['flops_kept'] = compressor.plan.measured
     print(f'whole run  peak RSS {results["peak_rss_mib"]:8.1f} MiB (getrusage ru_maxrss)')
-    (out / 'memory.json').write_text(json.dumps(results, indent=1))
+    write_json_atomic(out / 'memory.json', results)
 
 
 if __name__ == '__main__':

@@ -24,8 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (recipes/benchmarks is not a package)
 
-from hmc_plugin.app.report import markdown_table  # noqa: E402
-from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.app.report import flops_kept, markdown_table, size_fields  # noqa: E402
 from hmc_plugin.utils.timing import measure_latency_side_by_side  # noqa: E402
 
 
@@ -62,7 +61,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, splits, table = common.prepare(settings, work, progress)
     size = (splits.in_channels, splits.image_size, splits.image_size)
     dummy_input = torch.zeros(1, *size)
-    flops_before = count_flops(model, dummy_input)
     batches = [int(batch) for batch in args.batches.split(',')]
     generator = torch.Generator().manual_seed(0)
     inputs = {batch: torch.randn(batch, *size, generator=generator) for batch in batches}
@@ -71,9 +69,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for method in args.methods.split(','):
             compressed, info = common.compress(model, splits, common.replace(settings, target_flops=target), method, table,
                                                margin_candidates=(0.5, math.inf) if args.quick else common.MARGIN_CANDIDATES)
-            row = {'model': args.model, 'target': target, 'method': method, 'flops_before': flops_before,
-                   'flops_after': count_flops(compressed, dummy_input), 'params_kept': info['params_kept']}
-            row['flops_reduction'] = row['flops_before'] / row['flops_after']
+            row = {'model': args.model, 'target': target, 'method': method,
+                   **size_fields(model, compressed, dummy_input), 'params_kept': info['params_kept']}
+            row['flops_reduction'] = 1 / flops_kept(row)
             for batch in batches:
                 repeats = args.repeats if batch == 1 else args.repeats_batched
                 before, after = measure_latency_side_by_side([model, compressed], inputs[batch], num_threads=args.threads,

@@ -12,7 +12,6 @@ torchvision ResNet-50 on a generated 64-image 224x224 calibration batch.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hmc_plugin.app.training import evaluate_accuracy
 from hmc_plugin.app.workflow import RunSettings, train_or_load_baseline
 from hmc_plugin.engines.pruning import find_pruning_groups
 from hmc_plugin.sensitivity.scan import scan_sensitivity
+from hmc_plugin.utils.store import write_json_atomic
 
 
 def spearman(a, b) -> float:
@@ -80,8 +80,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.resnet50_only:
         results = {'resnet50_proxy': resnet50_proxy_scan()}
-        (out / 'scan_cost_resnet50.json').write_text(json.dumps(results, indent=1))
-        print(json.dumps(results, indent=1))
+        print(write_json_atomic(out / 'scan_cost_resnet50.json', results))
         return
     model_name = 'resnet20' if args.quick else args.model
     levels = (0.3, 0.6) if args.quick else (0.2, 0.4, 0.6, 0.8)
@@ -114,8 +113,7 @@ def main() -> None:
                                                           [evaluator_scores[n] for n in subset])
     if args.resnet50:
         results['resnet50_proxy'] = resnet50_proxy_scan()
-    (out / 'scan_cost.json').write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    print(write_json_atomic(out / 'scan_cost.json', results))
 
 
 if __name__ == '__main__':
