@@ -251,7 +251,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     the rule sees how well a plan *recovers*: a zero-shot scan rates decomposition as cheap, and heavily
     decomposed models can recover less than pruned ones. Probes must get past the first, chaotic steps of
     recovery: on ResNet-56 at half its CPU time, 20 steps left candidates with the same groups up to 2.5
-    nats apart; the latency benchmark probes 60 (3 epochs of digits; README "Latency budgets"). Plans that
+    nats apart; the latency benchmark probes 60 (3 epochs of digits; recipes/benchmarks/README.md "Latency budgets"). Plans that
     recover alike stay within noise of each other, so the probe rule takes the one-standard-error rule: of
     the candidates whose KL exceeds the lowest by at most one standard error of the paired per-image
     difference, the simplest wins: the fewest decomposed layers (each one is a new operator that had to

@@ -38,7 +38,7 @@ from ..errors import HMCConfigError, UntraceableModelError
 from ..settings import IMPORTANCES
 from ..utils.counting import as_input_tuple
 
-__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks', 'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically']
+__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks', 'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically', 'preserved_modes']
 
 _logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
 
 
 @contextlib.contextmanager
-def _preserved_modes(model: nn.Module) -> Iterator[None]:
+def preserved_modes(model: nn.Module) -> Iterator[None]:
     """Restore every submodule's train/eval flag (by name) on exit, also for replaced modules."""
     modes = {name: module.training for name, module in model.named_modules()}
     try:
@@ -124,7 +124,7 @@ def _quiet_nni() -> Iterator[logging.Logger]:
 
 def _build_graph(model: nn.Module, dummy_input: Any) -> tp.DependencyGraph:
     """torch-pruning graph of ``model``, built in eval mode so BN running stats do not move."""
-    with _preserved_modes(model), torch.enable_grad():
+    with preserved_modes(model), torch.enable_grad():
         model.eval()
         try:
             # forward_fn: torch-pruning would otherwise retry ``model(inputs_tuple)`` after any failure and
@@ -457,7 +457,7 @@ def speedup_with_nni(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
         model.float()
         dummy_input = _float32(dummy_input)
         masks = {name: {key: mask.float() for key, mask in module_masks.items()} for name, module_masks in masks.items()}
-    with _preserved_modes(model), _quiet_nni() as speedup_logger:
+    with preserved_modes(model), _quiet_nni() as speedup_logger:
         # eval mode while NNI propagates shapes: train-mode BN would update its running statistics on the
         # dummy input, and fails outright on a batch of one 1x1 feature map
         model.eval()
@@ -567,7 +567,7 @@ def prune_physically(model: nn.Module, dummy_input: Any, masks: dict[str, dict[s
             root = group[0].dep.target.module
             plans.append((root, group[0].dep.handler, sorted(pruned_roots)))
     # Indices were all read before any change, and pruning one group leaves the others' out channels alone.
-    with _preserved_modes(model), torch.enable_grad():
+    with preserved_modes(model), torch.enable_grad():
         for root, handler, indices in plans:
             _logger.debug('Pruning %d channels of group %r', len(indices), names[root])
             graph.get_pruning_group(root, handler, indices).prune()

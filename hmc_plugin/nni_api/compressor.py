@@ -19,7 +19,7 @@ from torch import nn
 
 from ..apply import apply_plan
 from ..engines.lowrank import decomposable, method_for, resolve_ranks
-from ..engines.pruning import PruningGroup, _preserved_modes, find_pruning_groups, trace_model
+from ..engines.pruning import PruningGroup, find_pruning_groups, preserved_modes, trace_model
 from ..errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
 from ..planning.measure import plan_masks
 from ..planning.plan import CompressionPlan
@@ -475,7 +475,7 @@ def _check_runs(model: nn.Module, inputs: Any, what: str, first: int | None = No
     param = next(model.parameters(), None)
     expected = f'dtype {param.dtype} and device {param.device}, like the model\'s parameters' if param is not None else ''
     try:
-        with torch.no_grad(), _preserved_modes(model):
+        with torch.no_grad(), preserved_modes(model):
             model.eval()
             model(*sample)
     except Exception as error:
@@ -486,7 +486,7 @@ def _check_runs(model: nn.Module, inputs: Any, what: str, first: int | None = No
 def _check_compressed_runs(compressed: nn.Module, dummy_input: Any) -> None:
     """The compressed model must run where the original did; ``HMCError`` (a bug or an unsupported layer) if not."""
     try:
-        with torch.no_grad(), _preserved_modes(compressed):
+        with torch.no_grad(), preserved_modes(compressed):
             compressed.eval()
             compressed(*as_input_tuple(dummy_input))
     except Exception as error:

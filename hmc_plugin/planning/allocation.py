@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 from ..engines.lowrank import decomposable
 from ..engines.pruning import PruningGroup
 from ..errors import HMCConfigError
-from .cost import CostModel, _shape_module
-from .grouping import DEFAULT_KEEP_FACTOR, _drop_curve, _time_equal_drop, group_layers, weigh_decomposition
+from .cost import CostModel, shape_module
+from .grouping import DEFAULT_KEEP_FACTOR, drop_curve, group_layers, time_equal_drop, weigh_decomposition
 from .plan import MODES, CompressionPlan, LayerPlan, UnreachableTargetError
 
 __all__ = ['check_table', 'build_plan', 'most_compressed_plan']
@@ -120,7 +120,7 @@ def _sensitivity_groups(table, cost: CostModel, candidates: Sequence[str], mode:
     Grouping compares the operators at equal savings: of FLOPs (the levels), or of measured time under a
     latency budget, where a decomposition that never saves time is no candidate.
     """
-    score = _time_equal_drop(table, cost, latency) if metric == 'latency' else None
+    score = time_equal_drop(table, cost, latency) if metric == 'latency' else None
     groups = group_layers(table, candidates, mode, margin, keep_factor, score)
     if metric == 'latency' and mode == 'decompose':
         for layer, group in groups.items():
@@ -132,7 +132,7 @@ def _sensitivity_groups(table, cost: CostModel, candidates: Sequence[str], mode:
 Unit = tuple[str, str]  # ('prune', group name) or ('decompose', layer name)
 
 
-DropCurve = Callable[[float], float]  # level -> interpolated metric drop (``grouping._drop_curve``)
+DropCurve = Callable[[float], float]  # level -> interpolated metric drop (``grouping.drop_curve``)
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _allocation_units(table, cost: CostModel, groups: dict[str, str], mode: str,
             _add_unit(units.active, units, table, ('prune', group_name), max_ratios)
     # grouped/depthwise convs are never decomposed, whatever the table holds
     decomposable_layers = {name for name in table.decompose if name in cost.layers and decomposable(
-        _shape_module(cost.layers[name], cost.layers[name].in_channels, cost.layers[name].out_channels))}
+        shape_module(cost.layers[name], cost.layers[name].in_channels, cost.layers[name].out_channels))}
     for layer, group in groups.items():
         if group in ('decompose', 'both') and layer in decomposable_layers:
             _add_unit(units.active, units, table, ('decompose', layer), max_ratios)
@@ -192,7 +192,7 @@ def _add_unit(into: dict[Unit, DropCurve], units: _Units, table, unit: Unit, max
     """Put ``unit`` with its drop curve into ``into``; its cap is the highest level, and for a group the
     smallest ``max_ratios`` of its members too."""
     operator, name = unit
-    into[unit] = _drop_curve(table.levels, getattr(table, operator)[name])
+    into[unit] = drop_curve(table.levels, getattr(table, operator)[name])
     max_level = max(table.levels)
     units.level_cap[unit] = max_level if operator == 'decompose' else min(
         [max_level] + [max_ratios.get(member, 1.0) for member in table.groups[name]])
@@ -330,7 +330,7 @@ def most_compressed_plan(cost: CostModel, groups: Sequence[PruningGroup], layers
     Groups are capped by the smallest ``max_ratios`` of their members; a layer is decomposed only where
     that lowers its ``metric`` ('flops' or 'params'; tiny layers may not gain). ``mode`` 'prune' only
     prunes, 'decompose' only decomposes, the others do both (the bound of 'nahc' / 'hmc', which may use
-    fewer). Measure it (``apply.measure_plan``) for the lowest kept fraction of the whole model.
+    fewer). Measure it (``planning.measure.measure_plan``) for the lowest kept fraction of the whole model.
     """
     if mode not in MODES:
         raise HMCConfigError(f"Got mode={mode!r} but expected one of {MODES}")
@@ -341,7 +341,7 @@ def most_compressed_plan(cost: CostModel, groups: Sequence[PruningGroup], layers
     dec_levels: dict[str, float] = {}
     for name in [] if mode == 'prune' else layers:
         layer = cost.layers.get(name)
-        if layer is None or not decomposable(_shape_module(layer, layer.in_channels, layer.out_channels)):
+        if layer is None or not decomposable(shape_module(layer, layer.in_channels, layer.out_channels)):
             continue
         if cost.layer_cost(name, prune_ratios, {name: level}, round_to)[index] < \
                 cost.layer_cost(name, prune_ratios, {}, round_to)[index]:

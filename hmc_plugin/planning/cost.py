@@ -13,7 +13,7 @@ from ..engines.lowrank import flops_ratio, method_for, replacement_params, resol
 from ..engines.pruning import PruningGroup, kept_channels
 from ..utils.counting import forward_with_hooks
 
-__all__ = ['LayerCost', 'CostModel']
+__all__ = ['LayerCost', 'CostModel', 'shape_module', 'decomposed_cost']
 
 _logger = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ class CostModel:
         in_channels, out_channels = self.pruned_shape(name, prune_ratios, round_to)
         level = levels.get(name, 0.0)
         if level > 0:
-            return _decomposed_cost(layer, in_channels, out_channels, level, self.rank_method)
+            return decomposed_cost(layer, in_channels, out_channels, level, self.rank_method)
         bias = out_channels if layer.bias else 0
         per_position = out_channels * (in_channels // layer.conv_groups) * layer.kernel[0] * layer.kernel[1]
         return layer.positions * (per_position + bias), per_position + bias, None, None
 
 
-def _shape_module(layer: LayerCost, in_channels: int, out_channels: int) -> nn.Module:
+def shape_module(layer: LayerCost, in_channels: int, out_channels: int) -> nn.Module:
     """A weightless (meta) module of the layer's pruned shape: rank rules need only the shape."""
     if layer.kind == 'linear':
         return nn.Linear(in_channels, out_channels, bias=layer.bias, device='meta')
@@ -100,9 +100,9 @@ def _shape_module(layer: LayerCost, in_channels: int, out_channels: int) -> nn.M
 
 
 @functools.lru_cache(maxsize=None)
-def _decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, level: float, rank_method: str):
+def decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, level: float, rank_method: str):
     """Cost of the layer decomposed to keep ``1 - level`` of its FLOPs, with lowrank's own rank rule."""
-    module = _shape_module(layer, in_channels, out_channels)
+    module = shape_module(layer, in_channels, out_channels)
     method = method_for(module, rank_method, layer.name)
     ranks = resolve_ranks(module, f'flops:{1.0 - level:.6g}', method=method, layer_name=layer.name)
     dense_macs = layer.positions * out_channels * in_channels * layer.kernel[0] * layer.kernel[1]

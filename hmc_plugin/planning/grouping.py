@@ -14,7 +14,7 @@ from ..errors import HMCConfigError
 from .cost import CostModel
 from .plan import MODES
 
-__all__ = ['group_layers', 'weigh_decomposition']
+__all__ = ['group_layers', 'weigh_decomposition', 'drop_curve', 'time_equal_drop']
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def group_layers(table, layers: Sequence[str], mode: str, margin: float | None =
     return groups
 
 
-def _drop_curve(levels: Sequence[float], drops: Sequence[float]):
+def drop_curve(levels: Sequence[float], drops: Sequence[float]):
     """Monotone piecewise-linear drop(level), with drop(0) = 0."""
     xs = np.array([0.0] + list(levels))
     ys = np.maximum.accumulate(np.maximum(np.array([0.0] + list(drops)), 0.0))
@@ -92,7 +92,7 @@ def weigh_decomposition(table, decompose_weight: float):
     return weighed
 
 
-def _time_equal_drop(table, cost: CostModel, latency):
+def time_equal_drop(table, cost: CostModel, latency):
     """``score(operator, unit)``: the unit's mean drop rescaled to equal time saved, for latency budgets.
 
     Level ``c`` removes a fraction ``c`` of the unit's FLOPs; if it saves a fraction ``s`` of the affected

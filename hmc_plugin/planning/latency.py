@@ -12,11 +12,11 @@ conv it replaces). A latency budget (``target_latency``) is allocated on times m
   channels;
 - measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, layer
   shape and replacement, so a second plan on the same machine measures nothing new. The side-by-side
-  timings of whole compressed models that ``apply.plan_for_latency`` checks its plans with are cached too,
+  timings of whole compressed models that ``planning.targets.plan_for_latency`` checks its plans with are cached too,
   by the compressed architecture: the same budget planned twice takes the same corrections and gives the
   same plan (HMC's prune-only candidate is prune-only's plan).
 
-``apply.plan_for_latency`` checks the prediction against a measurement of the compressed model and
+``planning.targets.plan_for_latency`` checks the prediction against a measurement of the compressed model and
 corrects the plan's target by the miss.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..engines.pruning import kept_channels
 from ..utils.counting import as_input_tuple, forward_with_hooks
 from ..utils.store import JsonStore, key_of
 from ..utils.timing import machine_description, measure_latency, measure_latency_side_by_side
-from .cost import CostModel, LayerCost, _decomposed_cost, _shape_module
+from .cost import CostModel, LayerCost, decomposed_cost, shape_module
 
 __all__ = ['default_cache_path', 'batched_input', 'LatencyCache', 'LatencyModel']
 
@@ -249,7 +249,7 @@ class LatencyModel:
     def _decomposed_ms(self, name: str, in_channels: int, out_channels: int, level: float) -> float:
         """Time of the layer at a (grid) pruned shape, decomposed to keep ``1 - level`` of that shape's FLOPs."""
         layer = self.cost.layers[name]
-        _, _, ranks, method = _decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method)
+        _, _, ranks, method = decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method)
         replacement = f'{method} {tuple(ranks)}'
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, replacement),
                               lambda: _time_ms(replacement_architecture(
@@ -283,7 +283,7 @@ class LatencyModel:
         not taken from the unpruned shape.
         """
         layer = self.cost.layers[name]
-        if level <= 0 or not decomposable(_shape_module(layer, layer.in_channels, layer.out_channels)):
+        if level <= 0 or not decomposable(shape_module(layer, layer.in_channels, layer.out_channels)):
             return 1.0
         in_node = _nearest(self._grid(layer.in_channels, self.cost.in_group.get(name)),
                            layer.in_channels if in_channels is None else in_channels)

@@ -108,7 +108,7 @@ class UnreachableTargetError(HMCConfigError):
     """The budget cannot be met even with every allowed unit at its highest level.
 
     ``plan`` is that most compressed plan (the lowest cost the mode reaches), ``metric`` and ``target``
-    the budget asked for; ``apply.plan_for_target`` measures ``plan`` to say how far the model can go.
+    the budget asked for; ``planning.targets.plan_for_target`` measures ``plan`` to say how far the model can go.
     """
 
     def __init__(self, message: str, plan: 'CompressionPlan', metric: str, target: float):

@@ -4,7 +4,7 @@ HMC buy over prune-only at the same time?
 1. Landing. On torchvision ResNet-50 (random weights, 224x224, timed at batch 16; proxy scan on the 64
    generated calibration images of ``scan_cost.py``) and CIFAR ResNet-56 trained on digits (seed 0, timed
    at batch 64), HMC and prune-only are planned with ``target_latency`` and, for comparison, with
-   ``target_flops`` at the same fraction (``hmc_plugin.apply.plan_for_latency`` / ``plan_for_target``).
+   ``target_flops`` at the same fraction (``hmc_plugin.planning.targets.plan_for_latency`` / ``plan_for_target``).
    Each compressed model is then timed again, side by side with the original, with more repeats than
    the planner used: the latency kept, whether it is within +-10 % of the target, the planner's
    prediction and its error, the FLOPs kept, the real speed-up, the FLOPs reduction and their ratio, and

@@ -6,8 +6,8 @@ scan, the plan (NaHC at half the FLOPs) and the compression (masks, NNI speedup,
 replacement) plus ``--finetune-epochs`` of fine-tuning. A sampling thread reads the process's
 resident set size every 10 ms; the script prints the peak of each stage and of the whole run, and
 writes them to ``OUT/memory.json``. Between stages, freed memory is handed back to the system
-(``malloc_trim``), so each stage starts from what is really in use. Nothing is asserted: the README
-quotes the figures.
+(``malloc_trim``), so each stage starts from what is really in use. Nothing is asserted:
+recipes/benchmarks/README.md quotes the figures.
 
     .venv/bin/python recipes/benchmarks/memory.py --out runs/memory [--calibration-size 256] [--finetune-epochs 1]
 """

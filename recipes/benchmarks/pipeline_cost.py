@@ -13,7 +13,7 @@ the package's default levels (0.2, 0.4, 0.6, 0.8):
   ``evaluator`` modes run one whole-network pass per unit and level, far too slow for a full scan on 2
   cores: they scan the first ``--subset`` pruning groups and layers, and the table gives the measured
   seconds per evaluation and the projection to the full scan, marked as projected.
-- ``plan``: NaHC plan at target_flops 0.5 from the proxy table (``apply.plan_for_target``: grouping,
+- ``plan``: NaHC plan at target_flops 0.5 from the proxy table (``planning.targets.plan_for_target``: grouping,
   allocation, measured correction rounds).
 - ``apply``: that plan's masks, the shrinking step by NNI's ``ModelSpeedup`` or by torch-pruning's
   physical pruning, then the low-rank replacement; the shrinking step is also timed alone.
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--subset', type=int, default=2,
                         help='ResNet-50 kl/evaluator scans: first N pruning groups and N layers')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see README "Results")')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see recipes/benchmarks/README.md)')
     parser.add_argument('--timeout', type=int, default=3600, help='seconds per stage process')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     parser.add_argument('--quiet', action='store_true')

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--finetune-epochs', type=int, default=common.FINETUNE_EPOCHS)
     parser.add_argument('--finetune-lr', type=float, default=common.FINETUNE_LR)
-    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see README "Results")')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see recipes/benchmarks/README.md)')
     parser.add_argument('--quiet', action='store_true')
     args = parser.parse_args(argv)
     if args.quick:

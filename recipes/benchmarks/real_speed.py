@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--targets', default='0.5,0.25')
     parser.add_argument('--methods', default=','.join(common.METHODS))
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
-    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see README "Results")')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (1: see recipes/benchmarks/README.md)')
     parser.add_argument('--batches', default='1,64', help='batch sizes to time')
     parser.add_argument('--repeats', type=int, default=31, help='timed runs per model at batch 1 (median)')
     parser.add_argument('--repeats-batched', type=int, default=11, help='timed runs per model at larger batches')
