@@ -83,13 +83,13 @@ class HMCSettings:
     levels: tuple[float, ...] = setting(DEFAULT_LEVELS, _levels, 'increasing fractions in (0, 1)',
                                         "fractions of a layer's FLOPs the scan removes", optional=False)
     importance: str = setting('l1', lambda v: v in COMPRESSOR_IMPORTANCES, f'one of {COMPRESSOR_IMPORTANCES}',
-                              "torch-pruning's channel importance ('taylor' needs labelled batches: use it "
+                              "torch-pruning's channel importance ('taylor' needs labelled calibration batches: use it "
                               'through hmc_plugin.engines.pruning.channel_masks(..., calibration=(inputs, targets)))',
                               optional=False)
     rank_method: str = setting('auto', lambda v: v in RANK_METHODS, f'one of {RANK_METHODS}',
                                "decomposition of kxk convs ('auto': Tucker-2; linear and 1x1 layers use SVD)",
                                optional=False)
-    margin: float | str | None = setting(None, _margin, "a number >= 0, 'inf' or 'auto'",
+    margin: float | str | None = setting(None, _margin, "a number >= 0 or 'inf' ('auto' on the hmc command)",
                                          "HMC's margin tau in units of the median drop ('inf' = AHC; default 0.5 for "
                                          "nahc/hmc); 'auto' picks it by probe fine-tunes (the hmc command only)")
     decompose_weight: float = setting(1.0, _weight, "a number > 0 or 'inf'",

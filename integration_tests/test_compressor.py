@@ -9,6 +9,7 @@ import torch
 from nni.compression.pruning import L1NormPruner
 
 import hmc_plugin.nni_api.compressor as compressor_module
+import hmc_plugin.nni_api.finetune as finetune_module
 from hmc_plugin import HMCCompressor, export_onnx, load_compressed, save_compressed
 from hmc_plugin.app.training import evaluate_accuracy, make_torch_evaluator
 from hmc_plugin.engines.pruning import speedup_with_nni
@@ -114,8 +115,8 @@ def test_finetuning_through_the_evaluator_beats_zero_shot(trained_resnet20, eval
 
 def test_distillation_switch_trains_with_the_teacher(trained_resnet20, evaluator, calibration, loaders, monkeypatch):
     kd_calls = []
-    real_kd_loss = compressor_module.kd_loss
-    monkeypatch.setattr(compressor_module, 'kd_loss', lambda *args: kd_calls.append(1) or real_kd_loss(*args))
+    real_kd_loss = finetune_module.kd_loss
+    monkeypatch.setattr(finetune_module, 'kd_loss', lambda *args: kd_calls.append(1) or real_kd_loss(*args))
     compressor = HMCCompressor(trained_resnet20,
                                [{'op_types': ['Conv2d'], 'target_flops': 0.4, 'mode': 'ahc', 'distill': True,
                                  'distill_alpha': 0.7}],

@@ -314,12 +314,13 @@ def _explicit_ranks(rank: RankSpec, is_int: bool, dims: tuple[int, ...], method:
 
 def _channel_fraction_ranks(module: nn.Module, rank: float, dims: tuple[int, ...], method: str,
                             layer_name: str) -> tuple[int, ...]:
-    """A fraction ``f`` in (0, 1] of the channels: ``ceil(f * C)`` per mode, at least 1."""
+    """A fraction ``f`` in (0, 1] of the channels: ``ceil(f * C)`` per mode, at least 1, at most the mode's bound
+    (a CP rank of a conv with few input channels is bounded below its output channels)."""
     if not 0 < rank <= 1:
         raise _rank_error(rank, dims, method, layer_name)
     out_features, in_features = module.weight.shape[:2]
     channels = {'tucker2': (out_features, in_features), 'cp': (out_features,), 'svd': dims}[method]
-    return tuple(max(1, math.ceil(rank * c - 1e-9)) for c in channels)
+    return tuple(min(bound, max(1, math.ceil(rank * c - 1e-9))) for c, bound in zip(channels, dims))
 
 
 def _spectral_ranks(module: nn.Module, rank: str, dims: tuple[int, ...], method: str,

@@ -326,3 +326,8 @@ def test_decompose_layers_error_leaves_model_untouched(ranks_by_name):
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[key], after[key]) for key in before)
     assert isinstance(model.layer1[0].conv1, nn.Conv2d)
+
+
+def test_a_channel_fraction_cp_rank_stays_within_the_tensors_bound():
+    # a 3x3 conv from 1 channel to 10 has 9 weights per output channel: its CP rank is at most 9
+    assert resolve_ranks(nn.Conv2d(1, 10, 3), 1.0, method='cp') == (9,)
