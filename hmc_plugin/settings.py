@@ -183,9 +183,9 @@ def _shown(value: Any) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
-def unknown_key_message(key: str, allowed: Iterable[str], where: str) -> str:
-    """``"<where>: unknown key 'x' (did you mean 'y'?); allowed keys are [...]"``."""
+def unknown_key_message(key: str, allowed: Iterable[str], where: str, what: str = 'key') -> str:
+    """``"<where>: unknown <what> 'x' (did you mean 'y'?); allowed <what>s are [...]"``."""
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(key), allowed, n=1)
     suggestion = f' (did you mean {close[0]!r}?)' if close else ''
-    return f'{where}: unknown key {key!r}{suggestion}; allowed keys are {allowed}'
+    return f'{where}: unknown {what} {key!r}{suggestion}; allowed {what}s are {allowed}'

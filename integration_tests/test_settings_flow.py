@@ -20,9 +20,10 @@ CONFIG = [{'op_types': ['Conv2d'], 'target_flops': 0.5}]
 def test_a_misspelt_keyword_is_named_with_a_suggestion_and_the_model_is_untouched(trained_resnet20, calibration,
                                                                                    dummy_input):
     before = model_fingerprint(trained_resnet20)
-    with pytest.raises(HMCConfigError, match="unknown key 'calibration_input' \\(did you mean 'calibration_inputs'"):
+    misspelt = "unknown keyword argument 'calibration_input' \\(did you mean 'calibration_inputs'"
+    with pytest.raises(HMCConfigError, match=misspelt):
         HMCCompressor(trained_resnet20, CONFIG, None, dummy_input, calibration_input=calibration[0])
-    with pytest.raises(HMCConfigError, match="unknown key 'target_flop' \\(did you mean 'target_flops'"):
+    with pytest.raises(HMCConfigError, match="unknown keyword argument 'target_flop' \\(did you mean 'target_flops'"):
         HMCCompressor(trained_resnet20, CONFIG, None, dummy_input, calibration_inputs=calibration[0], target_flop=0.4)
     assert model_fingerprint(trained_resnet20) == before
     assert not any('_nni_wrapper' in name for name, _ in trained_resnet20.named_modules())

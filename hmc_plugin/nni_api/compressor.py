@@ -435,7 +435,7 @@ def _refuse_unknown_keywords(unknown: dict[str, Any]) -> None:
         raise HMCConfigError(FROM_COMPRESSOR_MESSAGE)
     if unknown:
         key = next(iter(unknown))
-        raise HMCConfigError(unknown_key_message(key, CONSTRUCTOR_KEYWORDS, 'HMCCompressor'))
+        raise HMCConfigError(unknown_key_message(key, CONSTRUCTOR_KEYWORDS, 'HMCCompressor', 'keyword argument'))
 
 
 def _tied_layers(model: nn.Module) -> dict[str, list[str]]:
