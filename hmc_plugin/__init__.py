@@ -25,9 +25,11 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         parameter or latency target), ``margin`` (HMC's margin rule)
 4. apply                ``apply`` (plan -> compressed model: masks, NNI ModelSpeedup, low-rank)
 5. nni_api              ``nni_api/compressor`` (``HMCCompressor``), ``nni_api/config``
-                        (``config_list`` schema)
-6. app                  ``app/cli`` (the ``hmc`` command), ``workflow``, ``report``, ``data``,
-                        ``models``, ``training``, ``baselines``, ``export``
+                        (``config_list`` schema), ``nni_api/finetune`` (the one fine-tuning
+                        path: NNI's Evaluator, optional distillation)
+6. app                  ``app/cli`` (the ``hmc`` command), ``run_settings`` (``RunSettings``),
+                        ``workflow``, ``report`` (the one report-row builder), ``data``,
+                        ``models``, ``training``, ``baselines``, ``export``, ``config_keys``
 7. experiment           ``experiment/trial`` (an NNI trial), ``shared_cache``, ``results``
 ======================  =========================================================================
 

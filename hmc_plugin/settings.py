@@ -72,7 +72,8 @@ class HMCSettings:
     mode: str = setting('nahc', lambda v: v in MODES, f'one of {MODES}',
                         "which operators a layer may get: 'prune' / 'decompose' only, 'ahc' both everywhere, "
                         "'nahc' / 'hmc' by sensitivity grouping", optional=False)
-    target_flops: float | None = setting(None, _fraction, 'a fraction in (0, 1]', 'fraction of the FLOPs (MACs) to keep')
+    target_flops: float | None = setting(None, _fraction, 'a fraction in (0, 1]',
+                                         'fraction of the FLOPs (MACs) to keep')
     target_params: float | None = setting(None, _fraction, 'a fraction in (0, 1]', 'fraction of the parameters to keep')
     target_latency: float | None = setting(None, _fraction, 'a fraction in (0, 1]',
                                            "fraction of the model's measured CPU time to keep")

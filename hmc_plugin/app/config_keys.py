@@ -33,7 +33,8 @@ def config_keys_markdown() -> str:
              'In an NNI `config_list` entry, as `HMCCompressor(..., key=value)`, in a `--config` YAML file of the '
              '`hmc` command and, where a flag exists, as `--key-with-dashes`. Exactly one budget '
              f'(`target_flops`, `target_params`, `target_latency`); a run of the `hmc` command that names none keeps '
-             f"{', '.join(f'`{key}: {value}`' for key, value in DEFAULT_BUDGET.items())}.", '', _row(('key', 'default', 'allowed', 'meaning')), _row(('---',) * 4)]
+             f"{', '.join(f'`{key}: {value}`' for key, value in DEFAULT_BUDGET.items())}.", '',
+             _row(('key', 'default', 'allowed', 'meaning')), _row(('---',) * 4)]
     lines += [_row((f'`{key}`', default, allowed, meaning)) for key, default, allowed, meaning in HMCSettings.table()]
     lines += ['', "## NNI's selection keys (a `config_list` entry)", '', _row(('key', 'meaning')), _row(('---',) * 2)]
     lines += [_row((f'`{key}`', NNI_KEY_HELP[key])) for key in NNI_KEYS]

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..errors import HMCConfigError
 
-__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataSplits', 'load_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec', 'make_loaders', 'train_permutation', 'without_train_images', 'calibration_batch', 'subset_splits']
+__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataSplits', 'load_digits_data',
+           'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec', 'make_loaders', 'train_permutation',
+           'without_train_images', 'calibration_batch', 'subset_splits']
 
 _logger = logging.getLogger(__name__)
 

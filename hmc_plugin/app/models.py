@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO', 'TORCHVISION_MODELS', 'build_model']
+__all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO',
+           'TORCHVISION_MODELS', 'build_model']
 
 
 class BasicBlock(nn.Module):

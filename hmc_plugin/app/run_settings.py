@@ -17,7 +17,8 @@ RUN_KEY_HELP = {
     'model': "zoo name (resnet20..resnet110), 'torchvision:NAME' or 'package.module:callable'",
     'data': "'digits', 'cifar10:DIR' or 'imagefolder:DIR'",
     'image_size': "input size (default: the loader's, 32 for digits/CIFAR)",
-    'latency_cache': 'JSON file of measured layer times (default $HMC_LATENCY_CACHE or ~/.cache/hmc_plugin/latency.json)',
+    'latency_cache': 'JSON file of measured layer times (default $HMC_LATENCY_CACHE or '
+                     '~/.cache/hmc_plugin/latency.json)',
     'methods': 'the modes `hmc report` compares, in order',
     'op_types': 'layer types to compress (NNI op_types)',
     'exclude_op_names': 'layers to leave as they are (NNI exclude_op_names)',

@@ -40,7 +40,9 @@ from .export import save_compressed
 from .run_settings import RunSettings
 from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
 
-__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure', 'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'sgd_finetune', 'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
+__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure',
+           'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'sgd_finetune',
+           'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
 
 _logger = logging.getLogger(__name__)
 
@@ -236,42 +238,24 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
                   candidates: Sequence[float] = MARGIN_CANDIDATES, decompose_weights: Sequence[float] = (1.0,),
                   probe_steps: int = 0, held_out: int = 256,
                   cache_path: str | os.PathLike | None = None) -> tuple[float, CompressionPlan, list[dict[str, Any]]]:
-    """HMC's margin rule: the ``tau`` (and exchange rate) whose compressed model stays closest to the original.
+    """HMC's margin rule on a run's data: the ``tau`` (and exchange rate) whose compressed model stays closest to
+    the original (``planning.margin.choose_margin_by`` with this run's candidate plans and probes).
 
-    For each candidate ``tau`` (default 0, 0.25, 0.5 = NaHC's default, 1, 2 and inf = AHC) and each
-    ``decompose_weight`` (``plan.build_plan``: decomposition drops count that many times), the ``hmc``
-    plan at the settings' target is built from ``table`` and applied (torch-pruning fast path), and the
-    KL divergence of the compressed model's outputs from the original's is measured on ``held_out``
-    training images that the scan's calibration batch does not contain (the next ones of the same seeded
-    permutation; the test split is never used). The lowest KL wins; ties go to the smaller ``tau``, then
-    the smaller weight. Candidates that give the same plan are applied (and probed) once.
-
-    ``probe_steps=0`` measures the KL zero-shot. With ``probe_steps > 0`` each compressed model is first
-    fine-tuned for that many steps (``sgd_finetune``) on the train split without the held-out images, so
-    the rule sees how well a plan *recovers*: a zero-shot scan rates decomposition as cheap, and heavily
-    decomposed models can recover less than pruned ones. Probes must get past the first, chaotic steps of
-    recovery: on ResNet-56 at half its CPU time, 20 steps left candidates with the same groups up to 2.5
-    nats apart; the latency benchmark probes 60 (3 epochs of digits; recipes/benchmarks/README.md "Latency budgets"). Plans that
-    recover alike stay within noise of each other, so the probe rule takes the one-standard-error rule: of
-    the candidates whose KL exceeds the lowest by at most one standard error of the paired per-image
-    difference, the simplest wins: the fewest decomposed layers (each one is a new operator that had to
-    prove itself), then prune-only's plan, then the most of what the budget leaves free: FLOPs under a
-    latency or parameter budget, parameters under a FLOPs budget. A weight of ``inf`` among
-    ``decompose_weights`` never decomposes; with ``margin=inf`` that candidate is prune-only's plan (the same
-    plan as ``mode='prune'``: under a latency budget its timings come from the latency cache), so HMC
-    departs from pruning alone only for a plan that recovers measurably closer to the original.
-
-    A candidate whose grouping cannot reach the budget is skipped (its trial has ``'error'``).
-
-    ``cache_path``: a JSON file that keeps each probed plan's per-image KL as soon as it is measured, for
-    this model's weights and these probe settings; a rerun (after an interruption) probes only the plans
-    it lacks.
+    For each ``tau`` of ``candidates`` and each weight of ``decompose_weights``, the ``hmc`` plan at the
+    settings' budget is built from ``table`` and applied (torch-pruning path); with ``probe_steps > 0`` it is
+    fine-tuned that many steps (``sgd_finetune``) on the train split without ``held_out`` training images,
+    then scored by the per-image KL of its outputs from the original's on those images (the next ones of the
+    calibration batch's seeded permutation; the test split is never used). Zero-shot (``probe_steps=0``) the
+    lowest KL wins; with probes, the one-standard-error rule (``one_standard_error_choice``) picks the
+    simplest of the candidates that recover alike. A weight of ``inf`` never decomposes, so ``(inf, inf)`` is
+    prune-only's plan. A candidate whose grouping cannot reach the budget gets an ``'error'`` trial.
+    ``cache_path`` keeps each probe as it is measured (``planning.margin.ProbeStore``), so a rerun probes only
+    what it lacks.
 
     Returns ``(tau, plan, trials)``; ``plan.decompose_weight`` is the chosen weight and ``trials`` holds one
     ``{'margin', 'decompose_weight', 'kl', 'kl_se', 'flops_kept', 'params_kept', 'decomposed', 'groups',
-    'probe_steps'}`` per candidate (``decomposed``: how many layers the plan decomposes; ``kl_se``: standard
-    error of its per-image KL minus the lowest-KL candidate's), with ``'latency_budget'`` (the
-    ``plan_for_latency`` report) under a latency budget.
+    'probe_steps'}`` per candidate (``kl_se``: standard error of its per-image KL minus the lowest-KL
+    candidate's), with ``'latency_budget'`` (the ``plan_for_latency`` report) under a latency budget.
     """
     if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
         raise HMCConfigError(f'Got probe_steps={probe_steps!r} but expected an int >= 0 (0 measures zero-shot)')

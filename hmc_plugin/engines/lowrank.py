@@ -40,7 +40,9 @@ from torch import nn
 
 from ..errors import LayerCompressionError
 
-__all__ = ['METHODS', 'RankSpec', 'default_method', 'method_for', 'decomposable', 'flops_ratio', 'replacement_params', 'resolve_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module', 'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
+__all__ = ['METHODS', 'RankSpec', 'default_method', 'method_for', 'decomposable', 'flops_ratio', 'replacement_params',
+           'resolve_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module',
+           'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
 
 _logger = logging.getLogger(__name__)
 
@@ -411,6 +413,15 @@ class _LowRank(nn.Sequential):
         raise NotImplementedError
 
 
+class _ConvLowRank(_LowRank):
+    """A replacement of an ``nn.Conv2d``."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> _ConvLowRank:
+        """The replacement of ``conv`` at ``ranks`` (``from_dense``)."""
+        return cls.from_dense(conv, ranks, layer_name)
+
+
 def _copy_bias(dense: nn.Module, last: nn.Module) -> None:
     """The replacement's ``last`` layer takes a copy of the dense layer's bias (if it has one)."""
     if dense.bias is not None:
@@ -422,7 +433,7 @@ def _conv(conv: nn.Conv2d, in_channels: int, out_channels: int, kernel_size=1, b
                      dtype=conv.weight.dtype, **kwargs)
 
 
-class Tucker2Conv2d(_LowRank):
+class Tucker2Conv2d(_ConvLowRank):
     """Tucker-2 k x k conv: ``first`` 1x1 C_in -> r_in, ``core`` k x k r_in -> r_out, ``last`` 1x1 r_out -> C_out.
 
     ``ranks = (r_out, r_in)`` (tensorly's mode order). ``core`` keeps the original stride, padding,
@@ -430,10 +441,6 @@ class Tucker2Conv2d(_LowRank):
     """
 
     method = 'tucker2'
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> Tucker2Conv2d:
-        return cls.from_dense(conv, ranks, layer_name)
 
     @classmethod
     def _build(cls, conv, ranks, factors=None):
@@ -456,7 +463,7 @@ class Tucker2Conv2d(_LowRank):
                 torch.randn(conv.in_channels, r_in))
 
 
-class CPConv2d(_LowRank):
+class CPConv2d(_ConvLowRank):
     """CP k x k conv: ``first`` 1x1 C_in -> r, ``vertical`` k_h x 1 and ``horizontal`` 1 x k_w depthwise
     (groups=r), ``last`` 1x1 r -> C_out with the bias. ``ranks = (r,)``. Not exact at any rank in general.
 
@@ -464,10 +471,6 @@ class CPConv2d(_LowRank):
     """
 
     method = 'cp'
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> CPConv2d:
-        return cls.from_dense(conv, ranks, layer_name)
 
     @classmethod
     def _build(cls, conv, ranks, factors=None):
@@ -525,15 +528,11 @@ class _SVD(_LowRank):
         raise NotImplementedError
 
 
-class SVDConv2d(_SVD):
+class SVDConv2d(_SVD, _ConvLowRank):
     """Truncated SVD of a 1x1 conv: ``first`` 1x1 C_in -> r (stride, padding), ``last`` 1x1 r -> C_out (bias).
 
     ``ranks = (r,)``; exact at ``r == min(C_in, C_out)``.
     """
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> SVDConv2d:
-        return cls.from_dense(conv, ranks, layer_name)
 
     @staticmethod
     def _layers(conv, rank):

@@ -38,7 +38,8 @@ from ..errors import HMCConfigError, UntraceableModelError
 from ..settings import IMPORTANCES
 from ..utils.counting import as_input_tuple
 
-__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks', 'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically', 'preserved_modes']
+__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks',
+           'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically', 'preserved_modes']
 
 _logger = logging.getLogger(__name__)
 

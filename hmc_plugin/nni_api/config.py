@@ -95,7 +95,8 @@ def _check_hmc_keys(index: int, entry: dict) -> None:
     if entry.get('margin') == 'auto':
         raise HMCConfigError(f"config_list[{index}]: got margin='auto' but {MARGIN_AUTO_HINT}")
     try:
-        HMCSettings(**{key: value for key, value in entry.items() if key in HMCSettings.keys() and key not in BUDGET_KEYS})
+        HMCSettings(**{key: value for key, value in entry.items()
+                       if key in HMCSettings.keys() and key not in BUDGET_KEYS})
     except HMCConfigError as error:
         raise HMCConfigError(f'config_list[{index}]: {error}') from None
     for key in BUDGET_KEYS:

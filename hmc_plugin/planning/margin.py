@@ -93,9 +93,13 @@ def choose_margin_by(plan_candidate: PlanCandidate, score: Callable[[Compression
     best = _choose(trials, free, probe_steps)
     _logger.info('HMC margin rule: tau=%s, decompose_weight=%s (held-out KL %.4g%s; candidates %s)', best['margin'],
                  best['decompose_weight'], best['kl'], f' after {probe_steps} steps' if probe_steps else ' zero-shot',
-                 ', '.join(f"{trial['margin']}/{trial['decompose_weight']}: "
-                           f"{'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')}" for trial in trials))
+                 ', '.join(_trial_text(trial) for trial in trials))
     return best['margin'], plans[(best['margin'], best['decompose_weight'])], trials
+
+
+def _trial_text(trial: dict[str, Any]) -> str:
+    kl = 'unreachable' if trial['kl'] is None else format(trial['kl'], '.4g')
+    return f"{trial['margin']}/{trial['decompose_weight']}: {kl}"
 
 
 def _choose(trials: list[dict[str, Any]], free: str, probe_steps: int) -> dict[str, Any]:

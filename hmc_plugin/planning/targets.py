@@ -111,18 +111,9 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     latency.cache.save()
     if measured > target_latency + tolerance and exhausted:
         mode = plan_kwargs.get('mode', 'nahc')
-        hint = '' if mode == 'prune' else " or use mode='prune' (pruning saves the most time on a CPU)"
-        raise HMCConfigError(
-            f"Got target_latency={target_latency:g} but mode {mode!r} cannot make the model faster than "
-            f"{measured:.3f} of its time at batch {latency.batch} and {latency.threads} threads (measured), even with "
-            f"every selected layer at the highest level ({max(table.levels):g}): raise target_latency, select more "
-            f"layers or add a higher level to 'levels'{hint}") from None
-    predicted_fraction = plan.predicted['latency']
-    report = {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads,
-              'original_ms': original_ms, 'measured_ms': measured_ms, 'measured': measured,
-              'predicted': predicted_fraction, 'predicted_ms': predicted_fraction * original_ms,
-              'prediction_error': predicted_fraction / measured - 1.0,
-              'new_measurements': latency.cache.measured}
+        raise HMCConfigError(_slowest_reachable_message(target_latency, measured, latency, mode,
+                                                        max(table.levels))) from None
+    report = _latency_report(plan, target_latency, original_ms, measured_ms, latency)
     plan.target = {'latency': target_latency}
     plan.measured = {'latency': measured, 'flops': count_flops(compressed, dummy_input) / full_flops,
                      'params': count_params(compressed) / full_params}
@@ -132,8 +123,28 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
                         latency.batch, latency.threads, max_rounds)
     else:
         _logger.info('Plan for target_latency=%.3f measures %.3f (predicted %.3f, error %+.1f %%)', target_latency,
-                     measured, predicted_fraction, 100 * report['prediction_error'])
+                     measured, report['predicted'], 100 * report['prediction_error'])
     return plan, report
+
+
+def _latency_report(plan: CompressionPlan, target_latency: float, original_ms: float, measured_ms: float,
+                    latency: LatencyModel) -> dict[str, float]:
+    """``plan_for_latency``'s report: the times (ms) measured and predicted, their fractions kept, the error."""
+    measured, predicted = measured_ms / original_ms, plan.predicted['latency']
+    return {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads,
+            'original_ms': original_ms, 'measured_ms': measured_ms, 'measured': measured,
+            'predicted': predicted, 'predicted_ms': predicted * original_ms,
+            'prediction_error': predicted / measured - 1.0, 'new_measurements': latency.cache.measured}
+
+
+def _slowest_reachable_message(target_latency: float, measured: float, latency: LatencyModel, mode: str,
+                               max_level: float) -> str:
+    """The error for a latency budget below what ``mode`` reaches with every selected layer at ``max_level``."""
+    hint = '' if mode == 'prune' else " or use mode='prune' (pruning saves the most time on a CPU)"
+    return (f"Got target_latency={target_latency:g} but mode {mode!r} cannot make the model faster than "
+            f"{measured:.3f} of its time at batch {latency.batch} and {latency.threads} threads (measured), even with "
+            f"every selected layer at the highest level ({max_level:g}): raise target_latency, select more "
+            f"layers or add a higher level to 'levels'{hint}")
 
 
 def unreachable_message(metric: str, target: float, lowest: float, mode: str, max_level: float,
