@@ -16,7 +16,7 @@ import yaml
 
 from ..errors import HMCConfigError, HMCError
 from ..settings import BUDGET_KEYS, COMPRESSOR_IMPORTANCES, MODES, SENSITIVITIES, HMCSettings, unknown_key_message
-from .run_settings import RunSettings
+from .run_settings import RUN_KEY_HELP, RunSettings
 
 __all__ = ['build_parser', 'main']
 
@@ -32,6 +32,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='hmc_output', help='output folder (default hmc_output)')
     parser.add_argument('--checkpoint', help='state_dict of the trained model to compress (skips training)')
     parser.add_argument('--train-epochs', type=int, help='epochs to train the baseline when no checkpoint (default 15)')
+    for key, kind in (('train_lr', float), ('warmup_epochs', float), ('finetune_lr', float)):
+        parser.add_argument('--' + key.replace('_', '-'), type=kind,
+                            help=f'{RUN_KEY_HELP[key]} (default {getattr(RunSettings(), key)})')
+    parser.add_argument('--allow-chance-baseline', action='store_true', default=None,
+                        help=RUN_KEY_HELP['allow_chance_baseline'])
     parser.add_argument('--seed', type=int)
     parser.add_argument('--threads', type=int, help='torch threads for training and latency (default 2)')
     parser.add_argument('--calibration-size', type=int, help='images in the proxy calibration batch (default 64)')

@@ -25,7 +25,9 @@ RUN_KEY_HELP = {
     'probe_steps': "fine-tuning steps of each candidate of margin 'auto'",
     'calibration_size': 'images in the calibration batch of the proxy and KL scans',
     'train_epochs': 'epochs to train the baseline when no checkpoint is given',
-    'train_lr': "the baseline's learning rate (SGD, cosine schedule)",
+    'train_lr': "the baseline's peak learning rate (SGD; linear warm-up, then cosine)",
+    'warmup_epochs': "epochs of the baseline's linear learning-rate warm-up (at most a fifth of the training)",
+    'allow_chance_baseline': 'go on when the baseline is within 0.05 of chance accuracy (else an error)',
     'finetune_epochs': 'fine-tuning epochs of each compressed model',
     'finetune_lr': 'fine-tuning learning rate (SGD)',
     'batch_size': 'batch size of training and fine-tuning',
@@ -56,6 +58,8 @@ class RunSettings:
     calibration_size: int = 64
     train_epochs: int = 15
     train_lr: float = 0.1
+    warmup_epochs: float = 1.0
+    allow_chance_baseline: bool = False
     finetune_epochs: int = 3
     finetune_lr: float = 0.003
     batch_size: int = 64

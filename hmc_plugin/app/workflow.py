@@ -38,40 +38,63 @@ from . import report
 from .data import DataSplits, calibration_batch, make_loaders, train_permutation, without_train_images
 from .export import save_compressed
 from .run_settings import RunSettings
-from .training import evaluate_accuracy, make_torch_evaluator, train, training_step
+from .training import evaluate_accuracy, make_torch_evaluator, train_baseline
 
-__all__ = ['RunSettings', 'train_or_load_baseline', 'make_compressor', 'scan', 'compress_and_measure',
-           'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS', 'sgd_finetune',
-           'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
+__all__ = ['RunSettings', 'CHANCE_MARGIN', 'train_or_load_baseline', 'check_baseline', 'make_compressor', 'scan',
+           'compress_and_measure', 'compare_methods', 'MARGIN_CANDIDATES', 'AUTO_MARGINS', 'AUTO_DECOMPOSE_WEIGHTS',
+           'sgd_finetune', 'plan_by_margin_rule', 'one_standard_error_choice', 'choose_margin']
 
 _logger = logging.getLogger(__name__)
 
 
+CHANCE_MARGIN = 0.05  # a baseline within this much accuracy of chance (1 / classes) has learnt nothing to keep
+
+
 def train_or_load_baseline(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
                            progress: bool = True) -> nn.Module:
-    """Load ``settings.checkpoint`` or a cached ``out_dir/baseline.pt`` made with the same settings; else train."""
+    """Load ``settings.checkpoint`` or a cached ``out_dir/baseline.pt`` made with the same settings; else train
+    (``training.train_baseline``: warm-up, then cosine; checkpointed every epoch in ``out_dir/baseline.partial.pt``,
+    so an interrupted training resumes). Then ``check_baseline``."""
     if settings.checkpoint:
         state = torch.load(settings.checkpoint, map_location='cpu', weights_only=True)
         model.load_state_dict(state.get('state_dict', state) if isinstance(state, dict) else state)
-        return model
-    key = {k: getattr(settings, k) for k in ('model', 'data', 'train_epochs', 'train_lr', 'batch_size', 'seed')}
+        return check_baseline(model, splits, settings)
+    key = json.dumps({k: getattr(settings, k) for k in ('model', 'data', 'train_epochs', 'train_lr', 'warmup_epochs',
+                                                        'batch_size', 'seed')}, sort_keys=True)
     cache = out_dir / 'baseline.pt'
     if cache.exists():
         saved = torch.load(cache, map_location='cpu', weights_only=True)
-        if saved.get('key') == json.dumps(key, sort_keys=True):
+        if saved.get('key') == key:
             model.load_state_dict(saved['state_dict'])
             _logger.info('Loaded the cached baseline from %s', cache)
-            return model
+            return check_baseline(model, splits, settings)
     torch.manual_seed(settings.seed)
-    train_loader, _ = make_loaders(splits, settings.batch_size, seed=settings.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.train_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, settings.train_epochs))
-    for _ in range(settings.train_epochs):
-        train(model, optimizer, training_step, train_loader, max_epochs=1, progress=progress, description='train baseline')
-        scheduler.step()
+    train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    train_baseline(model, train_loader, test_loader, epochs=settings.train_epochs, lr=settings.train_lr,
+                   warmup_epochs=settings.warmup_epochs, checkpoint=out_dir / 'baseline.partial.pt', key=key,
+                   progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({'key': json.dumps(key, sort_keys=True), 'state_dict': model.state_dict()}, cache)
-    return model
+    torch.save({'key': key, 'state_dict': model.state_dict()}, cache)
+    return check_baseline(model, splits, settings)
+
+
+def check_baseline(model: nn.Module, splits: DataSplits, settings: RunSettings) -> nn.Module:
+    """``model``, unless its test accuracy is within ``CHANCE_MARGIN`` of chance: then ``HMCConfigError`` with the
+    figure and the remedies (``settings.allow_chance_baseline`` goes on with a warning)."""
+    _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    accuracy, chance = evaluate_accuracy(model, test_loader), 1 / splits.num_classes
+    if accuracy > chance + CHANCE_MARGIN:
+        return model
+    source = (f'the checkpoint {settings.checkpoint}' if settings.checkpoint else
+              f'the baseline trained for {settings.train_epochs} epoch(s) at train_lr {settings.train_lr:g}')
+    message = (f'{source} reaches {accuracy:.3f} test accuracy on {splits.name}, within {CHANCE_MARGIN} of chance '
+               f'({chance:.3f} for {splits.num_classes} classes): compressing it would measure nothing')
+    if settings.allow_chance_baseline:
+        _logger.warning('%s; going on (allow_chance_baseline)', message[0].upper() + message[1:])
+        return model
+    raise HMCConfigError(f'{message[0].upper() + message[1:]}. Train longer (--train-epochs), at a lower rate '
+                         f'(--train-lr, e.g. {settings.train_lr / 2:g}), give trained weights (--checkpoint) or pass '
+                         f'--allow-chance-baseline to go on anyway')
 
 
 def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings, mode: str, *,

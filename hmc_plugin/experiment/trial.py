@@ -69,6 +69,7 @@ class TrialOptions:
     data: str = _option('digits', "'digits', 'cifar10:DIR' or 'imagefolder:DIR'")
     checkpoint: str | None = _option(None, 'trained state_dict to compress (default: train a baseline, once per cache)')
     train_epochs: int = _option(15, 'epochs of the baseline training (when no checkpoint)')
+    allow_chance_baseline: bool = _option(False, 'go on when the baseline is within 0.05 of chance accuracy')
     train_images: int | None = _option(None, 'use at most this many training images (default: all)')
     test_images: int | None = _option(None, 'use at most this many test images (default: all)')
     calibration_size: int = _option(64, "images in the proxy scan's calibration batch")
@@ -101,7 +102,8 @@ def trial_settings(parameters: dict[str, Any], options: TrialOptions) -> RunSett
     values['finetune_epochs'] = _integer('finetune_epochs', values['finetune_epochs'], 0)
     mode = values.pop('mode')
     return RunSettings(model=options.model, data=options.data, checkpoint=options.checkpoint,
-                       train_epochs=options.train_epochs, calibration_size=options.calibration_size,
+                       train_epochs=options.train_epochs, allow_chance_baseline=options.allow_chance_baseline,
+                       calibration_size=options.calibration_size,
                        batch_size=options.batch_size, threads=options.threads, seed=options.seed,
                        methods=(mode,), margin=margin, **values)
 

@@ -27,8 +27,12 @@ def parse_options(argv: list[str] | None = None) -> tuple[TrialOptions, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(TrialOptions):
         default = getattr(defaults, field.name)
+        flag = '--' + field.name.replace('_', '-')
+        if isinstance(default, bool):
+            parser.add_argument(flag, action='store_true', help=field.metadata['help'])
+            continue
         kind = type(default) if default is not None else (str if field.name == 'checkpoint' else int)
-        parser.add_argument('--' + field.name.replace('_', '-'), type=kind, default=default,
+        parser.add_argument(flag, type=kind, default=default,
                             help=field.metadata['help'] + ('' if default is None else f' (default {default})'))
     parser.add_argument('--parameters', type=json.loads, default={},
                         help='JSON hyperparameters when run outside NNI (NNI gives them otherwise)')
