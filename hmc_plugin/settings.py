@@ -111,13 +111,8 @@ class HMCSettings:
                                          'temperature of the distillation loss', optional=False)
 
     def __post_init__(self):
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if value is None and spec.metadata['optional']:
-                continue
-            if not spec.metadata['check'](value):
-                raise HMCConfigError(f"Got {spec.name}={value!r} but expected {spec.metadata['allowed']} "
-                                     f"({spec.metadata['meaning']})")
+        for key in self.keys():
+            self.check_value(key, getattr(self, key))
         self.levels = tuple(self.levels)
         for key in ('margin', 'decompose_weight'):
             if getattr(self, key) == 'inf':
@@ -145,6 +140,16 @@ class HMCSettings:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         return tuple(spec.name for spec in dataclasses.fields(cls))
+
+    @classmethod
+    def check_value(cls, key: str, value: Any) -> None:
+        """``HMCConfigError`` naming ``key``, ``value``, what is allowed and what the key means, unless it passes."""
+        spec = next(spec for spec in dataclasses.fields(cls) if spec.name == key)
+        if value is None and spec.metadata['optional']:
+            return
+        if not spec.metadata['check'](value):
+            raise HMCConfigError(f"Got {key}={value!r} but expected {spec.metadata['allowed']} "
+                                 f"({spec.metadata['meaning']})")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = 'settings') -> 'HMCSettings':

@@ -20,8 +20,6 @@ from .run_settings import RUN_KEY_HELP, RunSettings
 
 __all__ = ['build_parser', 'main']
 
-_logger = logging.getLogger('hmc_plugin')
-
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', help='YAML file with run settings (keys as the long options, with _ for -)')

@@ -99,7 +99,7 @@ def train_baseline(model: nn.Module, train_loader, test_loader: Iterable, *, epo
     total = epochs * steps_per_epoch
     warmup = min(round(warmup_epochs * steps_per_epoch), total // 5)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup)) if total else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
     start = _resume(checkpoint, key, model, optimizer, scheduler, train_loader)
     for epoch in range(start, epochs):
         model.train()

@@ -22,8 +22,8 @@ from ..app.models import build_model
 from ..app.report import flops_kept, latency_fields, method_row, params_kept, speedup
 from ..app.training import evaluate_accuracy
 from ..app.workflow import RunSettings, make_compressor
-from ..engines.pruning import IMPORTANCES
 from ..errors import HMCConfigError
+from ..settings import COMPRESSOR_IMPORTANCES
 from ..utils.jsonio import write_json
 from ..utils.timing import measure_latency_side_by_side
 from .shared_cache import ScanResult, SharedCache
@@ -38,7 +38,7 @@ SEARCHABLE = {
     'mode': "'prune', 'decompose', 'ahc', 'nahc' or 'hmc'",
     'margin': "HMC's tau, a number >= 0 or 'inf'; used by mode 'hmc' only ('nahc' is 'hmc' with 0.5)",
     'target_flops': 'fraction of the FLOPs to keep, in (0, 1]',
-    'importance': f"channel importance for pruning, one of {tuple(i for i in IMPORTANCES if i != 'taylor')}",
+    'importance': f"channel importance for pruning, one of {COMPRESSOR_IMPORTANCES}",
     'rank_method': "'auto', 'tucker2' or 'cp' (decomposition of kxk convs)",
     'finetune_epochs': 'fine-tuning epochs after compression, an integer >= 0',
     'finetune_lr': 'fine-tuning learning rate, > 0',
@@ -96,7 +96,7 @@ def trial_settings(parameters: dict[str, Any], options: TrialOptions) -> RunSett
     values = {**DEFAULT_PARAMETERS, **parameters}
     if values['importance'] == 'taylor':
         raise HMCConfigError("Got importance='taylor' but the trial's scan has no labels for its gradients; "
-                             f"use one of {tuple(i for i in IMPORTANCES if i != 'taylor')}")
+                             f"use one of {COMPRESSOR_IMPORTANCES}")
     margin = values.pop('margin', None) if values['mode'] == 'hmc' else None
     values.pop('margin', None)
     values['finetune_epochs'] = _integer('finetune_epochs', values['finetune_epochs'], 0)

@@ -94,15 +94,10 @@ def _check_hmc_keys(index: int, entry: dict) -> None:
     """HMC's keys of one entry, each checked by ``HMCSettings`` (the budget's exactly-one rule applies to all)."""
     if entry.get('margin') == 'auto':
         raise HMCConfigError(f"config_list[{index}]: got margin='auto' but {MARGIN_AUTO_HINT}")
-    try:
-        HMCSettings(**{key: value for key, value in entry.items()
-                       if key in HMCSettings.keys() and key not in BUDGET_KEYS})
-    except HMCConfigError as error:
-        raise HMCConfigError(f'config_list[{index}]: {error}') from None
-    for key in BUDGET_KEYS:
+    for key in HMCSettings.keys():
         if key in entry:
             try:
-                HMCSettings(**{key: entry[key]})
+                HMCSettings.check_value(key, entry[key])
             except HMCConfigError as error:
                 raise HMCConfigError(f'config_list[{index}]: {error}') from None
 

@@ -1,8 +1,7 @@
-"""Cost."""
+"""The cost model: per-layer FLOPs and parameters of any pruned or decomposed shape, without building it."""
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,8 +13,6 @@ from ..engines.pruning import PruningGroup, kept_channels
 from ..utils.counting import forward_with_hooks
 
 __all__ = ['LayerCost', 'CostModel', 'shape_module', 'decomposed_cost']
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

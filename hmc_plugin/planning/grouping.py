@@ -1,9 +1,8 @@
-"""Grouping."""
+"""Grouping: which operators each layer may get (``group_layers``), from its two drop curves and the mode."""
 from __future__ import annotations
 
 import copy
 import functools
-import logging
 import math
 import statistics
 from typing import Sequence
@@ -15,8 +14,6 @@ from .cost import CostModel
 from .plan import MODES
 
 __all__ = ['group_layers', 'weigh_decomposition', 'drop_curve', 'time_equal_drop']
-
-_logger = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 0.5
 

@@ -6,7 +6,6 @@ NNI's ModelSpeedup gives) and the low-rank engine; ``hmc_plugin.apply`` builds t
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import torch
@@ -18,8 +17,6 @@ from ..utils.counting import count_flops, count_layer_flops, count_params
 from .plan import CompressionPlan
 
 __all__ = ['plan_masks', 'measure_plan', 'compress_fast']
-
-_logger = logging.getLogger(__name__)
 
 
 def plan_masks(model: nn.Module, plan: CompressionPlan, dummy_input: Any,

@@ -1,7 +1,6 @@
-"""Plan."""
+"""``CompressionPlan``: the plain-data seam between planning and apply (per layer: group, prune ratio, ranks)."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,8 +10,6 @@ from ..settings import MODES
 from ..utils.jsonio import decode_float, encode_float, read_json, write_json
 
 __all__ = ['MODES', 'LayerPlan', 'CompressionPlan', 'UnreachableTargetError']
-
-_logger = logging.getLogger(__name__)
 
 
 

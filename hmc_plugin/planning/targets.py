@@ -1,4 +1,5 @@
-"""Targets."""
+"""The loops that land a plan on its target: FLOPs or parameters measured exactly (``plan_for_target``),
+CPU time measured side by side (``plan_for_latency``), and what a budget can reach at most."""
 from __future__ import annotations
 
 import copy

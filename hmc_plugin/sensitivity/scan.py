@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from ..engines.lowrank import low_rank_weight, low_rank_weights, method_for
 from ..engines.pruning import PruningGroup, group_channel_masks
 from ..errors import HMCConfigError
+from ..settings import SENSITIVITIES
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
 from ..utils.kl import kl_divergence
 from .fisher import DEFAULT_PROJECTIONS, fisher_drops
-from .table import DEFAULT_LEVELS, SCAN_MODES, Masks, SensitivityTable
+from .table import DEFAULT_LEVELS, Masks, SensitivityTable
 
 __all__ = ['zeroed_by_masks', 'swapped_weight', 'proxy_metric', 'scan_sensitivity']
 
@@ -157,8 +158,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
 
 def _checked_levels(mode: str, levels: Sequence[float], eval_fn, calibration_inputs) -> list[float]:
     """``levels`` as floats, after checking them and that ``mode`` has what it measures with."""
-    if mode not in SCAN_MODES:
-        raise HMCConfigError(f"Got sensitivity mode={mode!r} but expected one of {SCAN_MODES}")
+    if mode not in SENSITIVITIES:
+        raise HMCConfigError(f"Got sensitivity mode={mode!r} but expected one of {SENSITIVITIES}")
     levels = [float(level) for level in levels]
     if not levels or any(not 0.0 < level < 1.0 for level in levels) or levels != sorted(set(levels)):
         raise HMCConfigError(f'Got levels={levels} but expected increasing fractions in (0, 1), e.g. {list(DEFAULT_LEVELS)}')

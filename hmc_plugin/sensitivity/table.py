@@ -1,23 +1,19 @@
-"""Table."""
+"""``SensitivityTable``: the plain-data result of a scan (per unit and level: the metric drop), JSON in and out."""
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ..settings import DEFAULT_LEVELS, SENSITIVITIES
+from ..settings import DEFAULT_LEVELS
 from ..utils.jsonio import read_json, write_json
 
 __all__ = ['DEFAULT_LEVELS', 'SensitivityTable']
 
-_logger = logging.getLogger(__name__)
 
 
-
-SCAN_MODES = SENSITIVITIES
 
 
 Masks = dict[str, dict[str, torch.Tensor]]

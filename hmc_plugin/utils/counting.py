@@ -1,4 +1,4 @@
-"""Parameters, FLOPs and CPU latency of any model: the one place every report counts from.
+"""Parameters and FLOPs of any model, the one place every report counts from (latency: ``utils.timing``).
 
 FLOPs are multiply-accumulates (MACs) counted exactly as torch-pruning's
 ``tp.utils.count_ops_and_params`` counts them: conv and linear MACs plus bias adds, and one op

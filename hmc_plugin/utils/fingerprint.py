@@ -1,8 +1,7 @@
-"""Fingerprint."""
+"""Fingerprints of weights and inputs (SHA-256): the keys caches compare to know what they were made from."""
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any
 
 import torch
@@ -12,7 +11,9 @@ from .counting import as_input_tuple
 
 __all__ = ['model_fingerprint', 'inputs_fingerprint']
 
-_logger = logging.getLogger(__name__)
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b''
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -21,8 +22,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b'')
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -32,8 +32,7 @@ def inputs_fingerprint(inputs: Any) -> str:
     for item in as_input_tuple(inputs):
         if isinstance(item, torch.Tensor):
             digest.update(f'{tuple(item.shape)}{item.dtype}'.encode())
-            digest.update(item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                          if item.numel() else b'')
+            digest.update(_tensor_bytes(item))
         else:
             digest.update(repr(item).encode())
     return digest.hexdigest()

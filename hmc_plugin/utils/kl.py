@@ -1,7 +1,6 @@
 """KL divergence of output distributions: ``kl_divergence`` (the one formula) and the model-level uses of it."""
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Sequence
 
 import torch
@@ -9,8 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['kl_divergence', 'output_log_probs', 'per_input_kl', 'output_kl', 'kd_loss']
-
-_logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()

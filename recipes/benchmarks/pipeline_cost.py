@@ -6,7 +6,7 @@ it) and torchvision ResNet-50 (1000 classes, random weights, seeded) on a genera
 Stages, each measured in a fresh Python process (so one stage's memory never counts against another), at
 the package's default levels (0.2, 0.4, 0.6, 0.8):
 
-- ``scan``: the sensitivity scan in each mode of ``hmc_plugin.sensitivity.SCAN_MODES``: ``proxy``
+- ``scan``: the sensitivity scan in each mode of ``hmc_plugin.settings.SENSITIVITIES``: ``proxy``
   (64 calibration images), ``kl`` (the whole-network KL on the same 64 images, when the installed
   hmc_plugin has it) and ``evaluator`` (ResNet-56: test accuracy on the 360 test images; ResNet-50:
   agreement with the original model's top-1 on 16 generated images). On ResNet-50 the ``kl`` and
@@ -55,9 +55,10 @@ from hmc_plugin.engines.lowrank import decomposable, decompose_layers  # noqa: E
 from hmc_plugin.engines.pruning import find_pruning_groups, prune_physically, speedup_with_nni  # noqa: E402
 from hmc_plugin.planning.measure import plan_masks  # noqa: E402
 from hmc_plugin.planning.plan import CompressionPlan  # noqa: E402
-from hmc_plugin.planning.targets import plan_for_target
+from hmc_plugin.planning.targets import plan_for_target  # noqa: E402
 from hmc_plugin.sensitivity.scan import scan_sensitivity  # noqa: E402
-from hmc_plugin.sensitivity.table import SCAN_MODES, SensitivityTable
+from hmc_plugin.sensitivity.table import SensitivityTable  # noqa: E402
+from hmc_plugin.settings import SENSITIVITIES  # noqa: E402
 
 RESNET50 = 'torchvision:resnet50'
 CALIBRATION_SIZE = 64
@@ -228,7 +229,7 @@ def stage_specs(args: argparse.Namespace, work: Path, files: Path) -> list[dict]
                 'train_epochs': args.train_epochs, 'work': str(work), 'files': str(files)}
         large = model == RESNET50 or args.quick
         for mode in ('proxy', 'kl', 'evaluator'):
-            if mode in SCAN_MODES:
+            if mode in SENSITIVITIES:
                 subset = args.subset if (large and mode != 'proxy') else None
                 specs.append({**base, 'stage': 'scan', 'variant': mode, 'subset': subset})
         specs.append({**base, 'stage': 'plan', 'variant': 'nahc@0.5'})
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = run_children(stage_specs(args, work, files), args, progress)
     settings_out = {'models': args.models.split(','), 'threads': args.threads, 'subset': args.subset,
                     'calibration_size': CALIBRATION_SIZE, 'resnet50_eval_size': RESNET50_EVAL_SIZE,
-                    'train_epochs': args.train_epochs, 'quick': args.quick, 'scan_modes': list(SCAN_MODES)}
+                    'train_epochs': args.train_epochs, 'quick': args.quick, 'scan_modes': list(SENSITIVITIES)}
     return {**common.header('pipeline_cost', settings_out), 'wall_seconds': progress.elapsed, 'rows': results}
 
 
