@@ -15,15 +15,19 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         HMC setting with its default and check, once), ``utils/`` (``counting``:
                         FLOPs and parameters; ``timing``: latency timers; ``kl``: output KL;
                         ``store``: the keyed JSON store behind every cache; ``fingerprint``)
-1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements),
-                        ``engines/pruning`` (torch-pruning groups, masks, NNI speedup); no planning
+1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements, data-free
+                        or fitted to an input moment), ``engines/pruning`` (torch-pruning groups, masks,
+                        NNI speedup), ``engines/moments`` (layer input moments on calibration data),
+                        ``engines/datafit`` (refit pruned consumers, data-aware low rank, layer by
+                        layer), ``engines/batchnorm`` (BatchNorm recalibration); no planning
 2. sensitivity          ``sensitivity/table`` (``SensitivityTable``), ``sensitivity/scan``
                         (evaluator, KL and proxy scans), ``sensitivity/fisher`` (one-pass proxy)
 3. planning             ``planning/plan`` (``CompressionPlan``), ``cost``, ``latency`` (cost and
                         latency models), ``grouping``, ``allocation`` (greedy budget allocation),
                         ``measure`` (what a plan keeps), ``targets`` (loops that land on a FLOPs,
                         parameter or latency target), ``margin`` (HMC's margin rule)
-4. apply                ``apply`` (plan -> compressed model: masks, NNI ModelSpeedup, low-rank)
+4. apply                ``apply`` (plan -> compressed model: masks, NNI ModelSpeedup, refit and
+                        low rank, BatchNorm recalibration)
 5. nni_api              ``nni_api/compressor`` (``HMCCompressor``), ``nni_api/config``
                         (``config_list`` schema), ``nni_api/finetune`` (the one fine-tuning
                         path: NNI's Evaluator, optional distillation)
@@ -40,10 +44,11 @@ from __future__ import annotations
 
 from ._version import __version__
 from .app.export import export_onnx, load_compressed, save_compressed
+from .engines.batchnorm import recalibrate_bn
 from .errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
 from .nni_api.compressor import HMCCompressor
 from .planning.plan import CompressionPlan, LayerPlan
 from .sensitivity.table import SensitivityTable
 
 __all__ = ['HMCCompressor', 'CompressionPlan', 'LayerPlan', 'SensitivityTable', 'save_compressed', 'load_compressed',
-           'export_onnx', 'HMCConfigError', 'HMCError', 'LayerCompressionError', 'UntraceableModelError', '__version__']
+           'export_onnx', 'recalibrate_bn', 'HMCConfigError', 'HMCError', 'LayerCompressionError', 'UntraceableModelError', '__version__']

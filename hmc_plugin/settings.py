@@ -15,14 +15,15 @@ from typing import Any, Callable, Iterable
 from .errors import HMCConfigError
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
-           'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
+           'FIT_ORDERS', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
 
 MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
 IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')  # torch-pruning importances the pruning engine knows
 # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
 COMPRESSOR_IMPORTANCES = tuple(name for name in IMPORTANCES if name != 'taylor')
 SENSITIVITIES = ('proxy', 'kl', 'evaluator')
-RANK_METHODS = ('auto', 'tucker2', 'cp')
+RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd')
+FIT_ORDERS = ('sequential', 'one_pass')
 SPEEDUPS = ('nni', 'torch_pruning')
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
 BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')
@@ -38,6 +39,14 @@ def _fraction(value) -> bool:  # (0, 1]
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _count(value) -> bool:  # an int >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
 
 
 def _levels(value) -> bool:
@@ -88,7 +97,8 @@ class HMCSettings:
                               'through hmc_plugin.engines.pruning.channel_masks(..., calibration=(inputs, targets)))',
                               optional=False)
     rank_method: str = setting('auto', lambda v: v in RANK_METHODS, f'one of {RANK_METHODS}',
-                               "decomposition of kxk convs ('auto': Tucker-2; linear and 1x1 layers use SVD)",
+                               "decomposition of kxk convs ('auto': Tucker-2; 'svd': a kxk conv to r channels then "
+                               "a 1x1; linear and 1x1 layers always use SVD)",
                                optional=False)
     margin: float | str | None = setting(None, _margin, "a number >= 0 or 'inf' ('auto' on the hmc command)",
                                          "HMC's margin tau in units of the median drop ('inf' = AHC; default 0.5 for "
@@ -103,6 +113,20 @@ class HMCSettings:
                             optional=False)
     speedup: str = setting('nni', lambda v: v in SPEEDUPS, f'one of {SPEEDUPS}',
                            "how pruned layers are shrunk: NNI's ModelSpeedup or torch-pruning", optional=False)
+    bn_batches: int = setting(8, _count, 'an int >= 0',
+                              "calibration batches that re-estimate every BatchNorm's statistics after each compression "
+                              '(in the kl/evaluator scans, the margin rule and the result; 0: off)', optional=False)
+    data_aware: bool = setting(True, _flag, 'True or False',
+                               "low-rank factors minimise the output error on each layer's calibration inputs "
+                               '(False: the data-free weight error)', optional=False)
+    reconstruct: bool = setting(True, _flag, 'True or False',
+                                "after pruning, refit each consumer's input weights to its original output (ridge "
+                                'least squares on calibration activations)', optional=False)
+    fit_batches: int = setting(4, _positive_int, 'an int >= 1',
+                               'calibration batches the data-aware fit and the reconstruction use', optional=False)
+    fit_order: str = setting('sequential', lambda v: v in FIT_ORDERS, f'one of {FIT_ORDERS}',
+                             "whose inputs a layer is fitted to: the model compressed so far, layer by layer "
+                             "('sequential'), or the pruned model's from one pass ('one_pass')", optional=False)
     distill: bool = setting(False, lambda v: isinstance(v, bool), 'True or False',
                             'fine-tune with knowledge distillation from the original model', optional=False)
     distill_alpha: float = setting(0.5, _fraction, 'a fraction in (0, 1]', 'weight of the distillation loss',

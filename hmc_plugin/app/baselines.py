@@ -118,7 +118,8 @@ def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float, tol
     Returns
     -------
     (nn.Module, dict)
-        The pruned model and ``{'sparse_ratio', 'widest_ratio', 'flops_kept', 'iterations'}``.
+        The pruned model and ``{'sparse_ratio', 'widest_ratio', 'flops_kept', 'iterations', 'masks'}`` (``masks``:
+        the NNI masks that were applied, e.g. for ``engines.datafit.fit_to_data``).
     """
     if not 0.0 < target_flops < 1.0:
         raise HMCConfigError(f'Got target_flops={target_flops!r} but expected a fraction to keep in (0, 1)')
@@ -154,4 +155,5 @@ def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float, tol
     kept = count_flops(final, dummy_input) / full
     _logger.info('NNI L1NormPruner: sparse_ratio %.4f (widest groups %.4f) keeps %.4f of the FLOPs (%d steps)',
                  ratio, widest_ratio, kept, steps)
-    return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': kept, 'iterations': steps}
+    return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': kept, 'iterations': steps,
+                   'masks': masks}

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import HMCConfigError, HMCError
-from ..settings import BUDGET_KEYS, COMPRESSOR_IMPORTANCES, MODES, SENSITIVITIES, HMCSettings, unknown_key_message
+from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FIT_ORDERS, MODES, RANK_METHODS, SENSITIVITIES, HMCSettings,
+                        unknown_key_message)
 from .run_settings import RUN_KEY_HELP, RunSettings
 
 __all__ = ['build_parser', 'main']
@@ -39,6 +40,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, help='torch threads for training and latency (default 2)')
     parser.add_argument('--calibration-size', type=int, help='images in the proxy calibration batch (default 64)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    _add_data(parser)
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    """The data-aware settings (BatchNorm recalibration, reconstruction, data-aware low rank) and the rank method."""
+    meaning = {key: meaning for key, _, _, meaning in HMCSettings.table()}
+    parser.add_argument('--bn-batches', type=int, help=f"{meaning['bn_batches']} (default {HMCSettings.bn_batches})")
+    parser.add_argument('--fit-batches', type=int, help=f"{meaning['fit_batches']} (default {HMCSettings.fit_batches})")
+    parser.add_argument('--fit-order', choices=FIT_ORDERS, help=f"{meaning['fit_order']} (default {HMCSettings.fit_order})")
+    parser.add_argument('--data-aware', action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{meaning['data_aware']} (default on)")
+    parser.add_argument('--reconstruct', action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{meaning['reconstruct']} (default on)")
+    parser.add_argument('--rank-method', choices=RANK_METHODS, help=f"{meaning['rank_method']} (default auto)")
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..apply import apply_plan
+from ..apply import DataFit, apply_plan
 from ..engines.pruning import find_pruning_groups
 from ..errors import HMCConfigError
 from ..nni_api.compressor import HMCCompressor
@@ -112,8 +112,20 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
         entry['exclude_op_names'] = list(settings.exclude_op_names)
     calibration, _ = calibration_batch(splits, settings.calibration_size, seed=settings.seed)
     return HMCCompressor(model, [entry], evaluator, dummy_input, calibration_inputs=calibration,
+                         calibration_loader=calibration_batches(splits, settings),
                          sensitivity_table=table, plan=plan, cache_path=str(cache_path) if cache_path else None,
                          latency_cache=settings.latency_cache, progress=progress, **settings.compressor_options(mode))
+
+
+DATA_FIT_KEYS = ('bn_batches', 'data_aware', 'reconstruct', 'fit_batches', 'fit_order', 'rank_method')
+
+
+def calibration_batches(splits: DataSplits, settings: RunSettings) -> list[torch.Tensor]:
+    """The batches of the BatchNorm recalibration and the data-aware fit: ``max(bn_batches, fit_batches)`` batches
+    of ``batch_size`` training images, the first of the calibration batch's seeded permutation."""
+    count = max(settings.bn_batches, settings.fit_batches)
+    images, _ = calibration_batch(splits, count * settings.batch_size, seed=settings.seed)
+    return list(images.split(settings.batch_size))
 
 
 def scan(model: nn.Module, splits: DataSplits, settings: RunSettings, out_dir: Path,
@@ -296,7 +308,10 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
     probes = ProbeStore(cache_path, {'model': model_fingerprint(model), 'data': settings.data, 'seed': settings.seed,
                                      'calibration_size': settings.calibration_size, 'held_out': held_out,
                                      'probe_steps': probe_steps, 'finetune_lr': settings.finetune_lr,
-                                     'batch_size': settings.batch_size})
+                                     'batch_size': settings.batch_size,
+                                     'data_fit': {key: getattr(settings, key) for key in DATA_FIT_KEYS}})
+
+    data = DataFit.from_settings(calibration_batches(splits, settings), settings.hmc)
 
     def plan_candidate(margin: float, weight: float):
         common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
@@ -307,7 +322,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         return plan_for_target(table, model, dummy_input, groups, **common)[0], None
 
     def score(plan: CompressionPlan) -> torch.Tensor:
-        compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning')
+        compressed = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning', data=data)
         if probe_steps:
             sgd_finetune(compressed, probe_splits, settings, max_steps=probe_steps)
         return per_input_kl(reference, compressed, [held_out_images])

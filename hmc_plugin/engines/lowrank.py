@@ -7,7 +7,9 @@ ONNX-exportable, understood by torch-pruning and NNI's speedup):
   (Kim et al. 2016), from ``tensorly.decomposition.partial_tucker`` on modes (0, 1).
 - ``'cp'`` (k x k convs): 1x1 ``C_in -> r``, k_h x 1 and 1 x k_w depthwise, 1x1 ``r -> C_out``
   (Lebedev et al. 2015), from ``tensorly.decomposition.parafac``.
-- ``'svd'`` (1x1 convs and Linear): ``in -> r -> out``, ``sqrt(S)`` on both sides.
+- ``'svd'`` (any conv with groups=1, and Linear): the SVD of the unfolded weight ``(C_out, C_in*kh*kw)``;
+  ``first`` is a kh x kw conv ``C_in -> r`` (the layer's stride, padding, dilation; a 1x1 for a 1x1 conv),
+  ``last`` a 1x1 ``r -> C_out``; ``sqrt(S)`` on both sides.
 
 Every rank form (int, tuple, fraction of channels, ``'energy:0.9'``, ``'vbmf'``, ``'flops:0.4'``) goes
 through :func:`resolve_ranks` once, before any math. tensorly runs only inside
@@ -15,12 +17,23 @@ through :func:`resolve_ranks` once, before any math. tensorly runs only inside
 
 At full rank, Tucker-2 and SVD replacements reproduce the original layer's output (float round-off).
 
+Data-aware factors: given ``input_moment`` ``S = E[x x^T]`` of shape ``(D, D)`` (``x`` the layer's input
+patch as ``F.unfold`` orders it, ``D = C_in*kh*kw``; ``in_features`` for a Linear), the factors minimise
+the output error ``E||(B - W~) x||^2 = ||(B - W~) S^{1/2}||_F^2`` instead of the weight error, with ``B``
+the layer's weight unfolded to ``(C_out, D)`` or a caller's ``target`` (e.g. a ridge-refitted weight).
+Ranks are still resolved from the weight; the bias stays the dense layer's; at full rank the output on
+the inputs is B's (up to a 1e-6 relative ridge in Tucker-2's least squares). SVD and Tucker-2 are
+data-aware (Kalle, Rudkiewicz et al. 2025; Zhang et al. 2016); CP has no closed-form whitened update
+here, and with ``input_moment`` it is fitted data-free (to ``target`` when one is given).
+
 References
 ----------
 Kim et al. 2016, "Compression of Deep Convolutional Neural Networks for Fast and Low Power Mobile
 Applications", ICLR. Nakajima et al. 2013, "Global analytic solution of fully-observed variational
 Bayesian matrix factorization", JMLR. Lebedev et al. 2015, "Speeding-up Convolutional Neural Networks
-Using Fine-tuned CP-Decomposition", ICLR.
+Using Fine-tuned CP-Decomposition", ICLR. Zhang et al. 2016, "Accelerating Very Deep Convolutional
+Networks for Classification and Detection", TPAMI. Kalle, Rudkiewicz et al. 2025, "Distribution-aware
+tensor decomposition for compression of convolutional neural networks", arXiv:2511.04494.
 """
 from __future__ import annotations
 
@@ -30,7 +43,7 @@ import math
 import numbers
 import warnings
 from collections import OrderedDict
-from typing import Union
+from typing import Callable, NamedTuple, Union
 
 import numpy as np
 import tensorly as tl
@@ -78,8 +91,8 @@ def default_method(module: nn.Module, layer_name: str = '') -> str:
 
 
 def method_for(module: nn.Module, rank_method: str = 'auto', layer_name: str = '') -> str:
-    """The method a plan uses for ``module``: ``rank_method`` ('auto', 'tucker2' or 'cp') for a k x k conv,
-    ``'svd'`` for a 1x1 conv or a Linear."""
+    """The method a plan uses for ``module``: ``rank_method`` ('auto' = 'tucker2', 'tucker2', 'cp' or 'svd') for a
+    k x k conv, ``'svd'`` for a 1x1 conv or a Linear."""
     method = default_method(module, layer_name)
     return method if method == 'svd' or rank_method == 'auto' else rank_method
 
@@ -103,8 +116,6 @@ def _check_supported(module: nn.Module, method: str, layer_name: str) -> str:
     elif isinstance(module, nn.Conv2d):
         if module.groups != 1:
             fail(f'grouped/depthwise convs (groups={module.groups}) are not supported')
-        if method == 'svd' and not _is_pointwise(module):
-            fail(f"'svd' needs a 1x1 conv, got kernel_size={tuple(module.kernel_size)}; use 'tucker2' or 'cp'")
         if method != 'svd' and _is_pointwise(module):
             fail("a 1x1 conv has no spatial modes; use 'svd'")
         if method == 'cp' and module.padding_mode != 'zeros':
@@ -124,12 +135,12 @@ def decomposable(module: nn.Module, layer_name: str = '', method: str = 'auto') 
 
 
 def _mode_dims(module: nn.Module, method: str) -> tuple[int, ...]:
-    """Upper bound of each rank: (C_out, C_in) for tucker2, (min(out, in),) for svd, (prod/max,) for cp."""
+    """Upper bound of each rank: (C_out, C_in) for tucker2, (min(C_out, C_in*kh*kw),) for svd, (prod/max,) for cp."""
     out_features, in_features = module.weight.shape[:2]
     if method == 'tucker2':
         return (out_features, in_features)
     if method == 'svd':
-        return (min(out_features, in_features),)
+        return (min(out_features, module.weight[0].numel()),)
     shape = module.weight.shape  # the trivial CP rank bound: product of all dims but the largest
     return (math.prod(shape) // max(shape),)
 
@@ -197,7 +208,8 @@ def flops_ratio(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto')
 
     The first 1x1 of Tucker-2 and CP runs at the input resolution, so a stride ``(s_h, s_w)`` makes it
     cost ``s_h * s_w`` times more per output pixel (exact for 'same'-padded convs); the ratio does not
-    depend on the spatial size. Works on ``device='meta'`` modules.
+    depend on the spatial size. SVD's first conv (kh x kw, or 1x1) carries the stride and runs at the
+    output resolution: ``r * (C_in*kh*kw + C_out) / (C_out*C_in*kh*kw)``. Works on ``device='meta'`` modules.
     """
     method = _check_supported(module, method, '')
     out_features, in_features = module.weight.shape[:2]
@@ -210,7 +222,7 @@ def flops_ratio(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto')
     (rank,) = ranks
     if method == 'cp':
         return rank * (sh * sw * in_features + sw * kh + kw + out_features) / dense
-    return rank * (in_features + out_features) / dense  # svd: the first 1x1 carries the stride
+    return rank * (in_features * kh * kw + out_features) / dense  # svd: the first conv carries the stride
 
 
 def replacement_params(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto') -> int:
@@ -223,8 +235,9 @@ def replacement_params(module: nn.Module, ranks: tuple[int, ...], method: str = 
         r_out, r_in = ranks
         return in_features * r_in + r_in * r_out * kh * kw + r_out * out_features + bias
     (rank,) = ranks
-    spatial = kh + kw if method == 'cp' else 0
-    return rank * (in_features + spatial + out_features) + bias
+    if method == 'cp':
+        return rank * (in_features + kh + kw + out_features) + bias
+    return rank * (in_features * kh * kw + out_features) + bias
 
 
 def _flops_ranks(module: nn.Module, fraction: float, method: str) -> tuple[int, ...]:
@@ -261,7 +274,7 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
     rank : int, tuple of int, float, 'energy:<f>', 'vbmf' or 'flops:<f>'
         - int >= 1: the same rank on every mode; tuple/list: per mode ``(r_out, r_in)`` (``(r,)`` for svd/cp).
         - float in (0, 1]: fraction of channels, ``ceil(f * C_out)``, ``ceil(f * C_in)``
-          (svd: ``ceil(f * min(out, in))``; cp: ``ceil(f * C_out)``).
+          (svd: ``ceil(f * min(C_out, C_in*kh*kw))``; cp: ``ceil(f * C_out)``).
         - ``'energy:f'``: smallest rank keeping fraction ``f`` of the squared singular values of each
           mode unfolding (cp uses mode 0).
         - ``'vbmf'``: Empirical VBMF rank of each mode unfolding (cp uses mode 0), at least 1.
@@ -374,6 +387,169 @@ def _svd_factors(matrix: torch.Tensor, rank: int):
     return u * root, root[:, None] * vt
 
 
+# ----------------------------------------------------------------------------------------------
+# Data-aware factors: minimise ||(B - W~) S^{1/2}||_F^2 with S = E[x x^T] of the layer's unfolded input
+# ----------------------------------------------------------------------------------------------
+
+_RIDGE = 1e-6  # relative ridge of the projected moment (Tucker-2) and eigenvalue floor of S_c (channel whitening)
+
+
+class _Calibration(NamedTuple):
+    """The data of a data-aware fit, float64: ``target`` B ``(C_out, D)``, ``moment`` S ``(D, D)`` (symmetric) and
+    ``weighted`` ``B S`` ``(C_out, D)``, shared by every candidate and rank (None for cp)."""
+
+    target: torch.Tensor
+    moment: torch.Tensor
+    weighted: torch.Tensor | None
+
+
+def _checked_tensor(key: str, value, shapes: list[tuple[int, ...]], non_finite: str, layer_name: str,
+                    method: str) -> torch.Tensor:
+    """``value`` as a detached tensor of one of ``shapes`` with finite entries; raises naming the layer."""
+    value = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if tuple(value.shape) not in shapes:
+        expected = ' or '.join(str(shape) for shape in shapes)
+        raise LayerCompressionError(f"Got {key} of shape {tuple(value.shape)} for layer '{layer_name}' but expected "
+                                    f"{expected}", layer_name=layer_name, method=method)
+    if not torch.isfinite(value).all():
+        raise LayerCompressionError(f"Got {key} for layer '{layer_name}' with NaN or Inf entries: {non_finite}",
+                                    layer_name=layer_name, method=method)
+    return value
+
+
+def _calibration(module: nn.Module, input_moment, target, layer_name: str, method: str) -> _Calibration | None:
+    """The checked data of a data-aware fit on ``module``'s device (None: data-free).
+
+    ``input_moment`` must be ``(D, D)`` with ``D = C_in*kh*kw`` (``in_features``); ``target`` ``(C_out, D)`` or the
+    weight's shape, and only with ``input_moment``.
+    """
+    if input_moment is None:
+        if target is not None:
+            raise LayerCompressionError(f"Got a target for layer '{layer_name}' but no input_moment: a target is "
+                                        "fitted in the norm of the layer's inputs; pass input_moment too",
+                                        layer_name=layer_name, method=method)
+        return None
+    weight = module.weight.detach()
+    out_features, features = weight.shape[0], weight[0].numel()
+    moment = _checked_tensor('input_moment', input_moment, [(features, features)],
+                             'the activations hold NaN or Inf; check the calibration inputs', layer_name, method)
+    matrix = weight if target is None else _checked_tensor(
+        'target', target, [(out_features, features), tuple(weight.shape)], 'check the refitted weight', layer_name,
+        method)
+    moment = moment.to(device=weight.device, dtype=torch.float64)
+    moment = (moment + moment.T) / 2
+    if (moment.diagonal() < 0).any():
+        raise LayerCompressionError(f"Got input_moment for layer '{layer_name}' with negative diagonal entries but "
+                                    "expected E[x x^T] (symmetric positive semi-definite)", layer_name=layer_name,
+                                    method=method)
+    matrix = matrix.to(device=weight.device, dtype=torch.float64).reshape(out_features, features)
+    return _Calibration(matrix, moment, None if method == 'cp' else matrix @ moment)  # cp fits data-free
+
+
+def _whitened_svd_basis(data: _Calibration) -> torch.Tensor:
+    """Eigenvectors ``(C_out, C_out)`` of ``B S B^T``, largest eigenvalue first (left singular vectors of B S^{1/2})."""
+    gram = data.weighted @ data.target.T
+    return torch.linalg.eigh((gram + gram.T) / 2)[1].flip(1)
+
+
+def _whitened_svd_factors(data: _Calibration, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """left ``L_r`` (C_out, r), right ``L_r^T B`` (r, D): ``L_r L_r^T B`` minimises ``||(B - W~) S^{1/2}||_F``
+    over rank-r ``W~``.
+
+    ``L_r`` are the top-r eigenvectors of ``B S B^T``; no inverse of S, so a singular S is fine. S = I gives
+    the truncated SVD of B.
+    """
+    left = _whitened_svd_basis(data)[:, :rank]
+    return left, left.T @ data.target
+
+
+def _ridge_cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of ``matrix + lam*I``, ``lam = 1e-6 * tr(matrix) / dim`` (raised if round-off or a
+    moment that is not PSD needs it)."""
+    size = len(matrix)
+    ridge = (_RIDGE * matrix.trace().abs() / size).clamp_min(torch.finfo(matrix.dtype).tiny)
+    identity = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(matrix + ridge * identity)
+        if int(info) == 0:
+            return factor
+        ridge = ridge * 100
+    raise ValueError('Got an input moment that is not positive semi-definite but expected E[x x^T]')
+
+
+def _tucker2_given_input(data: _Calibration, kernel_size: tuple[int, int], u_in: torch.Tensor,
+                         r_out: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The optimal ``(core (r_out, r_in, kh, kw), U_out (C_out, r_out))`` for a fixed ``U_in (C_in, r_in)``, and the
+    fit's in-sample error ``tr((B - W~) S (B - W~)^T)`` less the constant ``tr(B S B^T)``.
+
+    With ``P = U_in^T (x) I_{kh*kw}`` ((r_in*kh*kw, D), input channel major as in the unfolding) and
+    ``M = P S P^T + lam*I``: ``B* = B S P^T M^{-1}`` (C_out, r_in*kh*kw) is the least-squares map from the
+    projected input, ``U_out`` the top-r_out eigenvectors of ``B* M B*^T`` (whose eigenvalues sum to the
+    error's decrease) and ``core = U_out^T B*``; then ``W~ = U_out core P``.
+    """
+    features = data.moment.shape[0]
+    out_features = data.target.shape[0]
+    in_features, r_in = u_in.shape
+    area = features // in_features
+    size = r_in * area
+    moment_projected = torch.einsum('dcs,cb->dbs', data.moment.reshape(features, in_features, area), u_in)  # S P^T
+    projected_moment = torch.einsum('csm,cb->bsm', moment_projected.reshape(in_features, area, size), u_in)
+    projected_moment = projected_moment.reshape(size, size)  # P S P^T
+    cross = torch.einsum('ocs,cb->obs', data.weighted.reshape(out_features, in_features, area), u_in)  # B S P^T
+    factor = _ridge_cholesky((projected_moment + projected_moment.T) / 2)  # L L^T = M
+    scaled_cross = torch.linalg.solve_triangular(factor, cross.reshape(out_features, size).T, upper=False)  # L^-1 (.)^T
+    response = scaled_cross.T @ scaled_cross  # B S P^T M^{-1} P S B^T = B* M B*^T
+    values, vectors = torch.linalg.eigh((response + response.T) / 2)
+    u_out = vectors.flip(1)[:, :r_out]
+    core = torch.linalg.solve_triangular(factor.T, scaled_cross @ u_out, upper=True).T  # U_out^T B*
+    return core.reshape(r_out, r_in, *kernel_size), u_out, -float(values.flip(0)[:r_out].sum())
+
+
+def _channel_whitening(data: _Calibration, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S_c^{1/2}`` and ``S_c^{-1/2}`` (C_in, C_in) of the channel moment ``S_c`` (the mean of S's kh*kw diagonal
+    blocks); eigenvalues below ``1e-6`` of the largest are raised to it (dead channels stay bounded)."""
+    area = data.moment.shape[0] // in_features
+    blocks = data.moment.reshape(in_features, area, in_features, area)
+    channel_moment = blocks.diagonal(dim1=1, dim2=3).mean(-1)
+    values, vectors = torch.linalg.eigh((channel_moment + channel_moment.T) / 2)
+    values = values.clamp_min((_RIDGE * values.max()).clamp_min(torch.finfo(values.dtype).tiny))
+    return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+
+
+def _tucker2_input_candidates(data: _Calibration, kernel_size: tuple[int, int], ranks: tuple[int, int],
+                              input_factor: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Two input factors (C_in, r_in): ``input_factor(B)`` (data-free HOOI's U_in), and ``S_c^{-1/2} U_in'`` with
+    ``U_in'`` the scans' HOOI input factor of the channel-whitened ``B x_1 S_c^{1/2}`` (orthonormalised; only
+    its span matters).
+
+    ``B x = (B S_c^{1/2}) (S_c^{-1/2} x)`` with ``S_c^{-1/2} x`` of unit channel moment, so the whitened
+    projection ``U_in'^T S_c^{-1/2} x`` keeps the input directions that matter for the output.
+    """
+    out_features, features = data.target.shape
+    in_features = features // (kernel_size[0] * kernel_size[1])
+    tensor = data.target.reshape(out_features, in_features, *kernel_size)
+    root, inv_root = _channel_whitening(data, in_features)
+    whitened_input = _scan_tucker2_input(torch.einsum('ochw,cd->odhw', tensor, root), ranks)
+    return [input_factor(tensor), torch.linalg.qr(inv_root @ whitened_input).Q]
+
+
+def _whitened_tucker2_factors(data: _Calibration, kernel_size: tuple[int, int], ranks: tuple[int, int],
+                              input_factor: Callable[[torch.Tensor], torch.Tensor]):
+    """core (r_out, r_in, kh, kw), U_out (C_out, r_out), U_in (C_in, r_in) minimising ``||(B - W~) S^{1/2}||_F``
+    over ``(core, U_out)`` for each candidate U_in (:func:`_tucker2_input_candidates`); the lower in-sample error
+    wins, so the result is never worse in-sample than data-free HOOI at the same ranks (up to the ridge)."""
+    fits = [(_tucker2_given_input(data, kernel_size, u_in, ranks[0]), u_in)
+            for u_in in _tucker2_input_candidates(data, kernel_size, ranks, input_factor)]
+    (core, u_out, _), u_in = min(fits, key=lambda fit: fit[0][2])
+    return core, u_out, u_in
+
+
+def _scan_tucker2_input(tensor: torch.Tensor, ranks: tuple[int, int]) -> torch.Tensor:
+    """U_in (C_in, r_in) of the scans' cheap HOOI: truncated HOSVD then ``SCAN_TUCKER_ITERATIONS`` sweeps."""
+    bases = [_gram_svd(matrix, n_eigenvecs=size)[0] for matrix, size in zip(_mode_unfoldings(tensor, 'tucker2'), ranks)]
+    return _hooi_factors(tensor, bases, SCAN_TUCKER_ITERATIONS)[1]
+
+
 def _require_real_weight(module: nn.Module, layer_name: str, method: str) -> None:
     if module.weight.is_meta:
         raise LayerCompressionError(f"Got a meta-device weight for layer '{layer_name}' but expected real weights "
@@ -394,17 +570,33 @@ class _LowRank(nn.Sequential):
         return f'ranks={self.ranks}'
 
     @classmethod
-    def from_dense(cls, module: nn.Module, ranks: RankSpec, layer_name: str = '') -> _LowRank:
-        """Replacement of ``module`` (any rank spec of :func:`resolve_ranks`); same dtype, device and mode."""
+    def from_dense(cls, module: nn.Module, ranks: RankSpec, layer_name: str = '', *,
+                   input_moment: torch.Tensor | None = None, target: torch.Tensor | None = None) -> _LowRank:
+        """Replacement of ``module`` (any rank spec of :func:`resolve_ranks`); same dtype, device and mode.
+
+        With ``input_moment`` S ``(D, D)`` the factors minimise the output error ``||(B - W~) S^{1/2}||_F`` instead
+        of the weight error, B = ``target`` ``(C_out, D)`` or the weight (see :func:`low_rank_weight`).
+        """
         ranks = resolve_ranks(module, ranks, method=cls.method, layer_name=layer_name)
         _require_real_weight(module, layer_name, cls.method)
-        replacement = cls._build(module, ranks)
+        data = _calibration(module, input_moment, target, layer_name, cls.method)
+        replacement = cls._build(module, ranks, cls._factors(module, ranks, data))
         replacement.ranks = tuple(int(r) for r in ranks)
         return replacement.train(module.training)
 
     @classmethod
-    def _build(cls, module: nn.Module, ranks: tuple[int, ...], factors=None) -> _LowRank:
-        """The replacement with ``factors`` (computed from ``module.weight`` when None)."""
+    def _factors(cls, module: nn.Module, ranks: tuple[int, ...], data: _Calibration | None):
+        """The factors of ``module`` at ``ranks``: of its weight (data-free) when ``data`` is None."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _reconstruct(factors) -> torch.Tensor:
+        """The weight the factors stand for (reshape it to the dense weight's shape)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _build(cls, module: nn.Module, ranks: tuple[int, ...], factors) -> _LowRank:
+        """The replacement with ``factors`` (those of :meth:`_factors` or :meth:`_random_factors`)."""
         raise NotImplementedError
 
     @classmethod
@@ -417,9 +609,10 @@ class _ConvLowRank(_LowRank):
     """A replacement of an ``nn.Conv2d``."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '') -> _ConvLowRank:
+    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, layer_name: str = '', *,
+                  input_moment: torch.Tensor | None = None, target: torch.Tensor | None = None) -> _ConvLowRank:
         """The replacement of ``conv`` at ``ranks`` (``from_dense``)."""
-        return cls.from_dense(conv, ranks, layer_name)
+        return cls.from_dense(conv, ranks, layer_name, input_moment=input_moment, target=target)
 
 
 def _copy_bias(dense: nn.Module, last: nn.Module) -> None:
@@ -438,14 +631,27 @@ class Tucker2Conv2d(_ConvLowRank):
 
     ``ranks = (r_out, r_in)`` (tensorly's mode order). ``core`` keeps the original stride, padding,
     dilation and padding mode; ``last`` carries the bias. Exact at ``ranks == (C_out, C_in)``.
+    Data-aware: ``first`` is ``U_in^T`` (not orthonormal in general), see :func:`_whitened_tucker2_factors`.
     """
 
     method = 'tucker2'
 
     @classmethod
-    def _build(cls, conv, ranks, factors=None):
+    def _factors(cls, conv, ranks, data):
+        if data is None:
+            return _tucker2_factors(conv.weight, ranks)
+        return _whitened_tucker2_factors(data, conv.kernel_size, ranks,
+                                         lambda tensor: _tucker2_factors(tensor, ranks)[2])
+
+    @staticmethod
+    def _reconstruct(factors):
+        core, u_out, u_in = factors
+        return torch.einsum('abhw,oa,ib->oihw', core, u_out, u_in)
+
+    @classmethod
+    def _build(cls, conv, ranks, factors):
         r_out, r_in = ranks
-        core, u_out, u_in = factors or _tucker2_factors(conv.weight, ranks)
+        core, u_out, u_in = factors
         first = _conv(conv, conv.in_channels, r_in)
         middle = _conv(conv, r_in, r_out, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                        dilation=conv.dilation, padding_mode=conv.padding_mode)
@@ -467,15 +673,25 @@ class CPConv2d(_ConvLowRank):
     """CP k x k conv: ``first`` 1x1 C_in -> r, ``vertical`` k_h x 1 and ``horizontal`` 1 x k_w depthwise
     (groups=r), ``last`` 1x1 r -> C_out with the bias. ``ranks = (r,)``. Not exact at any rank in general.
 
-    The stride, padding and dilation are split by axis between ``vertical`` and ``horizontal``.
+    The stride, padding and dilation are split by axis between ``vertical`` and ``horizontal``. CP has no
+    closed-form whitened update here: with an input moment it is fitted data-free (to the target, if any).
     """
 
     method = 'cp'
 
     @classmethod
-    def _build(cls, conv, ranks, factors=None):
+    def _factors(cls, conv, ranks, data):
+        return _cp_factors(conv.weight if data is None else data.target.reshape(conv.weight.shape), ranks[0])
+
+    @staticmethod
+    def _reconstruct(factors):
+        cp_weights, (a_out, b_in, k_h, k_w) = factors
+        return torch.einsum('r,or,ir,hr,wr->oihw', cp_weights, a_out, b_in, k_h, k_w)
+
+    @classmethod
+    def _build(cls, conv, ranks, factors):
         (rank,) = ranks
-        cp_weights, (a_out, b_in, k_h, k_w) = factors or _cp_factors(conv.weight, rank)
+        cp_weights, (a_out, b_in, k_h, k_w) = factors
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         pad_v, pad_h = (conv.padding, conv.padding) if isinstance(conv.padding, str) else \
             ((conv.padding[0], 0), (0, conv.padding[1]))
@@ -498,18 +714,30 @@ class CPConv2d(_ConvLowRank):
 
 
 class _SVD(_LowRank):
-    """Truncated SVD of a dense layer: ``first`` in -> r (no bias), ``last`` r -> out (bias), ``sqrt(S)`` on both sides.
+    """Truncated SVD of a dense layer's unfolded weight ``(out, D)``: ``first`` in -> r (no bias), ``last`` r -> out
+    (bias), ``sqrt(S)`` on both sides.
 
-    ``ranks = (r,)``; exact at ``r == min(in, out)``. Subclasses build the two stock layers (``_layers``).
+    ``ranks = (r,)``; exact at ``r == min(out, D)``. Data-aware: ``last = L_r``, ``first = L_r^T B``
+    (:func:`_whitened_svd_factors`). Subclasses build the two stock layers (``_layers``).
     """
 
     method = 'svd'
 
     @classmethod
-    def _build(cls, dense, ranks, factors=None):
+    def _factors(cls, dense, ranks, data):
+        if data is None:
+            return _svd_factors(dense.weight.reshape(dense.weight.shape[0], -1), ranks[0])
+        return _whitened_svd_factors(data, ranks[0])
+
+    @staticmethod
+    def _reconstruct(factors):
+        left, right = factors
+        return left @ right
+
+    @classmethod
+    def _build(cls, dense, ranks, factors):
         (rank,) = ranks
-        out_features, in_features = dense.weight.shape[:2]
-        left, right = factors or _svd_factors(dense.weight.reshape(out_features, in_features), rank)
+        left, right = factors
         first, last = cls._layers(dense, rank)
         first.weight = _param(right, first.weight)
         last.weight = _param(left, last.weight)
@@ -519,8 +747,7 @@ class _SVD(_LowRank):
     @classmethod
     def _random_factors(cls, dense, ranks):
         (rank,) = ranks
-        out_features, in_features = dense.weight.shape[:2]
-        return torch.randn(out_features, rank), torch.randn(rank, in_features)
+        return torch.randn(dense.weight.shape[0], rank), torch.randn(rank, dense.weight[0].numel())
 
     @staticmethod
     def _layers(dense: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -529,14 +756,15 @@ class _SVD(_LowRank):
 
 
 class SVDConv2d(_SVD, _ConvLowRank):
-    """Truncated SVD of a 1x1 conv: ``first`` 1x1 C_in -> r (stride, padding), ``last`` 1x1 r -> C_out (bias).
+    """Truncated SVD of a conv's unfolded weight ``(C_out, C_in*kh*kw)``: ``first`` kh x kw conv C_in -> r (the
+    conv's stride, padding, dilation and padding mode; no bias), ``last`` 1x1 r -> C_out (bias).
 
-    ``ranks = (r,)``; exact at ``r == min(C_in, C_out)``.
+    ``ranks = (r,)``; exact at ``r == min(C_out, C_in*kh*kw)``. A 1x1 conv gets two 1x1 convs.
     """
 
     @staticmethod
     def _layers(conv, rank):
-        first = _conv(conv, conv.in_channels, rank, stride=conv.stride, padding=conv.padding,
+        first = _conv(conv, conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                       dilation=conv.dilation, padding_mode=conv.padding_mode)
         last = _conv(conv, rank, conv.out_channels, bias=conv.bias is not None)
         return first, last
@@ -546,8 +774,9 @@ class SVDLinear(_SVD):
     """Truncated SVD of a Linear: ``first`` in -> r (no bias), ``last`` r -> out (bias). ``ranks = (r,)``."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, ranks: RankSpec, layer_name: str = '') -> SVDLinear:
-        return cls.from_dense(linear, ranks, layer_name)
+    def from_linear(cls, linear: nn.Linear, ranks: RankSpec, layer_name: str = '', *,
+                    input_moment: torch.Tensor | None = None, target: torch.Tensor | None = None) -> SVDLinear:
+        return cls.from_dense(linear, ranks, layer_name, input_moment=input_moment, target=target)
 
     @staticmethod
     def _layers(linear, rank):
@@ -563,10 +792,15 @@ def _replacement_class(module: nn.Module, method: str) -> type[_LowRank]:
     return Tucker2Conv2d if method == 'tucker2' else CPConv2d
 
 
-def decompose_module(module: nn.Module, rank: RankSpec, method: str = 'auto', layer_name: str = '') -> nn.Module:
-    """The low-rank replacement of ``module`` (a new module; ``module`` is not changed)."""
+def decompose_module(module: nn.Module, rank: RankSpec, method: str = 'auto', layer_name: str = '', *,
+                     input_moment: torch.Tensor | None = None, target: torch.Tensor | None = None) -> nn.Module:
+    """The low-rank replacement of ``module`` (a new module; ``module`` is not changed).
+
+    ``input_moment`` S ``(D, D)`` and ``target`` B ``(C_out, D)``: data-aware factors, see :func:`low_rank_weight`.
+    """
     method = _check_supported(module, method, layer_name)
-    return _replacement_class(module, method).from_dense(module, rank, layer_name)
+    return _replacement_class(module, method).from_dense(module, rank, layer_name, input_moment=input_moment,
+                                                         target=target)
 
 
 def replacement_architecture(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto') -> nn.Module:
@@ -582,26 +816,27 @@ def replacement_architecture(module: nn.Module, ranks: tuple[int, ...], method: 
 
 
 @torch.no_grad()
-def low_rank_weight(module: nn.Module, rank: RankSpec, method: str = 'auto', layer_name: str = '') -> torch.Tensor:
+def low_rank_weight(module: nn.Module, rank: RankSpec, method: str = 'auto', layer_name: str = '', *,
+                    input_moment: torch.Tensor | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
     """The reconstructed weight (shape, dtype and device of ``module.weight``) of the low-rank approximation.
 
     Lets a caller simulate decomposition by swapping weights without changing the architecture:
     Tucker-2 / CP reconstruction for k x k convs, the rank-r matrix for svd.
+
+    Data-free (``input_moment=None``): minimises ``||W - W~||_F``. With ``input_moment`` S ``(D, D)`` (symmetric
+    PSD, ``D = C_in*kh*kw`` in ``F.unfold``'s order, ``in_features`` for a Linear): minimises the output error
+    ``E||(B - W~) x||^2 = ||(B - W~) S^{1/2}||_F^2`` over the factors, with B = ``target`` ``(C_out, D)`` or the
+    weight. svd: ``L_r L_r^T B`` with ``L_r`` the top-r eigenvectors of ``B S B^T``; tucker2: the exact
+    ``(core, U_out)`` for the better of two input factors (:func:`_whitened_tucker2_factors`); cp: data-free
+    (to B). The ranks are resolved from the weight as without data.
     """
     method = _check_supported(module, method, layer_name)
     ranks = resolve_ranks(module, rank, method, layer_name)
     _require_real_weight(module, layer_name, method)
-    weight = module.weight
-    if method == 'tucker2':
-        core, u_out, u_in = _tucker2_factors(weight, ranks)
-        rebuilt = torch.einsum('abhw,oa,ib->oihw', core, u_out, u_in)
-    elif method == 'cp':
-        cp_weights, (a_out, b_in, k_h, k_w) = _cp_factors(weight, ranks[0])
-        rebuilt = torch.einsum('r,or,ir,hr,wr->oihw', cp_weights, a_out, b_in, k_h, k_w)
-    else:
-        left, right = _svd_factors(weight.reshape(weight.shape[0], -1), ranks[0])
-        rebuilt = left @ right
-    return rebuilt.reshape(weight.shape).to(weight.dtype)
+    data = _calibration(module, input_moment, target, layer_name, method)
+    cls = _replacement_class(module, method)
+    rebuilt = cls._reconstruct(cls._factors(module, ranks, data))
+    return rebuilt.reshape(module.weight.shape).to(module.weight.dtype)
 
 
 def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **kwargs):
@@ -625,21 +860,30 @@ def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **kwargs):
 
 
 @torch.no_grad()
-def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'auto',
-                     layer_name: str = '') -> list[torch.Tensor]:
+def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'auto', layer_name: str = '', *,
+                     input_moment: torch.Tensor | None = None,
+                     target: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Reconstructed weights at several ranks from one factorisation (for sensitivity scans).
 
     ``'svd'``: one SVD, truncated per rank (exactly ``low_rank_weight``). ``'tucker2'``: per rank, the
     truncated HOSVD (tensorly's ``partial_tucker`` starting point) from one Gram eigendecomposition per
     mode, refined by ``SCAN_TUCKER_ITERATIONS`` HOOI sweeps (:func:`_refine_tucker2`). Its error is within
     a few percent of ``low_rank_weight``'s. ``'cp'``: one ``parafac`` per rank.
+
+    With ``input_moment`` (and ``target``), as :func:`low_rank_weight`'s data-aware fit: svd from one ``eigh`` of
+    ``B S B^T``; tucker2 per rank, its input-factor candidates from the scans' HOOI above.
     """
     method = _check_supported(module, method, layer_name)
     resolved = [resolve_ranks(module, rank, method, layer_name) for rank in ranks]
     _require_real_weight(module, layer_name, method)
+    data = _calibration(module, input_moment, target, layer_name, method)
     if method == 'cp':
-        return [low_rank_weight(module, rank, method, layer_name) for rank in resolved]
+        return [low_rank_weight(module, rank, method, layer_name, input_moment=input_moment, target=target)
+                for rank in resolved]
     weight = module.weight.detach()
+    if data is not None:
+        return [rebuilt.reshape(weight.shape).to(weight.dtype)
+                for rebuilt in _data_aware_weights(module, resolved, method, data)]
     unfoldings = _mode_unfoldings(weight, method)
     # eigenvectors of the (C x C) Gram matrix: far cheaper than an SVD of the wide unfolding
     bases = [_gram_svd(matrix, n_eigenvecs=max(rank[index] for rank in resolved))[0]
@@ -655,12 +899,21 @@ def low_rank_weights(module: nn.Module, ranks: list[RankSpec], method: str = 'au
     return weights
 
 
-def _refine_tucker2(tensor: torch.Tensor, factors: list[torch.Tensor], iterations: int) -> torch.Tensor:
+def _data_aware_weights(module: nn.Module, resolved: list[tuple[int, ...]], method: str,
+                        data: _Calibration) -> list[torch.Tensor]:
+    """Data-aware ``W~`` (C_out, D) per rank for svd (one ``eigh`` of ``B S B^T``) or tucker2 (a fit per rank)."""
+    if method == 'svd':
+        basis = _whitened_svd_basis(data)
+        return [basis[:, :rank] @ (basis[:, :rank].T @ data.target) for (rank,) in resolved]
+    return [Tucker2Conv2d._reconstruct(_whitened_tucker2_factors(
+        data, module.kernel_size, ranks, functools.partial(_scan_tucker2_input, ranks=ranks))) for ranks in resolved]
+
+
+def _hooi_factors(tensor: torch.Tensor, factors: list[torch.Tensor], iterations: int) -> list[torch.Tensor]:
     """HOOI on modes (0, 1) of ``tensor (C_out, C_in, kh, kw)`` from ``factors [(C_out, r_out), (C_in, r_in)]``.
 
-    Returns the reconstruction ``core x_0 U_out x_1 U_in``. The same sweep as tensorly 0.10's
-    ``partial_tucker``, whose loop calls ``svd_interface`` without its ``svd`` argument (a full SVD of
-    every wide unfolding); here each update is one ``eigh`` of a C x C Gram matrix.
+    The same sweep as tensorly 0.10's ``partial_tucker``, whose loop calls ``svd_interface`` without its
+    ``svd`` argument (a full SVD of every wide unfolding); here each update is one ``eigh`` of a C x C Gram matrix.
     """
     factors = list(factors)
     with tl.backend_context('pytorch'):
@@ -672,6 +925,13 @@ def _refine_tucker2(tensor: torch.Tensor, factors: list[torch.Tensor], iteration
                 if basis.shape[1] < rank:  # rank above what the reduced tensor spans: complete the basis
                     basis = torch.linalg.eigh(projected @ projected.T)[1].flip(1)[:, :rank]
                 factors[mode] = basis
+    return factors
+
+
+def _refine_tucker2(tensor: torch.Tensor, factors: list[torch.Tensor], iterations: int) -> torch.Tensor:
+    """The reconstruction ``core x_0 U_out x_1 U_in`` after :func:`_hooi_factors` (``tensor`` float64)."""
+    factors = _hooi_factors(tensor, factors, iterations)
+    with tl.backend_context('pytorch'):
         core = tl.tenalg.multi_mode_dot(tensor, factors, modes=[0, 1], transpose=True)
         return tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
 
@@ -681,8 +941,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def decompose_layers(model: nn.Module, ranks_by_name: dict[str, RankSpec],
-                     method: str | dict[str, str] = 'auto') -> dict[str, tuple[int, ...]]:
+def decompose_layers(model: nn.Module, ranks_by_name: dict[str, RankSpec], method: str | dict[str, str] = 'auto', *,
+                     input_moments: dict[str, torch.Tensor] | None = None,
+                     targets: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
     """Replace, in place, each named layer of ``model`` by its low-rank module under the same name.
 
     Parameters
@@ -693,6 +954,11 @@ def decompose_layers(model: nn.Module, ranks_by_name: dict[str, RankSpec],
         Any form :func:`resolve_ranks` accepts.
     method : str or dict of str to str
         One method for every layer, or per name (missing names use ``'auto'``).
+    input_moments : dict of str to Tensor, optional
+        Per layer name, the input second moment ``(D, D)`` of a data-aware fit (:func:`low_rank_weight`);
+        layers without one are factorised data-free, moments of layers not in ``ranks_by_name`` are unused.
+    targets : dict of str to Tensor, optional
+        Per layer name, the ``(C_out, D)`` weight to approximate instead of the layer's (needs its input moment).
 
     Returns
     -------
@@ -705,15 +971,19 @@ def decompose_layers(model: nn.Module, ranks_by_name: dict[str, RankSpec],
     an error leaves ``model`` untouched.
     """
     modules = dict(model.named_modules())
-    unknown = [name for name in ranks_by_name if not name or name not in modules]
+    input_moments, targets = input_moments or {}, targets or {}
+    unknown = [name for name in [*ranks_by_name, *input_moments, *targets] if not name or name not in modules]
     if unknown:
         valid = [name for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))][:5]
         raise LayerCompressionError(f"Got layer name {unknown[0]!r} but expected a submodule name of the model, "
                                     f"e.g. {valid}", layer_name=unknown[0])
     methods = {name: method.get(name, 'auto') if isinstance(method, dict) else method for name in ranks_by_name}
     ranks = {name: resolve_ranks(modules[name], spec, methods[name], name) for name, spec in ranks_by_name.items()}
-    replacements = {name: decompose_module(modules[name], ranks[name], methods[name], name) for name in ranks}
+    replacements = {name: decompose_module(modules[name], ranks[name], methods[name], name,
+                                           input_moment=input_moments.get(name), target=targets.get(name))
+                    for name in ranks}
     for name, replacement in replacements.items():
         _set_submodule(model, name, replacement)
-        _logger.debug('Decomposed %s with %s ranks %s', name, replacement.method, ranks[name])
+        _logger.debug('Decomposed %s with %s ranks %s%s', name, replacement.method, ranks[name],
+                      ' (data-aware)' if name in input_moments else '')
     return ranks

@@ -4,7 +4,8 @@ The flow is ``find_pruning_groups`` (which layers share out channels), ``channel
 channels to drop, scored on the whole group; the model is never touched) and then one of two
 ways to apply the masks: ``speedup_with_nni`` (NNI's ``ModelSpeedup`` on a ``torch.fx`` graph) or
 ``prune_physically`` (torch-pruning's ``group.prune()``, the fast path). Both give the same
-architecture and the same outputs for the same masks.
+architecture and the same outputs for the same masks. ``group_channel_selections`` also says, for each
+consumer of a group, which of its inputs survive (what a reconstruction of the consumer may still read).
 
 Dependencies are never re-derived here: a torch-pruning ``DependencyGraph`` says which layers are
 coupled (a residual addition ties the out channels of every conv that feeds it), so coupled layers
@@ -38,8 +39,9 @@ from ..errors import HMCConfigError, UntraceableModelError
 from ..settings import IMPORTANCES
 from ..utils.counting import as_input_tuple
 
-__all__ = ['IMPORTANCES', 'PruningGroup', 'kept_channels', 'find_pruning_groups', 'group_channel_masks',
-           'channel_masks', 'trace_model', 'speedup_with_nni', 'prune_physically', 'preserved_modes']
+__all__ = ['IMPORTANCES', 'PruningGroup', 'GroupSelection', 'kept_channels', 'find_pruning_groups',
+           'group_channel_masks', 'group_channel_selections', 'channel_masks', 'trace_model', 'speedup_with_nni',
+           'prune_physically', 'preserved_modes']
 
 _logger = logging.getLogger(__name__)
 
@@ -71,6 +73,26 @@ class PruningGroup:
     members: tuple[str, ...]
     consumers: tuple[str, ...]
     channels: int
+
+
+@dataclass(frozen=True)
+class GroupSelection:
+    """One group pruned at one ratio: the out-channel masks and what each consumer keeps of its input.
+
+    Attributes
+    ----------
+    masks : dict
+        NNI masks ``{module_name: {'weight': mask, 'bias': mask}}`` of the group's out-channel side
+        (as :func:`group_channel_masks` gives them).
+    consumer_keep : dict of str to Tensor
+        ``{consumer_name: keep}`` for every Conv (groups=1, not transposed) and Linear reading the group's
+        channels: ``keep`` is a bool vector over the consumer's input dimension (``weight.shape[1]``),
+        False where the input comes from a pruned channel. A Linear after a flatten has one entry per
+        flattened feature (torch-pruning expands the channel indices). Grouped and transposed convs are left out.
+    """
+
+    masks: dict[str, dict[str, Tensor]]
+    consumer_keep: dict[str, Tensor]
 
 
 def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
@@ -285,6 +307,35 @@ def _group_masks(graph: tp.DependencyGraph, group: Any, pruned: Tensor, names: d
     return masks
 
 
+def _consumer_keeps(graph: tp.DependencyGraph, group: Any, pruned: Tensor, names: dict) -> dict[str, Tensor]:
+    """Each consumer's kept inputs when a tp group loses its root channels ``pruned``: bool ``(weight.shape[1],)``.
+
+    The in-channel items of a group index the consumer's input dimension (``item.idxs``) and name the root
+    channel each index comes from (``item.root_idxs``).
+    """
+    pruned_roots = set(pruned.tolist())
+    keeps: dict[str, Tensor] = {}
+    for item in group:
+        module = item.dep.target.module
+        if _is_out_fn(graph, item) or module not in names or not _reads_input_columns(module):
+            continue
+        keep = keeps.get(names[module])
+        if keep is None:
+            keep = torch.ones(module.weight.shape[1], dtype=torch.bool, device=module.weight.device)
+        for index, root in zip(item.idxs, item.root_idxs):
+            if root in pruned_roots:
+                keep[index] = False
+        keeps[names[module]] = keep
+    return keeps
+
+
+def _reads_input_columns(module: nn.Module) -> bool:
+    """A Linear or a plain conv (groups=1, not transposed): weight dim 1 is its whole input."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and not module.transposed
+
+
 def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, float], *, importance: str = 'l1',
                         round_to: int = 1, ignored_layers: Iterable[str] = (),
                         calibration: tuple[Tensor, Tensor] | None = None) -> dict[str, dict[str, dict[str, Tensor]]]:
@@ -323,6 +374,20 @@ def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, fl
         Unknown importance, group name or ignored layer; ratio outside [0, 1); ``'taylor'``
         without ``calibration``; two names of one group with different ratios.
     """
+    selections = group_channel_selections(model, dummy_input, ratios, importance=importance, round_to=round_to,
+                                          ignored_layers=ignored_layers, calibration=calibration)
+    return {name: selection.masks for name, selection in selections.items()}
+
+
+def group_channel_selections(model: nn.Module, dummy_input: Any, ratios: dict[str, float], *, importance: str = 'l1',
+                             round_to: int = 1, ignored_layers: Iterable[str] = (),
+                             calibration: tuple[Tensor, Tensor] | None = None) -> dict[str, GroupSelection]:
+    """:func:`group_channel_masks` plus each consumer's kept inputs: ``{group_name: GroupSelection}``.
+
+    Same arguments, same masks and errors; ``model`` is left exactly as it was. A consumer's kept inputs are
+    the producer's kept out channels, as the consumer sees them (through BatchNorms, ReLUs, residual sums and
+    flattens): what a reconstruction of the consumer may still read.
+    """
     checked = _checked_ratios(ratios, importance, round_to, calibration)
     # A copy keeps the caller's grads, BN statistics and requires_grad flags untouched.
     scratch = copy.deepcopy(model)
@@ -330,7 +395,7 @@ def group_channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, fl
     group_ratios = _ratio_per_group(found, checked)
     if importance == 'taylor':
         _accumulate_gradients(scratch, calibration)
-    return _masks_per_group(graph, scratch, group_ratios, importance, round_to)
+    return _selections_per_group(graph, scratch, group_ratios, importance, round_to)
 
 
 def _checked_ratios(ratios: dict[str, float], importance: str, round_to: Any,
@@ -366,20 +431,22 @@ def _ratio_per_group(found: list[tuple[PruningGroup, Any]], ratios: dict[str, fl
     return group_ratios
 
 
-def _masks_per_group(graph: tp.DependencyGraph, scratch: nn.Module, group_ratios: dict[str, tuple[float, Any]],
-                     importance: str, round_to: int) -> dict[str, dict[str, dict[str, Tensor]]]:
+def _selections_per_group(graph: tp.DependencyGraph, scratch: nn.Module, group_ratios: dict[str, tuple[float, Any]],
+                          importance: str, round_to: int) -> dict[str, GroupSelection]:
     """Score each group of ``scratch`` (the scored copy) with ``importance`` and mask its lowest channels."""
     scorer = _importance(importance)
     names = {module: name for name, module in scratch.named_modules()}
-    masks_by_group: dict[str, dict[str, dict[str, Tensor]]] = {}
+    selections: dict[str, GroupSelection] = {}
     for name, (ratio, group) in group_ratios.items():
         scores = scorer(group)
         if scores is None:  # e.g. bn_scale on a group without BatchNorm
             _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, name)
             scores = _importance('l1')(group)
         pruned = _pruned_channels(scores, ratio, round_to, _channel_groups(group))
-        masks_by_group[name] = _group_masks(graph, group, pruned, names)  # the copy sits on the model's device
-    return masks_by_group
+        # the copy sits on the model's device
+        selections[name] = GroupSelection(masks=_group_masks(graph, group, pruned, names),
+                                          consumer_keep=_consumer_keeps(graph, group, pruned, names))
+    return selections
 
 
 def channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, float], **kwargs) -> dict[str, dict[str, Tensor]]:

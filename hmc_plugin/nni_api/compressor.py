@@ -17,8 +17,9 @@ from nni.compression.base.config import select_modules_by_config
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from ..apply import apply_plan
+from ..apply import DataFit, apply_plan
 from ..engines.lowrank import decomposable, method_for, resolve_ranks
+from ..engines.moments import batch_inputs
 from ..engines.pruning import PruningGroup, find_pruning_groups, preserved_modes, trace_model
 from ..errors import HMCConfigError, HMCError, LayerCompressionError, UntraceableModelError
 from ..planning.measure import plan_masks
@@ -41,7 +42,8 @@ COMPRESSIBLE_TYPES = (nn.Conv2d, nn.Linear)
 
 TARGET_TOLERANCE = 0.01  # plans land within 1 % of the target (planning.targets.plan_for_target)
 # the keyword arguments beside HMC's settings, for the "did you mean" of an unknown one
-CONSTRUCTOR_KEYWORDS = ('model', 'config_list', 'evaluator', 'dummy_input', 'calibration_inputs', 'sensitivity_table',
+CONSTRUCTOR_KEYWORDS = ('model', 'config_list', 'evaluator', 'dummy_input', 'calibration_inputs', 'calibration_loader',
+                        'sensitivity_table',
                         'plan', 'cache_path', 'latency_cache', 'progress') + HMCSettings.keys()
 FROM_COMPRESSOR_MESSAGE = (
     "HMCCompressor cannot be made with from_compressor (NNI's compressor chaining): HMC replaces layers by smaller "
@@ -82,7 +84,13 @@ class HMCCompressor(Pruner):
         torch-pruning's dependency graph and count FLOPs. When omitted, ``evaluator.get_dummy_input()``
         is used; if that is None too, ``HMCConfigError`` is raised.
     calibration_inputs
-        A small batch of real inputs (e.g. 64 images) for ``sensitivity='proxy'`` or ``'kl'``.
+        A small batch of real inputs (e.g. 64 images) for ``sensitivity='proxy'`` or ``'kl'``; without a
+        ``calibration_loader`` it is also the one batch of the BatchNorm recalibration and the data-aware fit.
+    calibration_loader
+        An iterable of training batches (e.g. a ``DataLoader``; ``(inputs, labels)`` pairs or inputs): its first
+        ``max(bn_batches, fit_batches)`` batches are read once and re-estimate the BatchNorm statistics
+        (``bn_batches``) and fit the refitted consumers and low-rank factors (``fit_batches``). Its first batch is
+        the ``calibration_inputs`` when those are not given.
     sensitivity_table, plan
         A precomputed ``SensitivityTable`` (skips the scan) or ``CompressionPlan`` (skips scan and planning).
     cache_path
@@ -126,7 +134,7 @@ class HMCCompressor(Pruner):
     """
 
     def __init__(self, model: nn.Module, config_list: list[dict], evaluator: Evaluator | None = None,
-                 dummy_input: Any = None, *, calibration_inputs: Any = None,
+                 dummy_input: Any = None, *, calibration_inputs: Any = None, calibration_loader: Any = None,
                  sensitivity_table: SensitivityTable | None = None, plan: CompressionPlan | None = None,
                  cache_path: str | None = None, latency_cache: str | None = None, progress: bool = True,
                  mode: str | None = None, target_flops: float | None = None, target_params: float | None = None,
@@ -134,7 +142,9 @@ class HMCCompressor(Pruner):
                  latency_threads: int | None = None, levels: Sequence[float] | None = None,
                  importance: str | None = None, rank_method: str | None = None, margin: float | str | None = None,
                  decompose_weight: float | str | None = None, sensitivity: str | None = None,
-                 round_to: int | None = None, speedup: str | None = None, distill: bool | None = None,
+                 round_to: int | None = None, speedup: str | None = None, bn_batches: int | None = None,
+                 data_aware: bool | None = None, reconstruct: bool | None = None, fit_batches: int | None = None,
+                 fit_order: str | None = None, distill: bool | None = None,
                  distill_alpha: float | None = None, distill_temperature: float | None = None, **unknown):
         arguments = dict(locals())
         # Everything that can fail on user input happens before NNI wraps the model.
@@ -147,6 +157,10 @@ class HMCCompressor(Pruner):
                                  f'(e.g. nni.compression.TorchEvaluator)')
         if dummy_input is None and evaluator is not None:
             dummy_input = evaluator.get_dummy_input()
+        self._batches = _first_batches(calibration_loader, max(self.settings.bn_batches, self.settings.fit_batches))
+        if calibration_inputs is None and self._batches:
+            calibration_inputs = batch_inputs(self._batches[0])
+            calibration_inputs = calibration_inputs[0] if len(calibration_inputs) == 1 else calibration_inputs
         if dummy_input is None:
             raise HMCConfigError('dummy_input is required (an example input, batch 1 is enough) when the evaluator '
                                  'has none: pass dummy_input=torch.rand(1, 3, H, W) or give the evaluator one')
@@ -162,6 +176,12 @@ class HMCCompressor(Pruner):
             _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
         self.dummy_input = dummy_input
         self.calibration_inputs = calibration_inputs
+        if not self._batches and calibration_inputs is not None:
+            self._batches = [calibration_inputs]
+        if not self._batches and (self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
+            _logger.warning('No calibration_inputs or calibration_loader: the BatchNorm recalibration, the reconstruction '
+                            'of pruned consumers and the data-aware low rank are off (data-free compression); pass '
+                            'calibration_inputs (e.g. 64 training images) to turn them on')
         self._tied = _tied_layers(model)
         self.layers, self.max_ratios = self._select_layers(model, normalised)
         self._weights_before = model_fingerprint(model)
@@ -354,11 +374,15 @@ class HMCCompressor(Pruner):
         compressed = copy.deepcopy(self.bound_model)
         self.masks = plan_masks(compressed, self.plan, self.dummy_input)
         compressed = apply_plan(compressed, self.plan, self.dummy_input, speedup=self.settings.speedup,
-                                masks=self.masks)
+                                masks=self.masks, data=self.data_fit())
         _check_compressed_runs(compressed, self.dummy_input)
         if max_steps is not None or max_epochs is not None:
             self.finetune(compressed, max_steps, max_epochs)
         self.compressed_model = compressed
+
+    def data_fit(self) -> DataFit | None:
+        """How the calibration data is used (``engines.datafit.DataFit``): None when there is none."""
+        return DataFit.from_settings(self._batches, self.settings)
 
     def get_masks(self):
         return self.masks
@@ -379,7 +403,7 @@ class HMCCompressor(Pruner):
                                     round_to=self.settings.round_to, rank_method=self.settings.rank_method,
                                     cache_path=self.cache_path, progress=self.progress,
                                     mask_context=self._nni_mask_context, mask_model=self._reference,
-                                    weight_owner=self._module_wrappers.__getitem__)
+                                    weight_owner=self._module_wrappers.__getitem__, data=self.data_fit())
         finally:
             if mode == 'evaluator':
                 self.evaluator.unbind_model()
@@ -436,6 +460,23 @@ def _refuse_unknown_keywords(unknown: dict[str, Any]) -> None:
     if unknown:
         key = next(iter(unknown))
         raise HMCConfigError(unknown_key_message(key, CONSTRUCTOR_KEYWORDS, 'HMCCompressor', 'keyword argument'))
+
+
+def _first_batches(loader: Any, count: int) -> list:
+    """The first ``count`` batches of ``loader`` (read once; none for None or ``count == 0``)."""
+    if loader is None or count == 0:
+        return []
+    if isinstance(loader, torch.Tensor):
+        raise HMCConfigError('calibration_loader must be an iterable of batches (e.g. a DataLoader); pass one tensor '
+                             'batch as calibration_inputs instead')
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    if not batches:
+        raise HMCConfigError('calibration_loader yielded no batch; give a loader over (a few) training images')
+    return batches
 
 
 def _tied_layers(model: nn.Module) -> dict[str, list[str]]:

@@ -17,10 +17,21 @@ The perturbations, from the original activations of the calibration batch:
 - pruning a group at a level zeroes its pruned channels. The change is taken where the group's chain
   ends (the last masked module of each chain, e.g. the BatchNorm after a conv): ``delta = -a[:, S]``,
   summed over the group's chain ends before squaring (they act jointly);
+- pruning a group with reconstruction (``prune_weight_changes``): each consumer of the pruned channels
+  gets refitted input weights ``W'`` (zero on the pruned inputs), so the change is where the consumers
+  write: ``delta_L = layer_L(x_L; W'_L - W_L)``, bias-free, from each consumer's original input, summed
+  over the group's consumers before squaring (the zeroed inputs and the refit are both in ``W' - W``);
 - decomposing a layer at a level: ``delta = layer(x; W_low_rank - W)``, bias-free, from the layer's input.
 
+BatchNorm recalibration (re-estimating the running statistics after a change) cannot enter this estimate:
+it is a global re-normalisation of the compressed network, not a local perturbation of the original
+network's activations. After reconstruction the consumers reproduce their original outputs, so the
+BatchNorms after them see nearly their original statistics; that is why the estimate without
+recalibration still ranks the units as the recalibrated ``kl`` and ``evaluator`` scans do.
+
 References: Amari 1998 (natural gradient / Fisher); Molchanov et al. 2019, "Importance Estimation for
-Neural Network Pruning" (CVPR; first-order channel scores); Hutchinson 1989 (trace estimator).
+Neural Network Pruning" (CVPR; first-order channel scores); Hutchinson 1989 (trace estimator);
+He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV; reconstruction).
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..engines.pruning import preserved_modes
 from ..errors import HMCError
 from ..utils.counting import as_input_tuple
 
@@ -50,13 +62,18 @@ _MAX_BATCH_ELEMENTS = 2_500_000  # input elements per replicated batch (~16 imag
 
 Masks = dict[str, dict[str, Tensor]]
 
+Unit = tuple[str, str]  # ('prune', group) or ('decompose', layer)
+
+LayerChanges = dict[str, dict[Unit, list[Tensor | None]]]  # module -> unit -> weight change per level (None: 0)
+
 
 @dataclass
 class _Accumulator:
     """Per-sample scores of one calibration chunk after another (all on CPU, float64)."""
 
     channel_scores: dict[str, list[Tensor]] = field(default_factory=dict)  # module -> [(K, N, C)]
-    layer_scores: dict[str, list[Tensor]] = field(default_factory=dict)    # layer -> [(levels, K, N)]
+    # (unit, module) -> [(levels, K, N)]
+    layer_scores: dict[tuple[Unit, str], list[Tensor]] = field(default_factory=dict)
 
 
 def _pruned_channels(module: nn.Module, mask: Tensor) -> Tensor:
@@ -127,10 +144,30 @@ def _delta_output(module: nn.Module, inputs: Tensor, weight_change: Tensor) -> T
     return module._conv_forward(inputs, weight_change, None)
 
 
+def _layer_changes(weight_changes: dict[str, list[Tensor]],
+                   prune_weight_changes: dict[str, list[dict[str, Tensor]]]) -> LayerChanges:
+    """The weight changes of every unit, by the module they change: ``{module: {unit: [change or None per level]}}``."""
+    changes: LayerChanges = {}
+    for layer, levels in weight_changes.items():
+        changes.setdefault(layer, {})[('decompose', layer)] = list(levels)
+    for group, levels in prune_weight_changes.items():
+        consumers = sorted({name for level in levels for name in level})
+        for name in consumers:
+            changes.setdefault(name, {})[('prune', group)] = [level.get(name) for level in levels]
+    return changes
+
+
+def _unit_scores(module: nn.Module, layer_input: Tensor, grad: Tensor, changes: list[Tensor | None]) -> Tensor:
+    """``g . delta`` per level, projection and sample ``(levels, K, N)`` for weight changes of ``module``."""
+    changes = [torch.zeros_like(module.weight) if change is None else change for change in changes]
+    deltas = torch.stack([_delta_output(module, layer_input, change) for change in changes])  # (levels, N, ...)
+    return torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())                   # (levels, K, N)
+
+
 @contextlib.contextmanager
-def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_changes: dict[str, list[Tensor]],
+def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], layer_changes: LayerChanges,
            copies: int, accumulator: _Accumulator) -> Iterator[None]:
-    """Record, per chunk, channel scores ``sum_hw g * a`` and layer scores ``sum g * delta`` per level."""
+    """Record, per chunk, channel scores ``sum_hw g * a`` and layer scores ``sum g * delta`` per unit and level."""
 
     def forward_hook(name):
         def hook(module, inputs, output):
@@ -139,7 +176,7 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
             samples = output.shape[0] // copies
             # A view, no copy: autograd keeps the layer's input for its own backward pass anyway (and
             # refuses to run if it was modified in place), so the output changes are computed there.
-            layer_input = inputs[0].detach()[:samples] if name in weight_changes else None
+            layer_input = inputs[0].detach()[:samples] if name in layer_changes else None
             activation = output.detach()[:samples]
 
             def on_grad(grad: Tensor) -> None:
@@ -149,10 +186,9 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
                         else grad * activation[None]                                     # (K, N, C)
                     accumulator.channel_scores.setdefault(name, []).append(per_channel.double().cpu())
                 if layer_input is not None:
-                    deltas = torch.stack([_delta_output(module, layer_input, change)
-                                          for change in weight_changes[name]])              # (levels, N, ...)
-                    scores = torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())  # (levels, K, N)
-                    accumulator.layer_scores.setdefault(name, []).append(scores.cpu())
+                    for unit, changes in layer_changes[name].items():
+                        scores = _unit_scores(module, layer_input, grad, changes)
+                        accumulator.layer_scores.setdefault((unit, name), []).append(scores.cpu())
 
             output.register_hook(on_grad)
             # Later in-place ops (``out += identity``, ``relu_``) act on a copy, so ``output`` keeps the
@@ -160,7 +196,7 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
             return output.clone()
         return hook
 
-    names = channel_modules | set(weight_changes)
+    names = channel_modules | set(layer_changes)
     handles = [modules[name].register_forward_hook(forward_hook(name)) for name in names]
     try:
         yield
@@ -170,8 +206,10 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], weight_chan
 
 
 def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str, list[Masks]] | None = None,
-                 weight_changes: dict[str, list[Tensor]] | None = None, projections: int = DEFAULT_PROJECTIONS,
-                 seed: int = 0, progress: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                 weight_changes: dict[str, list[Tensor]] | None = None,
+                 prune_weight_changes: dict[str, list[dict[str, Tensor]]] | None = None,
+                 projections: int = DEFAULT_PROJECTIONS, seed: int = 0,
+                 progress: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Estimated KL drop (nats, batch mean) of every pruning group and decomposed layer at every level.
 
     Parameters
@@ -185,6 +223,11 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
         group's members (Conv/Linear/BatchNorm), as ``pruning.group_channel_masks`` gives them.
     weight_changes
         ``{layer_name: [W_low_rank - W at each level]}`` for the layers to decompose.
+    prune_weight_changes
+        ``{group_name: [{consumer_name: W' - W} at each level]}``: groups pruned with reconstruction, priced by
+        the change of their consumers' outputs instead of the zeroed channels (a group is in this or in
+        ``prune_masks``). ``W'`` is the consumer's refitted weight, zero on the pruned inputs; a consumer
+        missing at a level is unchanged there.
     projections
         Backward passes' worth of Fisher directions: all ``C`` rows when ``C <= projections``.
 
@@ -195,21 +238,24 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
     """
     prune_masks = prune_masks or {}
     weight_changes = weight_changes or {}
+    prune_weight_changes = prune_weight_changes or {}
+    both = sorted(set(prune_masks) & set(prune_weight_changes))
+    if both:
+        raise HMCError(f'fisher_drops got groups {both} in both prune_masks and prune_weight_changes; give each once')
     inputs = as_input_tuple(calibration_inputs)
     modules = dict(model.named_modules())
-    was_training = model.training
-    model.eval()
-    try:
-        ends, accumulator, scale = _fisher_scores(model, inputs, modules, prune_masks, weight_changes, projections,
+    layer_changes = _layer_changes(weight_changes, prune_weight_changes)
+    with preserved_modes(model):  # every submodule's own train/eval flag comes back
+        model.eval()
+        ends, accumulator, scale = _fisher_scores(model, inputs, modules, prune_masks, layer_changes, projections,
                                                   seed, progress)
-    finally:
-        model.train(was_training)
-    return (_prune_drops(prune_masks, ends, modules, accumulator, scale),
-            _decompose_drops(weight_changes, accumulator, scale))
+    prune = _prune_drops(prune_masks, ends, modules, accumulator, scale)
+    prune.update(_refitted_prune_drops(prune_weight_changes, accumulator, scale))
+    return prune, _decompose_drops(weight_changes, accumulator, scale)
 
 
 def _fisher_scores(model: nn.Module, inputs: tuple, modules: dict[str, nn.Module], prune_masks: dict[str, list[Masks]],
-                   weight_changes: dict[str, list[Tensor]], projections: int, seed: int,
+                   layer_changes: LayerChanges, projections: int, seed: int,
                    progress: bool) -> tuple[dict[str, list[str]], _Accumulator, float]:
     """The one pass, ``model`` in eval mode: ``(chain ends of each group, per-sample scores, projection scale)``."""
     with torch.no_grad():
@@ -219,7 +265,7 @@ def _fisher_scores(model: nn.Module, inputs: tuple, modules: dict[str, nn.Module
     ends = chain_ends(model, tuple(tensor[:1] for tensor in inputs), group_members)
     channel_modules = {name for names in ends.values() for name in names}
     accumulator = _Accumulator()
-    with _hooks(modules, channel_modules, weight_changes, copies, accumulator):
+    with _hooks(modules, channel_modules, layer_changes, copies, accumulator):
         scale = _backward_passes(model, inputs, copies, seed, progress)
     return ends, accumulator, scale
 
@@ -269,12 +315,25 @@ def _prune_drops(prune_masks: dict[str, list[Masks]], ends: dict[str, list[str]]
     return prune
 
 
+def _refitted_prune_drops(prune_weight_changes: dict[str, list[dict[str, Tensor]]], accumulator: _Accumulator,
+                          scale: float) -> dict[str, list[float]]:
+    """Each reconstructed group's drop per level: its consumers' scores ``g . delta``, summed before squaring."""
+    prune = {}
+    for group, levels in prune_weight_changes.items():
+        joint = None  # (levels, K, N)
+        for name in sorted({name for level in levels for name in level}):
+            scores = torch.cat(accumulator.layer_scores[(('prune', group), name)], dim=2)
+            joint = scores if joint is None else joint + scores
+        prune[group] = [0.0] * len(levels) if joint is None else [_kl_estimate(level, scale) for level in joint]
+    return prune
+
+
 def _decompose_drops(weight_changes: dict[str, list[Tensor]], accumulator: _Accumulator,
                      scale: float) -> dict[str, list[float]]:
     """Each decomposed layer's drop per level, from its scores ``g . delta``."""
     decompose = {}
     for layer in weight_changes:
-        scores = torch.cat(accumulator.layer_scores[layer], dim=2)  # (levels, K, N)
+        scores = torch.cat(accumulator.layer_scores[(('decompose', layer), layer)], dim=2)  # (levels, K, N)
         decompose[layer] = [_kl_estimate(level_scores, scale) for level_scores in scores]
     return decompose
 

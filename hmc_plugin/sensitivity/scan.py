@@ -14,6 +14,17 @@ Three ways to measure the drop:
   the whole network per unit and level.
 - ``proxy`` (default): the same KL, estimated to second order from one forward/backward pass over the
   calibration batch (``hmc_plugin.sensitivity.fisher``): layer-local, so large models scan in minutes.
+
+With calibration data (``data``, an ``engines.datafit.DataFit``) the scans measure what apply will produce:
+
+- data-aware low rank (``data.data_aware``): each layer's low-rank weight minimises the output error
+  ``||(W - W~) S^{1/2}||`` for its input moment S on the original model;
+- pruning with reconstruction (``data.reconstruct``): each consumer of the pruned channels reads only the
+  kept inputs K, refitted from the original model's S (one unit at a time, so the kept activations are the
+  original's): ``W'_K = W S[:, K] (S[K, K] + lam I)^-1`` (``engines.datafit.ridge_fit``), zero elsewhere;
+- BatchNorm recalibration (``data.bn_batches``, ``kl`` and ``evaluator`` only): every measurement is taken
+  after the BatchNorm statistics are re-estimated on those batches (EagleEye), then the statistics come
+  back. The ``proxy`` cannot recalibrate (see ``hmc_plugin.sensitivity.fisher``).
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -32,8 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engines.batchnorm import recalibrated_bn
+from ..engines.datafit import DataFit, ridge_fit
 from ..engines.lowrank import low_rank_weight, low_rank_weights, method_for
-from ..engines.pruning import PruningGroup, group_channel_masks
+from ..engines.moments import batch_inputs, collect_moments
+from ..engines.pruning import GroupSelection, PruningGroup, group_channel_selections, preserved_modes
 from ..errors import HMCConfigError
 from ..settings import SENSITIVITIES
 from ..utils.counting import as_input_tuple
@@ -101,7 +116,7 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
                      cache_path: str | os.PathLike | None = None, progress: bool = True,
                      mask_context: MaskContext | None = None, mask_model: nn.Module | None = None,
                      weight_owner: Callable[[str], nn.Module] | None = None,
-                     projections: int = DEFAULT_PROJECTIONS) -> SensitivityTable:
+                     projections: int = DEFAULT_PROJECTIONS, data: DataFit | None = None) -> SensitivityTable:
     """Measure the metric drop of pruning each group and decomposing each layer, one unit at a time.
 
     Parameters
@@ -129,31 +144,53 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         ``masks -> context manager`` that simulates pruning; default zeroes parameters by the masks
         (``zeroed_by_masks``). The NNI compressor passes one that sets masks on NNI's wrappers.
     mask_model
-        An unwrapped module with the same names and weights, used to compute masks and low-rank weights
-        when ``model`` is wrapped by NNI (defaults to ``model``).
+        An unwrapped module with the same names and weights, used to compute masks, input moments and low-rank
+        (or refitted) weights when ``model`` is wrapped by NNI (defaults to ``model``).
     weight_owner
         ``layer name -> module`` whose ``.weight`` is the live weight to swap (NNI: the layer's wrapper).
     projections
         ``proxy`` only: Fisher directions per image (all classes when there are at most this many).
+    data
+        Calibration data as apply uses it (``engines.datafit.DataFit``): ``data.batches`` give the original
+        model's input moments for the data-aware low rank (``data.data_aware``) and the consumers'
+        reconstruction (``data.reconstruct``); ``data.bn_batches`` recalibrate the BatchNorms before each
+        ``kl`` / ``evaluator`` measurement. None (or a DataFit without batches) scans data-free, as before.
     """
     levels = _checked_levels(mode, levels, eval_fn, calibration_inputs)
     mask_model = mask_model if mask_model is not None else model
     mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
     calibration_batch = _taylor_batch(importance, calibration_inputs, calibration_targets)
+    scan_data = _ScanData.of(data, mode)
     settings = _scan_settings(mode, levels, importance, round_to, rank_method, _schedule(groups, layers), mask_model,
-                              projections, calibration_inputs)
+                              projections, calibration_inputs, scan_data)
     table = _load_cache(cache_path, settings)
     if mode == 'proxy':
         if table is None or not table.is_complete():
             table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
-                                  calibration_batch, progress)
+                                  calibration_batch, progress, scan_data)
             if cache_path is not None:
                 table.to_json(cache_path)
         return table
     modules = dict(mask_model.named_modules())
     unit_scan = _UnitScan(mask_model, dummy_input, groups, settings, calibration_batch, mask_context,
-                          weight_owner or modules.__getitem__, modules)
+                          _weight_owner(weight_owner, model, modules), modules, scan_data)
     return _measured_table(model, table, unit_scan, eval_fn, calibration_inputs, cache_path, progress)
+
+
+def _weight_owner(weight_owner: Callable[[str], nn.Module] | None, model: nn.Module,
+                  modules: dict[str, nn.Module]) -> Callable[[str], nn.Module]:
+    """``name -> module`` holding the live weight: ``weight_owner``'s, else (a layer it does not know, e.g. an
+    unwrapped consumer) the scanned model's own module of that name."""
+    if weight_owner is None:
+        return modules.__getitem__
+    live = dict(model.named_modules())
+
+    def owner(name: str) -> nn.Module:
+        try:
+            return weight_owner(name)
+        except KeyError:
+            return live[name]
+    return owner
 
 
 def _checked_levels(mode: str, levels: Sequence[float], eval_fn, calibration_inputs) -> list[float]:
@@ -181,7 +218,7 @@ def _taylor_batch(importance: str, calibration_inputs, calibration_targets) -> t
 
 def _scan_settings(mode: str, levels: list[float], importance: str, round_to: int, rank_method: str,
                    schedule: dict[str, list[str]], mask_model: nn.Module, projections: int,
-                   calibration_inputs) -> dict:
+                   calibration_inputs, scan_data: _ScanData | None = None) -> dict:
     """Everything a table depends on: a cache made with other settings is rescanned, not resumed."""
     settings = {'mode': mode, 'levels': levels, 'importance': importance, 'round_to': round_to,
                 'rank_method': rank_method, 'units': schedule, 'weights': model_fingerprint(mask_model)}
@@ -189,7 +226,136 @@ def _scan_settings(mode: str, levels: list[float], importance: str, round_to: in
         settings['projections'] = int(projections)
     if mode in ('proxy', 'kl'):  # a cache scanned on other calibration data must not be resumed
         settings['calibration'] = inputs_fingerprint(calibration_inputs)
+    if scan_data is not None:  # data-free scans keep their settings (and caches) as they were
+        settings['data'] = scan_data.settings()
     return settings
+
+
+def _batches_fingerprint(batches: Sequence[Any]) -> str:
+    """One fingerprint of the model inputs of all ``batches`` (labels do not enter the fit)."""
+    return inputs_fingerprint(tuple(item for batch in batches for item in batch_inputs(batch)))
+
+
+@dataclass(frozen=True)
+class _ScanData:
+    """What a scan in one mode uses of a ``DataFit``: the fit batches with the two fit flags, and BN batches."""
+
+    batches: tuple
+    reconstruct: bool
+    data_aware: bool
+    bn_batches: tuple
+
+    @classmethod
+    def of(cls, data: DataFit | None, mode: str) -> _ScanData | None:
+        """None when ``data`` changes nothing in this mode (no batches; the proxy does not recalibrate)."""
+        if data is None:
+            return None
+        batches = tuple(data.batches)
+        bn_batches = tuple(data.bn_batches) if mode != 'proxy' else ()
+        scan_data = cls(batches=batches if (data.reconstruct or data.data_aware) else (),
+                        reconstruct=bool(data.reconstruct and batches),
+                        data_aware=bool(data.data_aware and batches), bn_batches=bn_batches)
+        return scan_data if (scan_data.reconstruct or scan_data.data_aware or bn_batches) else None
+
+    def settings(self) -> dict:
+        return {'reconstruct': self.reconstruct, 'data_aware': self.data_aware,
+                'fit_batches': _batches_fingerprint(self.batches) if self.batches else None,
+                'bn_batches': _batches_fingerprint(self.bn_batches) if self.bn_batches else None}
+
+    def moment_layers(self, operator: str, name: str, groups: dict[str, PruningGroup],
+                      modules: dict[str, nn.Module]) -> list[str]:
+        """The layers whose input moments unit ``(operator, name)`` needs: refitted consumers or the decomposed layer."""
+        if operator == 'prune':
+            return [consumer for consumer in groups[name].consumers if _refittable(modules[consumer])] \
+                if self.reconstruct else []
+        return [name] if self.data_aware else []
+
+
+def _refittable(module: nn.Module) -> bool:
+    """Layers the reconstruction refits (``engines.moments`` unfolds their inputs): Linear, Conv2d with groups=1."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                             and not module.transposed)
+
+
+_MOMENT_BYTES = 1 << 28  # float64 input moments held at once by a scan (one unit's own may exceed it)
+
+
+class _MomentStore:
+    """Input moments ``S = E[x x^T]`` (float64, ``(D, D)``) of the original model's layers, on demand.
+
+    ``needs`` lists, unit by unit in scan order, the layers whose moments each unit uses. A missing moment
+    starts one ``collect_moments`` pass over the batches for its unit's layers and, while the moments held stay
+    under ``_MOMENT_BYTES``, the next units' layers; a moment is freed after its last use (``release``).
+    """
+
+    def __init__(self, model: nn.Module, batches: tuple, needs: Sequence[Sequence[str]]):
+        self.model, self.batches = model, batches
+        self.modules = dict(model.named_modules())
+        self.pending = [list(names) for names in needs if names]
+        self.uses = Counter(name for names in self.pending for name in names)
+        self.loaded: dict[str, torch.Tensor] = {}
+
+    def take(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The moments of one unit's layers; call ``release(names)`` once they are used."""
+        names = list(names)
+        if names in self.pending:
+            self.pending.remove(names)
+        missing = [name for name in dict.fromkeys(names) if name not in self.loaded]
+        if missing:
+            self._load(missing)
+        return {name: self.loaded[name] for name in names}
+
+    def release(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.uses[name] -= 1
+            if self.uses[name] <= 0:
+                self.loaded.pop(name, None)
+
+    def _bytes(self, name: str) -> int:
+        module = self.modules[name]
+        return 8 * module.weight[0].numel() ** 2  # D = C_in*kh*kw (in_features): one weight row
+
+    def _load(self, missing: list[str]) -> None:
+        wanted = list(missing)
+        held = sum(self._bytes(name) for name in [*self.loaded, *wanted])
+        upcoming = [name for names in self.pending for name in names]
+        for name in dict.fromkeys(upcoming):  # the next units' layers ride along while the budget allows
+            if name in self.loaded or name in wanted:
+                continue
+            if held + self._bytes(name) > _MOMENT_BYTES:
+                break
+            wanted.append(name)
+            held += self._bytes(name)
+        moments = collect_moments(self.model, wanted, self.batches)
+        self.loaded.update({name: layer.input_moment for name, layer in moments.items()})
+
+
+@torch.no_grad()
+def _refitted_weight(module: nn.Module, keep: torch.Tensor, input_moment: torch.Tensor) -> torch.Tensor:
+    """A consumer's weight refitted to its original output from the kept inputs only (shape, dtype of its weight).
+
+    In the unfolded patch space, with K the kept positions (kept input channels x kh*kw):
+    ``W'_K = W S[:, K] (S[K, K] + lam I)^-1``; the pruned positions get 0 (their inputs are zero anyway).
+    """
+    weight = module.weight.detach()
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    moment = input_moment.to(device=matrix.device, dtype=torch.float64)
+    positions = keep.to(matrix.device).repeat_interleave(matrix.shape[1] // keep.numel())  # F.unfold's order
+    kept = torch.nonzero(positions).flatten()
+    refitted = torch.zeros_like(matrix)
+    refitted[:, kept] = ridge_fit(matrix @ moment[:, kept], moment[kept][:, kept])
+    return refitted.reshape(weight.shape).to(weight.dtype)
+
+
+def _consumer_weights(selection: GroupSelection, modules: dict[str, nn.Module],
+                      moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{consumer: refitted weight}`` for the consumers of ``moments`` that lose inputs in ``selection``."""
+    weights = {}
+    for name, moment in moments.items():
+        keep = selection.consumer_keep.get(name)
+        if keep is not None and not bool(keep.all()):
+            weights[name] = _refitted_weight(modules[name], keep, moment)
+    return weights
 
 
 @dataclass
@@ -197,7 +363,8 @@ class _UnitScan:
     """How the ``kl`` and ``evaluator`` scans apply one unit at one level, measure, and undo it.
 
     Pruning masks come from ``mask_model`` (all groups at a level at once, kept for the other groups);
-    low-rank weights from ``modules``, swapped into ``weight_owner(name)``.
+    low-rank and refitted consumer weights from ``modules``, swapped into ``weight_owner(name)``. A unit's
+    weights are computed for every level at its first level (its input moments are freed right after).
     """
 
     mask_model: nn.Module
@@ -208,24 +375,59 @@ class _UnitScan:
     mask_context: MaskContext
     weight_owner: Callable[[str], nn.Module]
     modules: dict[str, nn.Module]
-    masks_by_level: dict[float, dict[str, Masks]] = field(default_factory=dict)
+    data: _ScanData | None = None
+    selections_by_level: dict[float, dict[str, GroupSelection]] = field(default_factory=dict)
+    moments: _MomentStore | None = None
+    _unit: tuple[str, str] | None = None
+    _unit_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per level: {layer: weight}
+
+    def expect(self, todo: Sequence[tuple[str, str]]) -> None:
+        """Plan the input moments for the units ``todo``, in the order they will be scanned."""
+        if self.data is not None and self.data.batches:
+            groups = {group.name: group for group in self.groups}
+            needs = [self.data.moment_layers(op, name, groups, self.modules) for op, name in todo]
+            self.moments = _MomentStore(self.mask_model, self.data.batches, needs)
 
     def drop(self, operator: str, name: str, level: float, measure: Callable[[], float]) -> float:
         """``measure()`` with unit ``(operator, name)`` at ``level``; the model is restored afterwards."""
-        if operator == 'prune':
-            if level not in self.masks_by_level:
-                self.masks_by_level[level] = group_channel_masks(
-                    self.mask_model, self.dummy_input, {group.name: level for group in self.groups},
-                    importance=self.settings['importance'], round_to=self.settings['round_to'],
-                    calibration=self.calibration_batch)
-            with self.mask_context(self.masks_by_level[level][name]):
-                return measure()
-        module = self.modules[name]
-        spec = f'flops:{1.0 - level:.6g}'
-        weight = low_rank_weight(module, spec, method=method_for(module, self.settings['rank_method'], name),
-                                 layer_name=name)
-        with swapped_weight(self.weight_owner(name), weight):
+        weights = self._weights(operator, name)[self.settings['levels'].index(level)]
+        with contextlib.ExitStack() as stack:
+            for layer, weight in weights.items():
+                stack.enter_context(swapped_weight(self.weight_owner(layer), weight))
+            if operator == 'prune':  # inside the swap: masks that zero a swapped weight's rows act on it
+                stack.enter_context(self.mask_context(self._selection(level, name).masks))
             return measure()
+
+    def _selection(self, level: float, name: str) -> GroupSelection:
+        if level not in self.selections_by_level:
+            self.selections_by_level[level] = group_channel_selections(
+                self.mask_model, self.dummy_input, {group.name: level for group in self.groups},
+                importance=self.settings['importance'], round_to=self.settings['round_to'],
+                calibration=self.calibration_batch)
+        return self.selections_by_level[level][name]
+
+    def _weights(self, operator: str, name: str) -> list[dict[str, torch.Tensor]]:
+        """The weights swapped in for the unit at each level (none for pruning without reconstruction)."""
+        if self._unit != (operator, name):
+            self._unit_weights = []  # the previous unit's weights go first
+            groups = {group.name: group for group in self.groups}
+            layers = self.data.moment_layers(operator, name, groups, self.modules) if self.data else []
+            moments = self.moments.take(layers) if self.moments is not None and layers else {}
+            self._unit_weights = [self._level_weights(operator, name, level, moments)
+                                  for level in self.settings['levels']]
+            if moments:
+                self.moments.release(layers)
+            self._unit = (operator, name)
+        return self._unit_weights
+
+    def _level_weights(self, operator: str, name: str, level: float,
+                       moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if operator == 'prune':
+            return _consumer_weights(self._selection(level, name), self.modules, moments) if moments else {}
+        module = self.modules[name]
+        extra = {'input_moment': moments[name]} if name in moments else {}
+        return {name: low_rank_weight(module, f'flops:{1.0 - level:.6g}', method=method_for(
+            module, self.settings['rank_method'], name), layer_name=name, **extra)}
 
 
 def _measured_table(model: nn.Module, table: SensitivityTable | None, unit_scan: _UnitScan,
@@ -234,20 +436,30 @@ def _measured_table(model: nn.Module, table: SensitivityTable | None, unit_scan:
     """The ``kl`` or ``evaluator`` scan, in eval mode: every unit not yet in ``table`` (a resumed cache or None)."""
     settings = unit_scan.settings
     mode, levels = settings['mode'], settings['levels']
-    was_training = model.training
-    model.eval()
-    try:
-        baseline, measure = _drop_measure(model, mode, eval_fn, calibration_inputs)
+    with preserved_modes(model):  # every submodule's own flag comes back, not just the model's
+        model.eval()
+        bn_batches = unit_scan.data.bn_batches if unit_scan.data is not None else ()
+        # The reference (kl) and the baseline (evaluator) go through the same recalibration as every measurement:
+        # an unchanged model drops 0, and stale BN statistics of the original do not enter every unit's drop.
+        with recalibrated_bn(model, bn_batches):
+            baseline, measure = _drop_measure(model, mode, eval_fn, calibration_inputs)
+        if bn_batches:
+            measure = functools.partial(_recalibrated_drop, model, bn_batches, measure)
         if table is None:
             table = SensitivityTable(levels=levels, mode=mode, baseline=baseline,
                                      groups={group.name: list(group.members) for group in unit_scan.groups},
                                      settings=settings)
         todo = [(op, name) for op, names in settings['units'].items() for name in names
                 if len(getattr(table, op).get(name, [])) < len(levels)]
+        unit_scan.expect(todo)
         _scan_units(table, todo, unit_scan, measure, cache_path, progress)
-    finally:
-        model.train(was_training)
     return table
+
+
+def _recalibrated_drop(model: nn.Module, bn_batches: tuple, measure: Callable[[], float]) -> float:
+    """``measure()`` after the BatchNorm statistics are re-estimated on ``bn_batches``; they come back after."""
+    with recalibrated_bn(model, bn_batches):
+        return measure()
 
 
 def _drop_measure(model: nn.Module, mode: str, eval_fn: Callable[[nn.Module], float] | None,
@@ -300,35 +512,107 @@ def _scan_units(table: SensitivityTable, todo: list[tuple[str, str]], unit_scan:
 
 def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],
                   calibration_inputs: Any, settings: dict, calibration_batch: tuple | None,
-                  progress: bool) -> SensitivityTable:
-    """The ``proxy`` scan: masks and low-rank weights for every unit and level, then one Fisher pass."""
+                  progress: bool, scan_data: _ScanData | None = None) -> SensitivityTable:
+    """The ``proxy`` scan: masks (or refitted consumers) and low-rank weights for every unit and level, then one
+    Fisher pass."""
     started = time.perf_counter()
     levels = settings['levels']
     modules = dict(model.named_modules())
-    prune_masks: dict[str, list[Masks]] = {group.name: [] for group in groups}
-    weight_changes: dict[str, list[torch.Tensor]] = {}
     with tqdm(total=len(levels) * (1 + len(layers)), desc='HMC sensitivity scan (proxy): masks and low-rank weights',
               disable=not progress, unit='step') as bar:
-        for level in levels:
-            if groups:
-                by_group = group_channel_masks(model, dummy_input, {group.name: level for group in groups},
-                                               importance=settings['importance'], round_to=settings['round_to'],
-                                               calibration=calibration_batch)
-                for group in groups:
-                    prune_masks[group.name].append(by_group[group.name])
-            bar.update(1)
-        for name in layers:
-            module = modules[name]
-            weights = low_rank_weights(module, [f'flops:{1.0 - level:.6g}' for level in levels],
-                                       method=method_for(module, settings['rank_method'], name), layer_name=name)
-            weight_changes[name] = [weight - module.weight.detach() for weight in weights]
-            bar.update(len(levels))
+        selections = _level_selections(model, dummy_input, groups, levels, settings, calibration_batch, bar)
+        refitted = [group for group in groups if _prices_consumers(group, selections[group.name], scan_data)]
+        refitted_names = {group.name for group in refitted}
+        moments = None
+        if scan_data is not None and scan_data.batches:
+            by_name = {group.name: group for group in refitted}
+            needs = [scan_data.moment_layers('prune', group.name, by_name, modules) for group in refitted]
+            needs += [scan_data.moment_layers('decompose', name, by_name, modules) for name in layers]
+            moments = _MomentStore(model, scan_data.batches, needs)
+        prune_masks = {group.name: [selection.masks for selection in selections[group.name]]
+                       for group in groups if group.name not in refitted_names}
+        prune_weight_changes = _prune_weight_changes(refitted, selections, modules, moments, scan_data)
+        weight_changes = _decompose_changes(layers, levels, modules, settings, moments, scan_data, bar)
     prune, decompose = fisher_drops(model, calibration_inputs, prune_masks=prune_masks, weight_changes=weight_changes,
-                                    projections=settings['projections'], progress=progress)
-    return SensitivityTable(levels=list(levels), mode='proxy', baseline=0.0, prune=prune, decompose=decompose,
+                                    prune_weight_changes=prune_weight_changes, projections=settings['projections'],
+                                    progress=progress)
+    return SensitivityTable(levels=list(levels), mode='proxy', baseline=0.0,
+                            prune={group.name: prune[group.name] for group in groups}, decompose=decompose,
                             groups={group.name: list(group.members) for group in groups}, settings=settings,
                             evaluations=len(levels) * (len(groups) + len(layers)),
                             seconds=time.perf_counter() - started)
+
+
+def _level_selections(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], levels: list[float],
+                      settings: dict, calibration_batch: tuple | None, bar) -> dict[str, list[GroupSelection]]:
+    """``{group: [selection at each level]}``, all groups of a level scored at once."""
+    selections: dict[str, list[GroupSelection]] = {group.name: [] for group in groups}
+    for level in levels:
+        if groups:
+            by_group = group_channel_selections(model, dummy_input, {group.name: level for group in groups},
+                                                importance=settings['importance'], round_to=settings['round_to'],
+                                                calibration=calibration_batch)
+            for group in groups:
+                selections[group.name].append(by_group[group.name])
+        bar.update(1)
+    return selections
+
+
+def _prices_consumers(group: PruningGroup, selections: list[GroupSelection], scan_data: _ScanData | None) -> bool:
+    """Whether the proxy prices a group by its consumers' weight changes (with reconstruction, when every consumer
+    has a kept-input vector; a grouped or transposed consumer keeps the group on its masks)."""
+    return bool(scan_data is not None and scan_data.reconstruct and selections
+                and all(consumer in selections[0].consumer_keep for consumer in group.consumers))
+
+
+def _prune_weight_changes(groups: Sequence[PruningGroup], selections: dict[str, list[GroupSelection]],
+                          modules: dict[str, nn.Module], moments: _MomentStore | None,
+                          scan_data: _ScanData | None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """``{group: [{consumer: W' - W} at each level]}`` for the groups priced by their consumers."""
+    prune_weight_changes: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for group in groups:
+        layers = scan_data.moment_layers('prune', group.name, {group.name: group}, modules)
+        group_moments = moments.take(layers) if layers else {}
+        prune_weight_changes[group.name] = [_consumer_changes(selection, modules, group_moments)
+                                            for selection in selections[group.name]]
+        if layers:
+            moments.release(layers)
+    return prune_weight_changes
+
+
+def _consumer_changes(selection: GroupSelection, modules: dict[str, nn.Module],
+                      moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{consumer: W' - W}`` at one level: refitted where there is a moment, pruned inputs zeroed elsewhere."""
+    refitted = _consumer_weights(selection, modules, moments)
+    changes = {}
+    for name, keep in selection.consumer_keep.items():
+        weight = modules[name].weight.detach()
+        if name in refitted:
+            changes[name] = refitted[name] - weight
+        elif not bool(keep.all()):  # a consumer that is not refitted only loses its pruned inputs
+            shape = [1] * weight.dim()
+            shape[1] = -1
+            changes[name] = -weight * (~keep).to(weight.dtype).view(shape)
+    return changes
+
+
+def _decompose_changes(layers: Sequence[str], levels: list[float], modules: dict[str, nn.Module], settings: dict,
+                       moments: _MomentStore | None, scan_data: _ScanData | None, bar) -> dict[str, list[torch.Tensor]]:
+    """``{layer: [W_low_rank - W at each level]}``; data-aware when ``scan_data`` says so."""
+    weight_changes: dict[str, list[torch.Tensor]] = {}
+    for name in layers:
+        module = modules[name]
+        specs = [f'flops:{1.0 - level:.6g}' for level in levels]
+        method = method_for(module, settings['rank_method'], name)
+        if scan_data is not None and scan_data.data_aware:
+            weights = low_rank_weights(module, specs, method=method, layer_name=name,
+                                       input_moment=moments.take([name])[name])
+            moments.release([name])  # its weights are computed: the moment goes
+        else:
+            weights = low_rank_weights(module, specs, method=method, layer_name=name)
+        weight_changes[name] = [weight - module.weight.detach() for weight in weights]
+        bar.update(len(levels))
+    return weight_changes
 
 
 def _load_cache(cache_path, settings: dict) -> SensitivityTable | None:

@@ -16,3 +16,24 @@ def model() -> nn.Module:
             nn.init.uniform_(module.weight, 0.5, 1.5)
             nn.init.uniform_(module.bias, -0.1, 0.1)
     return net.eval()
+
+
+@pytest.fixture(scope='session')
+def trained_resnet56():
+    """ResNet-56 trained 3 epochs on 16x16 digits (test accuracy checked > 0.5), 512 calibration images of the
+    train split and 256 held-out images of the test split: a real network for the data-aware operators."""
+    from hmc_plugin.app.data import calibration_batch, load_digits_data, make_loaders
+    from hmc_plugin.app.models import resnet56
+    from hmc_plugin.app.training import evaluate_accuracy, train, training_step
+
+    digits = load_digits_data(image_size=16)
+    train_loader, test_loader = make_loaders(digits, batch_size=32, seed=0)
+    torch.manual_seed(0)
+    net = resnet56(num_classes=10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train(net, optimizer, training_step, train_loader, max_epochs=3, progress=False)
+    accuracy = evaluate_accuracy(net, test_loader)
+    assert accuracy > 0.5, f'ResNet-56 did not train (test accuracy {accuracy:.3f}): random weights prove nothing'
+    calibration, _ = calibration_batch(digits, 512, seed=0)
+    held_out = torch.stack([digits.test[index][0] for index in range(256)])
+    return net.eval(), calibration, held_out

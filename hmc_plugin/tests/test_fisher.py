@@ -5,7 +5,8 @@ from torch import nn
 
 from hmc_plugin.app.models import resnet20
 from hmc_plugin.engines.lowrank import low_rank_weight, low_rank_weights
-from hmc_plugin.engines.pruning import find_pruning_groups, group_channel_masks
+from hmc_plugin.engines.pruning import find_pruning_groups, group_channel_masks, group_channel_selections
+from hmc_plugin.errors import HMCError
 from hmc_plugin.sensitivity.fisher import chain_ends, fisher_drops
 from hmc_plugin.sensitivity.scan import scan_sensitivity
 from hmc_plugin.utils.fingerprint import model_fingerprint
@@ -93,3 +94,56 @@ def test_hutchinson_projections_estimate_the_exact_fisher(model_and_inputs):
     _, exact = fisher_drops(model, inputs, weight_changes={'layer2.0.conv1': [change]}, projections=10, progress=False)
     _, sampled = fisher_drops(model, inputs, weight_changes={'layer2.0.conv1': [change]}, projections=8, progress=False)
     assert sampled['layer2.0.conv1'][0] == pytest.approx(exact['layer2.0.conv1'][0], rel=0.5)
+
+
+def _zeroed_inputs(model, selection):
+    """``{consumer: -W on the pruned inputs}``: a consumer's weight change when it only loses its pruned inputs."""
+    changes = {}
+    for name, keep in selection.consumer_keep.items():
+        weight = model.get_submodule(name).weight.detach()
+        changes[name] = -weight * (~keep).to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
+    return changes
+
+
+def test_consumer_weight_changes_price_plain_pruning_like_the_chain_ends(model_and_inputs):
+    # relu'(a) * a = relu(a): zeroing the channels where the chains end and zeroing the consumers' inputs are the
+    # same first-order change, for a block's own group and for a residual group alike
+    model, inputs = model_and_inputs
+    selections = group_channel_selections(model, inputs[:1], {'conv1': 0.5, 'layer2.1.conv1': 0.5})
+    masks = {name: [selection.masks] for name, selection in selections.items()}
+    changes = {name: [_zeroed_inputs(model, selection)] for name, selection in selections.items()}
+    by_masks, _ = fisher_drops(model, inputs, prune_masks=masks, projections=10, progress=False)
+    by_consumers, _ = fisher_drops(model, inputs, prune_weight_changes=changes, projections=10, progress=False)
+    for name in selections:
+        assert by_consumers[name][0] == pytest.approx(by_masks[name][0], rel=1e-6), name
+
+
+@torch.no_grad()
+def test_consumer_weight_changes_act_jointly_like_the_measured_kl(model_and_inputs):
+    model, inputs = model_and_inputs
+    torch.manual_seed(2)
+    consumers = ['layer1.0.conv1', 'layer1.1.conv1', 'layer2.0.conv1']  # all read the stage-1 stream
+    changes = {name: 0.02 * model.get_submodule(name).weight.abs().mean()
+               * torch.randn_like(model.get_submodule(name).weight) for name in consumers}
+    estimated, _ = fisher_drops(model, inputs, prune_weight_changes={'stream': [changes, {}]}, projections=10,
+                                progress=False)
+    reference = torch.log_softmax(model(inputs), dim=1)
+    originals = {name: model.get_submodule(name).weight.data for name in consumers}
+    try:
+        for name in consumers:
+            model.get_submodule(name).weight.data = originals[name] + changes[name]
+        changed = torch.log_softmax(model(inputs), dim=1)
+    finally:
+        for name in consumers:
+            model.get_submodule(name).weight.data = originals[name]
+    measured = float(torch.nn.functional.kl_div(changed, reference, log_target=True, reduction='batchmean'))
+    assert estimated['stream'][0] == pytest.approx(measured, rel=0.1)
+    assert estimated['stream'][1] == 0.0  # no consumer changes at that level
+
+
+def test_a_group_cannot_be_priced_by_masks_and_weight_changes_at_once(model_and_inputs):
+    model, inputs = model_and_inputs
+    selection = group_channel_selections(model, inputs[:1], {'layer1.0.conv1': 0.5})['layer1.0.conv1']
+    with pytest.raises(HMCError, match='layer1.0.conv1'):
+        fisher_drops(model, inputs, prune_masks={'layer1.0.conv1': [selection.masks]},
+                     prune_weight_changes={'layer1.0.conv1': [_zeroed_inputs(model, selection)]}, progress=False)

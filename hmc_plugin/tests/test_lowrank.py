@@ -18,6 +18,9 @@ from hmc_plugin.engines.lowrank import (
     default_method,
     flops_ratio,
     low_rank_weight,
+    low_rank_weights,
+    method_for,
+    replacement_architecture,
     replacement_params,
     resolve_ranks,
 )
@@ -147,6 +150,64 @@ def test_cp_error_decreases_with_rank_on_random_weights():
 
 
 # ----------------------------------------------------------------------------------------------
+# SVD of a k x k conv
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs', [
+    dict(kernel_size=3, stride=2, padding=1, bias=True),
+    dict(kernel_size=3, padding=2, dilation=2, bias=False),
+    dict(kernel_size=3, padding=1, padding_mode='reflect', bias=True),
+    dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2), bias=True),
+    dict(kernel_size=5, stride=2, padding=0, bias=False),
+], ids=str)
+@torch.no_grad()
+def test_full_rank_kxk_svd_reproduces_conv_output(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, **kwargs)
+    x = torch.randn(2, 6, SPATIAL + 1, SPATIAL + 1)
+    rank = min(10, conv.weight[0].numel())
+    replacement = decompose_module(conv, rank, method='svd', layer_name='conv')
+    assert isinstance(replacement, SVDConv2d) and replacement.ranks == (rank,)
+    first, last = replacement.first, replacement.last
+    assert first.kernel_size == conv.kernel_size and first.bias is None and last.kernel_size == (1, 1)
+    assert (first.stride, first.padding, first.dilation, first.padding_mode) == \
+        (conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    assert (last.bias is not None) == (conv.bias is not None)
+    _assert_same_output(replacement(x), conv(x))
+    torch.testing.assert_close(low_rank_weight(conv, rank, method='svd'), conv.weight, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kxk_svd_is_the_truncated_svd_of_the_unfolded_weight():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn(2, 8, SPATIAL, SPATIAL)
+    u, s, vt = torch.linalg.svd(conv.weight.reshape(12, -1).double(), full_matrices=False)
+    best = ((u[:, :4] * s[:4]) @ vt[:4]).reshape(conv.weight.shape).float()
+    torch.testing.assert_close(low_rank_weight(conv, 4, method='svd'), best, rtol=1e-4, atol=1e-5)
+    expected = nn.functional.conv2d(x, best, conv.bias, padding=1)
+    _assert_same_output(decompose_module(conv, 4, method='svd')(x), expected)
+    scan_weight = low_rank_weights(conv, [4, 'flops:0.5'], method='svd')[0]
+    torch.testing.assert_close(scan_weight, best, rtol=1e-4, atol=1e-5)
+
+
+def test_kxk_svd_ranks_architecture_and_method_choice():
+    conv = nn.Conv2d(16, 64, 3, stride=2, padding=1, device='meta')
+    with pytest.warns(UserWarning, match='clipped'):
+        assert resolve_ranks(conv, 1000, method='svd') == (64,)
+    assert resolve_ranks(nn.Conv2d(16, 200, 3), 1.0, method='svd') == (144,)  # min(C_out, C_in*kh*kw)
+    assert resolve_ranks(conv, 0.5, method='svd') == (32,)
+    assert math.isclose(flops_ratio(conv, (8,), 'svd'), 8 * (16 * 9 + 64) / (64 * 16 * 9))
+    assert replacement_params(conv, (8,), 'svd') == 8 * (16 * 9 + 64) + 64
+    architecture = replacement_architecture(conv, (8,), 'svd')
+    assert isinstance(architecture, SVDConv2d) and architecture.first.weight.shape == (8, 16, 3, 3)
+    assert architecture.first.stride == (2, 2) and architecture.last.weight.shape == (64, 8, 1, 1)
+    assert method_for(conv, 'svd') == 'svd' and method_for(conv, 'auto') == 'tucker2'
+    assert method_for(conv, 'cp') == 'cp' and method_for(nn.Conv2d(16, 64, 1), 'tucker2') == 'svd'
+    assert default_method(conv) == 'tucker2'
+
+
+# ----------------------------------------------------------------------------------------------
 # FLOPs and parameters
 # ----------------------------------------------------------------------------------------------
 
@@ -164,7 +225,7 @@ def _expected_macs(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], height:
     if method == 'cp':
         return (in_pixels * conv.in_channels * rank + out_h * height * rank * kh + out_pixels * rank * kw
                 + out_pixels * rank * conv.out_channels + bias)
-    return out_pixels * rank * (conv.in_channels + conv.out_channels) + bias
+    return out_pixels * rank * (conv.in_channels * kh * kw + conv.out_channels) + bias
 
 
 @pytest.mark.parametrize('shape, method, ranks', [
@@ -174,6 +235,9 @@ def _expected_macs(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], height:
     ((16, 32, 3, 2, 1, 1, True), 'cp', (7,)),
     ((64, 128, 1, 2, 0, 1, False), 'svd', (10,)),
     ((64, 32, 1, 1, 0, 1, True), 'svd', (10,)),
+    ((16, 32, 3, 1, 1, 1, True), 'svd', (9,)),
+    ((32, 64, 3, 2, 1, 1, False), 'svd', (20,)),
+    ((3, 64, 7, 2, 3, 1, False), 'svd', (16,)),
 ], ids=str)
 def test_counted_flops_and_params_match_the_formulas(shape, method, ranks):
     torch.manual_seed(0)
@@ -200,10 +264,11 @@ def test_counted_linear_flops_and_params_match_the_formulas():
     assert count_params(replacement) == replacement_params(linear, (4,)) == 4 * (64 + 10) + 10
 
 
-@pytest.mark.parametrize('channels, kernel, method', [(64, 3, 'tucker2'), (64, 3, 'cp'), (256, 1, 'svd')])
+@pytest.mark.parametrize('channels, kernel, method', [(64, 3, 'tucker2'), (64, 3, 'cp'), (256, 1, 'svd'),
+                                                     (128, 3, 'svd')])
 @pytest.mark.parametrize('fraction', [0.2, 0.4, 0.7])
 def test_flops_spec_hits_the_flops_fraction(channels, kernel, method, fraction):
-    # one rank step of a 64x64 1x1 SVD is 3% of its FLOPs, hence 256 channels there
+    # one rank step of a 64x64 1x1 SVD is 3% of its FLOPs (1.7% for a 3x3), hence 256 (128) channels there
     conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, bias=False)
     x = torch.randn(1, channels, 16, 16)
     ranks = resolve_ranks(conv, f'flops:{fraction}', method=method, layer_name='conv')
@@ -287,7 +352,7 @@ def test_invalid_rank_error_names_layer_and_value(rank):
 
 @pytest.mark.parametrize('module, method', [
     (nn.Conv2d(8, 8, 3, groups=8), 'tucker2'), (nn.Conv2d(8, 8, 3, groups=2), 'cp'),
-    (nn.Conv2d(8, 16, 1), 'tucker2'), (nn.Conv2d(8, 16, 3), 'svd'), (nn.Linear(8, 4), 'cp'),
+    (nn.Conv2d(8, 16, 1), 'tucker2'), (nn.Conv2d(8, 8, 3, groups=2), 'svd'), (nn.Linear(8, 4), 'cp'),
     (nn.ConvTranspose2d(8, 16, 3), 'auto'), (nn.Conv1d(8, 16, 3), 'auto'), (nn.Conv3d(8, 16, 3), 'auto'),
     (nn.Conv2d(8, 16, 3), 'lowrank'),
 ], ids=lambda value: type(value).__name__ if isinstance(value, nn.Module) else value)

@@ -12,6 +12,8 @@ from hmc_plugin.engines.pruning import (
     IMPORTANCES,
     channel_masks,
     find_pruning_groups,
+    group_channel_masks,
+    group_channel_selections,
     kept_channels,
     prune_physically,
     speedup_with_nni,
@@ -154,6 +156,67 @@ def test_channel_masks_leaves_the_model_untouched(model, dummy):
     assert not model.layer1[0].conv1.weight.requires_grad
     assert torch.equal(model.fc.weight.grad, torch.full_like(model.fc.weight, 3.0))
     assert model.conv1.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- consumers' kept inputs
+
+def _kept_out_channels(selection, group):
+    return selection.masks[group.name]['weight'].flatten(1).any(1)
+
+
+def _assert_consumers_keep_the_kept_channels(model, dummy, ratio):
+    groups = find_pruning_groups(model, dummy)
+    selections = group_channel_selections(model, dummy, {group.name: ratio for group in groups})
+    for group in groups:
+        selection = selections[group.name]
+        kept = _kept_out_channels(selection, group)
+        assert set(selection.consumer_keep) == set(group.consumers), group.name
+        for consumer, keep in selection.consumer_keep.items():
+            assert keep.dtype == torch.bool
+            assert keep.numel() == model.get_submodule(consumer).weight.shape[1], (group.name, consumer)
+            assert torch.equal(keep, kept), (group.name, consumer)
+    return groups, selections
+
+
+def test_consumers_keep_the_producers_kept_channels_in_a_cifar_resnet(model, dummy):
+    groups, selections = _assert_consumers_keep_the_kept_channels(model, dummy[:1], 0.5)
+    stem = selections['conv1']  # the residual group of stage 1: every block's conv1 and stage 2's entry read it
+    assert {'layer1.0.conv1', 'layer1.2.conv1', 'layer2.0.conv1', 'layer2.0.downsample.0'} <= set(stem.consumer_keep)
+    assert int(stem.consumer_keep['layer2.0.conv1'].sum()) == 8
+    last = next(group for group in groups if 'fc' in group.consumers)  # stage 3's stream reaches fc through the pool
+    assert selections[last.name].consumer_keep['fc'].numel() == 64
+
+
+def test_consumers_keep_the_producers_kept_channels_in_torchvision_resnet18():
+    torchvision = pytest.importorskip('torchvision')
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    groups, selections = _assert_consumers_keep_the_kept_channels(model, torch.randn(1, 3, 64, 64), 0.25)
+    assert any('fc' in selections[group.name].consumer_keep for group in groups)
+
+
+def test_a_linear_after_flatten_keeps_every_feature_of_the_kept_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10)).eval()
+    dummy = torch.randn(1, 3, 6, 6)
+    (group,) = find_pruning_groups(model, dummy)
+    selection = group_channel_selections(model, dummy, {group.name: 0.5})[group.name]
+    keep = selection.consumer_keep['4']
+    assert keep.numel() == 128 and int(keep.sum()) == 64
+    assert torch.equal(keep.view(8, 16), _kept_out_channels(selection, group)[:, None].expand(8, 16))
+
+
+def test_selections_hold_the_same_masks_as_group_channel_masks(model, dummy):
+    ratios = {group.name: 0.4 for group in find_pruning_groups(model, dummy)}
+    masks = group_channel_masks(model, dummy, ratios, importance='l2')
+    selections = group_channel_selections(model, dummy, ratios, importance='l2')
+    assert masks.keys() == selections.keys()
+    for name, group_masks in masks.items():
+        assert group_masks.keys() == selections[name].masks.keys()
+        for module, module_masks in group_masks.items():
+            for key, mask in module_masks.items():
+                assert torch.equal(mask, selections[name].masks[module][key])
 
 
 # ----------------------------------------------------------------------------- errors

@@ -13,10 +13,15 @@ the package's default levels (0.2, 0.4, 0.6, 0.8):
   ``evaluator`` modes run one whole-network pass per unit and level, far too slow for a full scan on 2
   cores: they scan the first ``--subset`` pruning groups and layers, and the table gives the measured
   seconds per evaluation and the projection to the full scan, marked as projected.
+  ``proxy+data`` is the data-aware proxy scan (``scan_sensitivity(data=...)``: low-rank weights fitted to
+  each layer's inputs, pruned consumers refitted, both on the 64 calibration images).
 - ``plan``: NaHC plan at target_flops 0.5 from the proxy table (``planning.targets.plan_for_target``: grouping,
   allocation, measured correction rounds).
 - ``apply``: that plan's masks, the shrinking step by NNI's ``ModelSpeedup`` or by torch-pruning's
   physical pruning, then the low-rank replacement; the shrinking step is also timed alone.
+  ``torch_pruning+data`` is the data-aware apply (``apply_plan(data=...)``): torch-pruning's shrink, the
+  sequential refit of the pruned consumers and data-aware factors on the 64 calibration images, and the
+  BatchNorm recalibration on them.
 
 Memory: the peak resident set size (RSS) of the process, and the stage's peak RSS above the RSS just
 before it (``ru_maxrss`` when the stage set the process peak, else a 2 ms psutil sampler). Setup (imports,
@@ -51,6 +56,7 @@ from hmc_plugin.app.data import calibration_batch, make_loaders  # noqa: E402
 from hmc_plugin.app.models import build_model  # noqa: E402
 from hmc_plugin.app.report import markdown_table  # noqa: E402
 from hmc_plugin.app.training import evaluate_accuracy  # noqa: E402
+from hmc_plugin.apply import DataFit, apply_plan  # noqa: E402
 from hmc_plugin.engines.lowrank import decomposable, decompose_layers  # noqa: E402
 from hmc_plugin.engines.pruning import find_pruning_groups, prune_physically, speedup_with_nni  # noqa: E402
 from hmc_plugin.planning.measure import plan_masks  # noqa: E402
@@ -164,6 +170,11 @@ def setup(spec: dict) -> dict[str, Any]:
     return _SETUPS[name]
 
 
+def _data_fit(context: dict) -> DataFit:
+    """The data-aware settings of the ``+data`` variants: the 64 calibration images fit and recalibrate."""
+    return DataFit(batches=(context['calibration'],), bn_batches=(context['calibration'],))
+
+
 def run_stage(spec: dict) -> dict[str, Any]:
     """One measured stage: setup untimed, then the stage under the timer and the memory sampler."""
     torch.set_num_threads(spec['threads'])
@@ -176,15 +187,16 @@ def run_stage(spec: dict) -> dict[str, Any]:
     with PeakSampler() as sampler:
         started = time.perf_counter()
         if spec['stage'] == 'scan':
-            mode = spec['variant']
+            mode, _, with_data = spec['variant'].partition('+')
+            data = _data_fit(context) if with_data else None
             units_groups = groups[:spec['subset']] if spec.get('subset') else groups
             units_layers = layers[:spec['subset']] if spec.get('subset') else layers
             kwargs = {'eval_fn': context['eval_fn']} if mode == 'evaluator' else {'calibration_inputs': context['calibration']}
             table = scan_sensitivity(model, dummy_input, groups=units_groups, layers=units_layers, mode=mode,
-                                     levels=levels, progress=False, **kwargs)
+                                     levels=levels, progress=False, data=data, **kwargs)
             result.update(evaluations=table.evaluations, full_evaluations=len(levels) * (len(groups) + len(layers)))
             if not spec.get('subset'):
-                table.to_json(files / f'{spec["key"]}_{mode}.json')
+                table.to_json(files / f'{spec["key"]}_{spec["variant"]}.json')
         elif spec['stage'] == 'plan':
             table = SensitivityTable.from_json(files / f'{spec["key"]}_proxy.json')
             plan, kept = plan_for_target(table, model, dummy_input, groups, mode='nahc', target_flops=0.5)
@@ -195,14 +207,18 @@ def run_stage(spec: dict) -> dict[str, Any]:
             target = copy.deepcopy(model)
             masks = plan_masks(target, plan, dummy_input)
             after_masks = time.perf_counter()
-            if spec['variant'] == 'nni':
-                target = speedup_with_nni(target, dummy_input, masks)
+            if spec['variant'] == 'torch_pruning+data':  # the data-aware apply: refit, fitted low rank, BN
+                apply_plan(target, plan, dummy_input, speedup='torch_pruning', masks=masks, data=_data_fit(context))
+                result.update(seconds_masks=after_masks - started)
             else:
-                target = prune_physically(target, dummy_input, masks)
-            after_shrink = time.perf_counter()
-            decompose_layers(target, plan.ranks, method=plan.methods)
-            result.update(seconds_masks=after_masks - started, seconds_shrink=after_shrink - after_masks,
-                          seconds_low_rank=time.perf_counter() - after_shrink)
+                if spec['variant'] == 'nni':
+                    target = speedup_with_nni(target, dummy_input, masks)
+                else:
+                    target = prune_physically(target, dummy_input, masks)
+                after_shrink = time.perf_counter()
+                decompose_layers(target, plan.ranks, method=plan.methods)
+                result.update(seconds_masks=after_masks - started, seconds_shrink=after_shrink - after_masks,
+                              seconds_low_rank=time.perf_counter() - after_shrink)
         else:
             raise SystemExit(f'unknown stage {spec["stage"]!r}')
         seconds = time.perf_counter() - started
@@ -228,12 +244,13 @@ def stage_specs(args: argparse.Namespace, work: Path, files: Path) -> list[dict]
         base = {'model': model, 'key': model.replace(':', '_'), 'levels': levels, 'threads': args.threads,
                 'train_epochs': args.train_epochs, 'work': str(work), 'files': str(files)}
         large = model == RESNET50 or args.quick
-        for mode in ('proxy', 'kl', 'evaluator'):
-            if mode in SENSITIVITIES:
-                subset = args.subset if (large and mode != 'proxy') else None
-                specs.append({**base, 'stage': 'scan', 'variant': mode, 'subset': subset})
+        for variant in ('proxy', 'proxy+data', 'kl', 'evaluator'):
+            if variant.partition('+')[0] in SENSITIVITIES:
+                subset = args.subset if (large and not variant.startswith('proxy')) else None
+                specs.append({**base, 'stage': 'scan', 'variant': variant, 'subset': subset})
         specs.append({**base, 'stage': 'plan', 'variant': 'nahc@0.5'})
-        specs += [{**base, 'stage': 'apply', 'variant': variant} for variant in ('nni', 'torch_pruning')]
+        specs += [{**base, 'stage': 'apply', 'variant': variant}
+                  for variant in ('nni', 'torch_pruning', 'torch_pruning+data')]
     return specs
 
 
@@ -289,6 +306,8 @@ def _relative(report: dict, row: dict) -> str:
         reference = find('apply', 'torch_pruning')
         if reference is None:
             return ''
+        if 'seconds_shrink' not in row:
+            return f'{row["seconds"] / reference["seconds"]:.2f}'
         return f'{row["seconds"] / reference["seconds"]:.2f} (shrink step {row["seconds_shrink"] / reference["seconds_shrink"]:.2f})'
     return ''
 
@@ -311,7 +330,7 @@ def render_markdown(report: dict) -> str:
             if row.get('subset'):
                 evaluations = f'{row["evaluations"]} of {row["full_evaluations"]}'
                 wall = f'{row["seconds"]:.1f} (full: {full_seconds(row):.0f} projected)'
-        elif row['stage'] == 'apply':
+        elif row['stage'] == 'apply' and 'seconds_shrink' in row:
             wall = f'{row["seconds"]:.1f} (shrink {row["seconds_shrink"]:.1f})'
         rows.append([common.MODEL_LABELS.get(row['model'], row['model']), row['stage'], row['variant'], evaluations,
                      wall, _relative(report, row), f'{row["peak_rss_mb"]:.0f}', f'{row["stage_increase_mb"]:.0f}'])

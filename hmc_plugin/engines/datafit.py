@@ -1,0 +1,277 @@
+"""Fit a compressed model's layers to calibration data: refit pruned consumers, fit low-rank factors to inputs.
+
+Two data-aware operators, run layer by layer in forward order on a model that pruning has already shrunk:
+
+- **Reconstruction** (He et al., ICCV 2017; Luo et al., ThiNet, ICCV 2017). A layer whose input channels
+  were pruned (a consumer of a pruned group, through any BatchNorm, ReLU or residual sum in between) gets new
+  input weights, the ridge least-squares fit of the original layer's output from the inputs it now receives:
+  ``W' = E[y x^T] (E[x x^T] + lam I)^-1`` with ``y`` the original model's pre-activation output (bias removed;
+  the layer's own pruned output channels dropped) and ``x`` the pruned layer's unfolded input.
+- **Data-aware low rank** (Kalle, Rudkiewicz et al., arXiv 2511.04494; Zhang et al., TPAMI 2016). A layer
+  of the plan's ``ranks`` is replaced by factors minimising ``||(B - W~) S^{1/2}||_F`` (``engines.lowrank``'s
+  ``input_moment``), with S its input second moment and B its weight, or its refitted weight when it is
+  also a consumer (refit, then truncate).
+
+Whose activations: by default (``sequential=True``) each layer is fitted on the inputs the model compressed
+*so far* gives it (every earlier layer already pruned, refitted and factorised), so a layer also absorbs
+the error of the layers before it; the targets ``y`` always come from the original model. Each layer costs one
+forward pass of both models up to that layer over the batches. ``sequential=False`` collects every layer's
+moments in one pass of the pruned model before any layer is fitted (cheaper, and the choice of the anchors,
+which use the original network's activations). ``recipes/benchmarks/data_aware.py`` measures the difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .lowrank import decompose_module
+from ..errors import HMCConfigError
+from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows, unfold_patches
+
+__all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 1e-3  # lam as a fraction of the mean input energy tr(S) / D
+TARGET_BYTES_LIMIT = 2 * 2 ** 30  # the one-pass sequential fit keeps the original's outputs (float16) up to this size
+
+
+@dataclass(frozen=True)
+class DataFit:
+    """How a compression uses calibration data: the batches of the fit and of the BatchNorm recalibration.
+
+    ``batches`` feed the reconstruction and the data-aware low rank (none: both data-free); ``bn_batches``
+    re-estimate the BatchNorm statistics at the end (none: off).
+    """
+
+    batches: tuple = ()
+    bn_batches: tuple = ()
+    reconstruct: bool = True
+    data_aware: bool = True
+    sequential: bool = True
+
+    @classmethod
+    def from_settings(cls, batches: Sequence[Any], settings: Any) -> 'DataFit | None':
+        """The use ``settings`` (an ``HMCSettings``) makes of ``batches``: the first ``bn_batches`` recalibrate,
+        the first ``fit_batches`` fit (when ``data_aware`` or ``reconstruct``); None when neither applies."""
+        bn_batches = tuple(batches[:settings.bn_batches])
+        fit_batches = tuple(batches[:settings.fit_batches]) if settings.data_aware or settings.reconstruct else ()
+        if not bn_batches and not fit_batches:
+            return None
+        return cls(batches=fit_batches, bn_batches=bn_batches, reconstruct=settings.reconstruct,
+                   data_aware=settings.data_aware, sequential=settings.fit_order == 'sequential')
+
+
+def ridge_fit(cross: torch.Tensor, input_moment: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``cross (C, D) @ (S + lam I)^-1`` with ``lam = ridge * tr(S) / D`` (float64): the ridge least-squares weight."""
+    dim = input_moment.shape[0]
+    lam = ridge * float(torch.trace(input_moment)) / dim
+    lam = lam if lam > 0 else 1e-12
+    system = input_moment + lam * torch.eye(dim, dtype=input_moment.dtype, device=input_moment.device)
+    return torch.linalg.solve(system, cross.T).T  # S symmetric: (S^-1 cross^T)^T = cross S^-1
+
+
+def refit_layers(original: nn.Module, pruned: nn.Module) -> list[str]:
+    """Names of the Conv2d/Linear layers of ``pruned`` whose input dimension shrank against ``original`` (the
+    consumers of pruned channels), in module order."""
+    reference = dict(original.named_modules())
+    names = []
+    for name, module in pruned.named_modules():
+        before = reference.get(name)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and type(before) is type(module) \
+                and module.weight.shape[1] < before.weight.shape[1]:
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue  # a depthwise consumer is pruned along with its producer: nothing to refit
+            names.append(name)
+    return names
+
+
+def _kept_outputs(mask: dict[str, torch.Tensor] | None, channels: int) -> torch.Tensor | None:
+    """Indices of the output channels an NNI weight mask keeps (None: all of ``channels``)."""
+    if not mask or 'weight' not in mask:
+        return None
+    keep = mask['weight'].reshape(mask['weight'].shape[0], -1).any(dim=1)
+    return None if bool(keep.all()) else torch.nonzero(keep).flatten()
+
+
+def _execution_order(original: nn.Module, pruned: nn.Module, names: set[str], refit: set[str],
+                     example: tuple) -> tuple[list[str], int]:
+    """``names`` in the order ``pruned``'s forward pass reaches them, and the bytes per input sample of the
+    original's outputs at the ``refit`` layers (what the one-pass fit keeps)."""
+    order: list[str] = []
+    sizes: list[int] = []
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None)
+               for name, module in pruned.named_modules() if name in names]
+    handles += [module.register_forward_hook(lambda m, a, output: sizes.append(output.numel() * 2))
+                for name, module in original.named_modules() if name in refit]
+    try:
+        with _eval_mode(pruned), _eval_mode(original):
+            pruned(*example)
+            original(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch = next((item.shape[0] for item in example if isinstance(item, torch.Tensor) and item.dim() > 0), 1)
+    missed = [name for name, _ in pruned.named_modules() if name in names and name not in order]
+    if missed:
+        raise HMCConfigError(f"Layer '{missed[0]}' never ran on the calibration batches; it cannot be fitted to data")
+    return order, sum(sizes) // batch
+
+
+def _warn_few_samples(name: str, moments: LayerMoments) -> None:
+    dim = moments.input_moment.shape[0]
+    if moments.samples < dim:
+        _logger.warning("Layer '%s' has %d calibration samples for %d inputs: its input moment is singular, so the "
+                        'fit is regularised (ridge); give more calibration images for a better fit',
+                        name, moments.samples, dim)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], *,
+                ranks: dict[str, tuple[int, ...]] | None = None, methods: dict[str, str] | None = None,
+                masks: dict[str, dict[str, torch.Tensor]] | None = None, reconstruct: bool = True,
+                data_aware: bool = True, sequential: bool = True, ridge: float = DEFAULT_RIDGE) -> dict[str, Any]:
+    """Refit the consumers of pruned channels and replace the layers of ``ranks`` by data-aware factors, in place.
+
+    Parameters
+    ----------
+    original
+        The uncompressed model (same module names as ``pruned``); only read.
+    pruned
+        ``original`` after pruning (ModelSpeedup or torch-pruning), changed in place.
+    batches
+        Calibration batches (tensors, input tuples or ``(inputs, labels)``); all are used for every layer.
+    ranks, methods
+        The plan's low-rank layers: concrete ranks and method per name (see ``engines.lowrank``).
+    masks
+        The NNI masks the pruning applied (to know each refitted layer's kept output channels).
+    reconstruct, data_aware
+        Turn the refit of consumers, or the data-aware fit of the factors (data-free HOOI/SVD instead), off.
+    sequential
+        Fit each layer on the inputs of the model compressed so far (default), or all from one pass.
+
+    Returns
+    -------
+    dict
+        ``{'refitted': [names], 'decomposed': [names], 'samples': {name: rows}}``.
+    """
+    ranks, methods, masks = ranks or {}, methods or {}, masks or {}
+    refit = refit_layers(original, pruned) if reconstruct else []
+    needs_data = (set(refit) | (set(ranks) if data_aware else set())) if batches else set()
+    report: dict[str, Any] = {'refitted': [], 'decomposed': [], 'samples': {}}
+
+    def fit_layer(name: str, moments: LayerMoments | None) -> nn.Module | None:
+        """Refit and/or decompose one layer of ``pruned``; return its replacement (None: changed in place)."""
+        module = pruned.get_submodule(name)
+        if moments is not None:
+            report['samples'][name] = moments.samples
+            _warn_few_samples(name, moments)
+        if name in refit and moments is not None:
+            kept = _kept_outputs(masks.get(name), module.weight.shape[0])
+            cross = moments.cross if kept is None else moments.cross[kept]
+            module.weight.data = ridge_fit(cross, moments.input_moment, ridge).reshape(
+                module.weight.shape).to(module.weight.dtype)
+            report['refitted'].append(name)
+        if name not in ranks:
+            return None
+        replacement = decompose_module(module, tuple(ranks[name]), methods.get(name, 'auto'), name,
+                                       input_moment=moments.input_moment if data_aware and moments is not None else None)
+        _set_submodule(pruned, name, replacement)
+        report['decomposed'].append(name)
+        return replacement
+
+    data_free = [name for name, _ in pruned.named_modules() if name in ranks and name not in needs_data]
+    for name in data_free:
+        fit_layer(name, None)
+    if not needs_data:
+        return report
+    order, bytes_per_input = _execution_order(original, pruned, needs_data, set(refit), _first_inputs(batches))
+    if not sequential:
+        snapshot = collect_moments(pruned, order, batches, reference=original if refit else None)
+        for name in order:
+            fit_layer(name, snapshot.pop(name))
+    elif bytes_per_input * sum(len(batch_inputs(batch)[0]) for batch in batches) <= TARGET_BYTES_LIMIT:
+        _fit_in_one_pass(original, pruned, order, set(refit), batches, fit_layer)
+    else:
+        _logger.info('Fitting layer by layer: the original outputs of the refitted layers on %d batches exceed %d MB',
+                     len(batches), TARGET_BYTES_LIMIT // 2 ** 20)
+        for name in order:
+            fit_layer(name, collect_moments(pruned, [name], batches, reference=original if name in refit else None,
+                                            stop_after=name)[name])
+    return report
+
+
+def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], refit: set[str],
+                     batches: Sequence[Any], fit_layer) -> None:
+    """The sequential fit in one forward pass over all batches at once: each layer, when the pass reaches it, is
+    fitted to the inputs it receives and its new output is what the rest of the pass sees. The original's outputs
+    at the refitted layers are kept in float16 (relative rounding 5e-4, noise the least-squares fit averages out)."""
+    inputs = _concatenated(batches)
+    targets: dict[str, torch.Tensor] = {}
+    reference = dict(original.named_modules())
+    handles = [reference[name].register_forward_hook(
+        lambda module, args, output, name=name: targets.__setitem__(name, output_rows(module, output).half()))
+        for name in order if name in refit]
+    with _eval_mode(original):
+        try:
+            original(*inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    handles = {}
+
+    def refit_hook(name):
+        def hook(module, args, output):
+            handles.pop(name).remove()
+            accumulator = MomentAccumulator()
+            accumulator.add(unfold_patches(module, args[0]), targets.pop(name, None), name)
+            replacement = fit_layer(name, accumulator.result())
+            return (replacement if replacement is not None else module)(*args)
+        return hook
+
+    for name in order:
+        handles[name] = pruned.get_submodule(name).register_forward_hook(refit_hook(name))
+    with _eval_mode(pruned):
+        try:
+            pruned(*inputs)
+        finally:
+            for handle in handles.values():
+                handle.remove()
+    missed = [name for name in order if name in handles]
+    if missed:
+        raise HMCConfigError(f"Layer '{missed[0]}' never ran on the calibration batches; it cannot be fitted to data")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block; every module's flag restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def _concatenated(batches: Sequence[Any]) -> tuple:
+    """All batches as one input tuple (tensors concatenated along dim 0)."""
+    inputs = [batch_inputs(batch) for batch in batches]
+    return tuple(torch.cat(items) if isinstance(items[0], torch.Tensor) and items[0].dim() > 0 else items[0]
+                 for items in zip(*inputs))
+
+
+def _first_inputs(batches: Sequence[Any]) -> tuple:
+    """The first sample of the first batch, as an input tuple (to find the execution order)."""
+    return tuple(item[:1] if isinstance(item, torch.Tensor) and item.dim() > 0 else item
+                 for item in batch_inputs(batches[0]))

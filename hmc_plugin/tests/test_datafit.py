@@ -1,0 +1,104 @@
+"""Pruning with reconstruction and the data-aware fit of a pruned ResNet-56 trained on digits."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from hmc_plugin.engines.datafit import fit_to_data, refit_layers, ridge_fit
+from hmc_plugin.engines.moments import collect_moments, output_rows
+from hmc_plugin.engines.pruning import channel_masks, find_pruning_groups, prune_physically
+from hmc_plugin.errors import HMCConfigError
+
+pytestmark = pytest.mark.slow  # trains a ResNet-56 (the session fixture trained_resnet56)
+
+DUMMY = torch.zeros(1, 3, 16, 16)
+
+
+def _outputs(model: nn.Module, names, images) -> dict[str, torch.Tensor]:
+    """Each named layer's output rows (bias removed) on ``images``."""
+    modules, rows, handles = dict(model.named_modules()), {}, []
+    for name in names:
+        handles.append(modules[name].register_forward_hook(
+            lambda module, args, output, name=name: rows.__setitem__(name, output_rows(module, output))))
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return rows
+
+
+@pytest.fixture(scope='module')
+def pruned(trained_resnet56):
+    model, calibration, held_out = trained_resnet56
+    groups = find_pruning_groups(model, DUMMY)
+    masks = channel_masks(model, DUMMY, {group.name: 0.5 for group in groups})
+    return model, masks, prune_physically(copy.deepcopy(model), DUMMY, masks), calibration, held_out
+
+
+def _errors(original, compressed, masks, names, images) -> dict[str, float]:
+    """Relative output error of every named layer of ``compressed`` against the original's kept outputs."""
+    reference, actual = _outputs(original, names, images), _outputs(compressed, names, images)
+    errors = {}
+    for name in names:
+        mask = masks.get(name, {}).get('weight')
+        target = reference[name] if mask is None else reference[name][:, mask.flatten(1).any(1)]
+        errors[name] = float((actual[name] - target).norm() / target.norm())
+    return errors
+
+
+def test_reconstruction_lowers_every_consumers_output_error_on_held_out_images(pruned):
+    model, masks, plain, calibration, held_out = pruned
+    consumers = refit_layers(model, plain)
+    assert len(consumers) >= 50  # every conv after a pruned group, and the classifier
+    fitted = copy.deepcopy(plain)
+    report = fit_to_data(model, fitted, list(calibration.split(128)), masks=masks)
+    assert sorted(report['refitted']) == sorted(consumers)
+    before = _errors(model, plain, masks, consumers, held_out)
+    after = _errors(model, fitted, masks, consumers, held_out)
+    worse = {name: (before[name], after[name]) for name in consumers if not after[name] < before[name]}
+    assert not worse, worse
+
+
+def test_sequential_fit_beats_the_one_pass_fit(pruned):
+    model, masks, plain, calibration, held_out = pruned
+    errors = {}
+    for sequential in (True, False):
+        fitted = copy.deepcopy(plain)
+        fit_to_data(model, fitted, list(calibration.split(128)), masks=masks, sequential=sequential)
+        errors[sequential] = _errors(model, fitted, masks, ['linear'], held_out)['linear']
+    assert errors[True] < errors[False]
+
+
+def test_the_original_model_is_only_read(pruned):
+    model, masks, plain, calibration, _ = pruned
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    fit_to_data(model, copy.deepcopy(plain), list(calibration[:64].split(32)), masks=masks)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_ridge_fit_recovers_a_linear_map():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2000, 12, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    outputs = inputs @ weight.T
+    fitted = ridge_fit(outputs.T @ inputs / 2000, inputs.T @ inputs / 2000, ridge=1e-9)
+    assert torch.allclose(fitted, weight, atol=1e-6)
+
+
+def test_few_calibration_samples_warn_and_regularise(pruned, caplog):
+    model, masks, plain, calibration, _ = pruned
+    fitted = copy.deepcopy(plain)
+    with caplog.at_level(logging.WARNING):
+        fit_to_data(model, fitted, [calibration[:1]], masks=masks)  # the classifier sees 1 sample of 32 inputs
+    assert "Layer 'linear' has 1 calibration samples for 32 inputs" in caplog.text
+    assert all(torch.isfinite(param).all() for param in fitted.parameters())
+
+
+def test_nan_activations_name_the_layer(pruned):
+    model, masks, plain, calibration, _ = pruned
+    bad = calibration[:8].clone()
+    bad[0, 0, 0, 0] = float('nan')
+    with pytest.raises(HMCConfigError, match="layer 'conv1'|layer 'layer1.0.conv1'"):
+        collect_moments(plain, ['layer1.0.conv1'], [bad])
