@@ -67,7 +67,7 @@ def test_sequential_fit_beats_the_one_pass_fit(pruned):
     for sequential in (True, False):
         fitted = copy.deepcopy(plain)
         fit_to_data(model, fitted, list(calibration.split(128)), masks=masks, sequential=sequential)
-        errors[sequential] = _errors(model, fitted, masks, ['linear'], held_out)['linear']
+        errors[sequential] = _errors(model, fitted, masks, ['fc'], held_out)['fc']
     assert errors[True] < errors[False]
 
 
@@ -91,8 +91,8 @@ def test_few_calibration_samples_warn_and_regularise(pruned, caplog):
     model, masks, plain, calibration, _ = pruned
     fitted = copy.deepcopy(plain)
     with caplog.at_level(logging.WARNING):
-        fit_to_data(model, fitted, [calibration[:1]], masks=masks)  # the classifier sees 1 sample of 32 inputs
-    assert "Layer 'linear' has 1 calibration samples for 32 inputs" in caplog.text
+        fit_to_data(model, fitted, [calibration[:1]], masks=masks)  # the classifier fc sees 1 sample of 32 inputs
+    assert "Layer 'fc' has 1 calibration samples for 32 inputs" in caplog.text
     assert all(torch.isfinite(param).all() for param in fitted.parameters())
 
 
