@@ -90,9 +90,12 @@ def test_given_plan_skips_the_scan_and_gives_the_same_model(trained_resnet20, ev
         raise AssertionError('the scan must not run when a plan is given')
 
     monkeypatch.setattr(compressor_module, 'scan_sensitivity', no_scan)
-    second = HMCCompressor(trained_resnet20, config, evaluator, plan=first.plan, progress=False)
+    # the same calibration data: the refit, the fitted factors and the BatchNorm statistics come out the same
+    second = HMCCompressor(trained_resnet20, config, evaluator, plan=first.plan, calibration_inputs=calibration[0],
+                           progress=False)
     model_b, _ = second.compress()
-    third = HMCCompressor(trained_resnet20, config, evaluator, sensitivity_table=first.sensitivity, progress=False)
+    third = HMCCompressor(trained_resnet20, config, evaluator, sensitivity_table=first.sensitivity,
+                          calibration_inputs=calibration[0], progress=False)
     model_c, _ = third.compress()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
