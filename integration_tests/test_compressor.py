@@ -18,6 +18,10 @@ from hmc_plugin.utils.counting import count_flops
 from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
+# the fine-tuning tests start from the data-free compression, far from the original, so recovery shows
+DATA_FREE = {'bn_batches': 0, 'data_aware': False, 'reconstruct': False}
+
+
 @pytest.fixture
 def evaluator(loaders, trained_resnet20, dummy_input):
     return make_torch_evaluator(loaders[0], loaders[1], trained_resnet20, lr=0.01, dummy_input=dummy_input,
@@ -104,7 +108,8 @@ def test_given_plan_skips_the_scan_and_gives_the_same_model(trained_resnet20, ev
 
 
 def test_finetuning_through_the_evaluator_beats_zero_shot(trained_resnet20, evaluator, calibration, loaders):
-    compressor = HMCCompressor(trained_resnet20, [{'op_types': ['Conv2d'], 'target_flops': 0.3, 'mode': 'ahc'}],
+    compressor = HMCCompressor(trained_resnet20, [{'op_types': ['Conv2d'], 'target_flops': 0.3, 'mode': 'ahc',
+                                                   **DATA_FREE}],
                                evaluator, calibration_inputs=calibration[0], progress=False)
     compressed, _ = compressor.compress()
     zero_shot = evaluate_accuracy(compressed, loaders[1])
@@ -122,7 +127,7 @@ def test_distillation_switch_trains_with_the_teacher(trained_resnet20, evaluator
     monkeypatch.setattr(finetune_module, 'kd_loss', lambda *args: kd_calls.append(1) or real_kd_loss(*args))
     compressor = HMCCompressor(trained_resnet20,
                                [{'op_types': ['Conv2d'], 'target_flops': 0.4, 'mode': 'ahc', 'distill': True,
-                                 'distill_alpha': 0.7}],
+                                 'distill_alpha': 0.7, **DATA_FREE}],
                                evaluator, calibration_inputs=calibration[0], progress=False)
     compressed, _ = compressor.compress()
     zero_shot = evaluate_accuracy(compressed, loaders[1])
