@@ -29,9 +29,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .lowrank import decompose_module
 from ..errors import HMCConfigError
+from .lowrank import decompose_module
 from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows, unfold_patches
+from .pruning import preserved_modes
 
 __all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
 
@@ -254,14 +255,10 @@ def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], r
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
-    """``model`` in eval mode inside the block; every module's flag restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    """``model`` in eval mode inside the block; every module's flag restored after (``preserved_modes``)."""
+    with preserved_modes(model):
+        model.eval()
         yield
-    finally:
-        for module, training in modes:
-            module.train(training)
 
 
 def _concatenated(batches: Sequence[Any]) -> tuple:
