@@ -29,8 +29,9 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
 4. apply                ``apply`` (plan -> compressed model: masks, NNI ModelSpeedup, refit and
                         low rank, BatchNorm recalibration)
 5. nni_api              ``nni_api/compressor`` (``HMCCompressor``), ``nni_api/config``
-                        (``config_list`` schema), ``nni_api/finetune`` (the one fine-tuning
-                        path: NNI's Evaluator, optional distillation)
+                        (``config_list`` schema), ``nni_api/calibration`` (calibration batches
+                        read from the Evaluator's training steps), ``nni_api/finetune`` (the one
+                        fine-tuning path: NNI's Evaluator, optional distillation)
 6. app                  ``app/cli`` (the ``hmc`` command), ``run_settings`` (``RunSettings``),
                         ``workflow``, ``report`` (the one report-row builder), ``data``,
                         ``models``, ``training``, ``baselines``, ``export``, ``config_keys``

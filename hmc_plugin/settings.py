@@ -124,6 +124,10 @@ class HMCSettings:
                                 'least squares on calibration activations)', optional=False)
     fit_batches: int = setting(4, _positive_int, 'an int >= 1',
                                'calibration batches the data-aware fit and the reconstruction use', optional=False)
+    calibration_steps: int | None = setting(None, _positive_int, 'an int >= 1',
+                                            'training steps HMCCompressor runs through the Evaluator to gather its '
+                                            'calibration batches when given no calibration_inputs or calibration_loader '
+                                            '(default: max(bn_batches, fit_batches))')
     fit_order: str = setting('sequential', lambda v: v in FIT_ORDERS, f'one of {FIT_ORDERS}',
                              "whose inputs a layer is fitted to: the model compressed so far, layer by layer "
                              "('sequential'), or the pruned model's from one pass ('one_pass')", optional=False)
@@ -145,6 +149,11 @@ class HMCSettings:
         if len(budgets) > 1:
             raise HMCConfigError(f"Got {' and '.join(f'{key}={getattr(self, key)!r}' for key in budgets)}; "
                                  f'keep exactly one budget')
+
+    @property
+    def calibration_batches(self) -> int:
+        """Calibration batches a compression reads: ``calibration_steps``, or ``max(bn_batches, fit_batches)``."""
+        return self.calibration_steps or max(self.bn_batches, self.fit_batches)
 
     @property
     def budget(self) -> tuple[str, float]:

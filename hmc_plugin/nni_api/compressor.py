@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from nni.compression.base.compressor import Pruner
 from nni.compression.base.config import select_modules_by_config
-from nni.compression.utils.evaluator import Evaluator
+from nni.compression.utils.evaluator import Evaluator, LightningEvaluator
 from torch import nn
 
 from ..apply import DataFit, apply_plan
@@ -30,6 +30,7 @@ from ..sensitivity.table import SensitivityTable
 from ..settings import HMCSettings, unknown_key_message
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import model_fingerprint
+from .calibration import gather_calibration_batches
 from .config import settings_from_config_list, validate_config_list
 from .finetune import finetune
 
@@ -50,6 +51,12 @@ FROM_COMPRESSOR_MESSAGE = (
     "or factorised ones, which the wrappers of another compressor cannot follow, and it never leaves the model "
     "wrapped. Compress with the other compressor first, apply its masks (NNI's ModelSpeedup), then give the sped-up "
     "model to HMCCompressor (or the reverse).")
+
+LIGHTNING_MESSAGE = (
+    "HMCCompressor does not take NNI's LightningEvaluator: NNI 3.0's LightningEvaluator.train(max_steps=...) fails on "
+    "pytorch-lightning 2.x (FitLoop.max_steps has no setter), and HMC compresses the plain nn.Module inside your "
+    "LightningModule, not the LightningModule. Give HMCCompressor that module with a TorchEvaluator whose "
+    "training_func runs your training step (README, 'Use with NNI').")
 
 
 class HMCCompressor(Pruner):
@@ -78,7 +85,11 @@ class HMCCompressor(Pruner):
         depthwise convs are pruned but never decomposed.
     evaluator
         NNI ``Evaluator`` (e.g. ``TorchEvaluator``). Needed for ``sensitivity='evaluator'`` (its
-        ``evaluate()``) and for fine-tuning (``max_steps`` / ``max_epochs`` in ``compress``).
+        ``evaluate()``) and for fine-tuning (``max_steps`` / ``max_epochs`` in ``compress``). Given no
+        ``calibration_inputs`` or ``calibration_loader``, HMC reads its calibration batches from the evaluator, as
+        NNI's data-driven pruners do: the model inputs of the first ``calibration_steps`` training steps of
+        ``evaluator.train`` (default ``max(bn_batches, fit_batches)``), run on a copy of the model, which is
+        discarded (``model``, its BatchNorm statistics and the evaluator's optimizer stay as they were).
     dummy_input
         Example input as for NNI's ``ModelSpeedup`` (batch 1 is enough): used to trace the model, build
         torch-pruning's dependency graph and count FLOPs. When omitted, ``evaluator.get_dummy_input()``
@@ -86,6 +97,7 @@ class HMCCompressor(Pruner):
     calibration_inputs
         A small batch of real inputs (e.g. 64 images) for ``sensitivity='proxy'`` or ``'kl'``; without a
         ``calibration_loader`` it is also the one batch of the BatchNorm recalibration and the data-aware fit.
+        Explicit calibration data always wins over the evaluator's.
     calibration_loader
         An iterable of training batches (e.g. a ``DataLoader``; ``(inputs, labels)`` pairs or inputs): its first
         ``max(bn_batches, fit_batches)`` batches are read once and re-estimate the BatchNorm statistics
@@ -144,7 +156,7 @@ class HMCCompressor(Pruner):
                  decompose_weight: float | str | None = None, sensitivity: str | None = None,
                  round_to: int | None = None, speedup: str | None = None, bn_batches: int | None = None,
                  data_aware: bool | None = None, reconstruct: bool | None = None, fit_batches: int | None = None,
-                 fit_order: str | None = None, distill: bool | None = None,
+                 fit_order: str | None = None, calibration_steps: int | None = None, distill: bool | None = None,
                  distill_alpha: float | None = None, distill_temperature: float | None = None, **unknown):
         arguments = dict(locals())
         # Everything that can fail on user input happens before NNI wraps the model.
@@ -155,23 +167,31 @@ class HMCCompressor(Pruner):
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise HMCConfigError(f'Got evaluator of type {type(evaluator).__name__} but expected an NNI Evaluator '
                                  f'(e.g. nni.compression.TorchEvaluator)')
+        if isinstance(evaluator, LightningEvaluator):
+            raise HMCConfigError(LIGHTNING_MESSAGE)
         if dummy_input is None and evaluator is not None:
             dummy_input = evaluator.get_dummy_input()
-        self._batches = _first_batches(calibration_loader, max(self.settings.bn_batches, self.settings.fit_batches))
-        if calibration_inputs is None and self._batches:
-            calibration_inputs = batch_inputs(self._batches[0])
-            calibration_inputs = calibration_inputs[0] if len(calibration_inputs) == 1 else calibration_inputs
+        self._batches = _first_batches(calibration_loader, self.settings.calibration_batches)
         if dummy_input is None:
             raise HMCConfigError('dummy_input is required (an example input, batch 1 is enough) when the evaluator '
                                  'has none: pass dummy_input=torch.rand(1, 3, H, W) or give the evaluator one')
         if self.settings.sensitivity == 'evaluator' and evaluator is None and sensitivity_table is None and plan is None:
             raise HMCConfigError("sensitivity='evaluator' needs an evaluator; pass one or set sensitivity='proxy'")
-        if self.settings.sensitivity in ('proxy', 'kl') and calibration_inputs is None and sensitivity_table is None \
-                and plan is None:
-            raise HMCConfigError(f"sensitivity={self.settings.sensitivity!r} needs calibration_inputs "
-                                 "(a small batch of real inputs)")
+        scan_needs_data = self.settings.sensitivity in ('proxy', 'kl') and sensitivity_table is None and plan is None
+        if scan_needs_data and calibration_inputs is None and not self._batches and evaluator is None:
+            raise HMCConfigError(f"sensitivity={self.settings.sensitivity!r} needs calibration data: pass "
+                                 'calibration_inputs (a small batch of real inputs), a calibration_loader, or an '
+                                 'evaluator whose training steps HMC can read them from')
         _check_finite(model)
         _check_runs(model, dummy_input, 'dummy_input')
+        if calibration_inputs is None and not self._batches and evaluator is not None and (
+                scan_needs_data or self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
+            self._batches = gather_calibration_batches(model, evaluator, self.settings.calibration_batches)
+            _logger.info('HMCCompressor: read %d calibration batches from the evaluator\'s training steps',
+                         len(self._batches))
+        if calibration_inputs is None and self._batches:
+            calibration_inputs = batch_inputs(self._batches[0])
+            calibration_inputs = calibration_inputs[0] if len(calibration_inputs) == 1 else calibration_inputs
         if calibration_inputs is not None:
             _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
         self.dummy_input = dummy_input
@@ -345,17 +365,26 @@ class HMCCompressor(Pruner):
             model given to the constructor is unwrapped and left exactly as it was) and the pruning
             masks in NNI's format ``{module_name: {'weight': mask, 'bias': mask}}``. The masks describe
             the pruning half of the plan only (``compressor.plan`` holds the whole ``CompressionPlan``,
-            ``compressor.sensitivity`` the ``SensitivityTable``): the compressed model already has them
-            applied, so it needs no ``ModelSpeedup``.
+            ``compressor.sensitivity`` the ``SensitivityTable``): the compressed model is already sped up and
+            decomposed, so it needs no ``ModelSpeedup``; running NNI's ``ModelSpeedup`` on the original model
+            with these masks would give a pruned-only model. ``unwrap_model()`` afterwards is a no-op.
         """
         try:
             super().compress(max_steps, max_epochs)  # runs _single_compress
+            _logger.info('HMCCompressor: the returned model is already compressed (pruned layers sped up, decomposed '
+                         'layers replaced; %s): use it as it is, without ModelSpeedup (the masks describe only the '
+                         'pruning half)', f'{len(self.plan.prune_ratios)} pruning groups shrunk, {len(self.plan.ranks)} layers decomposed')
             return self.compressed_model, self.masks
         finally:
             if self._is_wrapped:
                 self.unwrap_model()
             if model_fingerprint(self.bound_model) != self._weights_before:  # never expected; guard the promise
                 raise RuntimeError('HMCCompressor changed the weights of the model it was given; please report this')
+
+    def unwrap_model(self) -> None:
+        """NNI's ``unwrap_model``; a no-op when the model is not wrapped (``compress()`` already unwrapped it)."""
+        if self._is_wrapped:
+            super().unwrap_model()
 
     def make_plan(self) -> CompressionPlan:
         """Scan if no table was given, then build the plan (measured within 1 % of the target); model unwrapped."""
