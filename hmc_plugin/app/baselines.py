@@ -30,11 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engines.pruning import PruningGroup, find_pruning_groups, prune_physically, speedup_with_nni
+from ..engines.pruning import (PruningGroup, channel_masks, find_pruning_groups, group_importances, prune_physically,
+                               speedup_with_nni)
 from ..errors import HMCConfigError
 from ..utils.counting import count_flops
 
-__all__ = ['nni_l1_config', 'nni_l1_masks', 'nni_l1_prune']
+__all__ = ['nni_l1_config', 'nni_l1_masks', 'nni_l1_prune', 'ALLOCATIONS', 'torch_pruning_prune']
+
+ALLOCATIONS = ('uniform', 'global')
+MAX_GROUP_RATIO = 0.95  # global allocation never removes more of one group (torch-pruning keeps >= 1 channel too)
 
 _logger = logging.getLogger(__name__)
 
@@ -157,3 +161,63 @@ def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float, tol
                  ratio, widest_ratio, kept, steps)
     return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': kept, 'iterations': steps,
                    'masks': masks}
+
+
+def torch_pruning_prune(model: nn.Module, dummy_input: Any, *, target_flops: float, importance: str = 'l2',
+                        allocation: str = 'global', calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        tolerance: float = 0.005, max_iterations: int = 16, speedup: str = 'nni'
+                        ) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of ``model`` keeping ``target_flops`` of its FLOPs, pruned the way torch-pruning prunes.
+
+    Channels are ranked by torch-pruning's group importance (``'l2'``: group-norm, ``GroupMagnitudeImportance(p=2)``;
+    ``'l1'``, ``'fpgm'``, ``'bn_scale'``, or ``'taylor'``: ``GroupTaylorImportance`` on the cross-entropy gradients
+    of ``calibration``) over every member, BatchNorm and consumer of each dependency group. ``allocation``:
+
+    - ``'uniform'``: every group loses the same fraction of its channels;
+    - ``'global'``: torch-pruning's global pruning: the mean-normalised scores of all groups are ranked together
+      and every channel below one threshold goes (at most ``MAX_GROUP_RATIO`` of a group).
+
+    The ratio (uniform) or the threshold (global) is found by bisection on the measured FLOPs, so the baseline meets
+    the same budget as HMC. ``model`` is not modified; the head's outputs are never pruned.
+
+    Returns
+    -------
+    (nn.Module, dict)
+        The pruned model and ``{'importance', 'allocation', 'ratios' (group -> fraction pruned), 'flops_kept',
+        'iterations', 'masks'}`` (``masks``: the NNI masks applied, e.g. for ``engines.datafit.fit_to_data``).
+    """
+    if not 0.0 < target_flops < 1.0:
+        raise HMCConfigError(f'Got target_flops={target_flops!r} but expected a fraction to keep in (0, 1)')
+    if allocation not in ALLOCATIONS:
+        raise HMCConfigError(f'Got allocation={allocation!r} but expected one of {ALLOCATIONS}')
+    scores = group_importances(model, dummy_input, importance=importance, calibration=calibration)
+    full = count_flops(model, dummy_input)
+
+    def masks_for(ratios: dict[str, float]) -> dict[str, dict[str, torch.Tensor]]:
+        ratios = {name: ratio for name, ratio in ratios.items() if ratio > 0}
+        return channel_masks(model, dummy_input, ratios, importance=importance, calibration=calibration) if ratios else {}
+
+    def kept_with(ratios: dict[str, float]) -> float:
+        pruned = prune_physically(copy.deepcopy(model), dummy_input, masks_for(ratios))
+        return count_flops(pruned, dummy_input) / full
+
+    if allocation == 'uniform':
+        ratios_at = lambda ratio: dict.fromkeys(scores, ratio)  # noqa: E731
+        high = 0.99
+    else:
+        ratios_at = lambda threshold: {name: min(MAX_GROUP_RATIO, float((values < threshold).float().mean()))  # noqa: E731
+                                       for name, values in scores.items()}
+        high = float(max(values.max() for values in scores.values())) * 1.0001
+    _, (point, kept), steps = _bisect(lambda value: kept_with(ratios_at(value)), target_flops, 0.0, high, tolerance,
+                                      max_iterations)
+    if abs(kept - target_flops) > 0.02:
+        raise HMCConfigError(f'Got target_flops={target_flops} but {allocation} {importance} pruning reaches '
+                             f'{kept:.3f} at best')
+    ratios = ratios_at(point)
+    masks = masks_for(ratios)
+    final = copy.deepcopy(model)
+    final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
+    kept = count_flops(final, dummy_input) / full
+    _logger.info('torch-pruning %s %s: keeps %.4f of the FLOPs (%d steps)', allocation, importance, kept, steps)
+    return final, {'importance': importance, 'allocation': allocation, 'ratios': ratios, 'flops_kept': kept,
+                   'iterations': steps, 'masks': masks}

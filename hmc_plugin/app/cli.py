@@ -1,8 +1,8 @@
 """The ``hmc`` command: ``scan``, ``plan``, ``compress`` and ``report`` (the main job).
 
 Every subcommand takes ``--model`` (``resnet56``, ``torchvision:resnet50`` or ``package.module:callable``),
-``--data`` (``digits``, ``cifar10:DIR`` or ``imagefolder:DIR``), ``--out`` (output folder) and ``--config``
-(a YAML file of ``RunSettings`` fields; flags given on the command line win).
+``--data`` (``digits``, ``digits_hard``, ``cifar10:DIR`` or ``imagefolder:DIR``), ``--out`` (output folder) and
+``--config`` (a YAML file of ``RunSettings`` fields; flags given on the command line win).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', help='YAML file with run settings (keys as the long options, with _ for -)')
     parser.add_argument('--model', help="zoo name (resnet20..resnet110), 'torchvision:NAME' or 'package.module:callable'"
                                         ' (default resnet56)')
-    parser.add_argument('--data', help="'digits' (default), 'cifar10:DIR' or 'imagefolder:DIR'")
+    parser.add_argument('--data', help="'digits' (default), 'digits_hard' (generated, harder), 'cifar10:DIR' or "
+                                       "'imagefolder:DIR'")
     parser.add_argument('--image-size', type=int, help="input size (default: the loader's, 32 for digits/CIFAR)")
     parser.add_argument('--out', default='hmc_output', help='output folder (default hmc_output)')
     parser.add_argument('--checkpoint', help='state_dict of the trained model to compress (skips training)')

@@ -1,9 +1,15 @@
-"""Datasets the CLI and the tests compress on: scikit-learn digits, CIFAR-10 batches, any ImageFolder.
+"""Datasets the CLI and the tests compress on: scikit-learn digits (plain or a harder generated set), CIFAR-10
+batches, any ImageFolder.
 
 Every loader returns a :class:`DataSplits` whose datasets yield ``(image, label)`` with ``image`` a
 float32 ``(C, H, W)`` tensor (normalised, ``H == W == image_size``) and ``label`` an int64 scalar.
 Nothing here downloads: digits ship inside scikit-learn, CIFAR-10 and ImageFolder data must already
 be on disk. Every split and every order is seeded, so the same arguments give identical tensors.
+
+``digits_hard`` (:func:`load_hard_digits_data`) is generated from the 1,797 scikit-learn digits so that
+baselines no longer saturate: the source digits are split first (stratified, the same split as
+``digits``), then every source gives several randomly warped, coloured and noisy variants, so no
+source digit is in both splits. See that function's docstring for every transform and its range.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ..errors import HMCConfigError
 
 __all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'DataSplits', 'load_digits_data',
-           'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec', 'make_loaders', 'train_permutation',
-           'without_train_images', 'calibration_batch', 'subset_splits']
+           'load_hard_digits_data', 'load_cifar10_data', 'load_imagefolder_data', 'parse_data_spec', 'make_loaders',
+           'train_permutation', 'without_train_images', 'calibration_batch', 'subset_splits']
 
 _logger = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ _CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
 _CIFAR_TEST_FILE = 'test_batch'
 
 
-_DATA_SPEC_FORMS = "'digits', 'cifar10:DIR' or 'imagefolder:DIR'"
+_DATA_SPEC_FORMS = "'digits', 'digits_hard', 'cifar10:DIR' or 'imagefolder:DIR'"
 
 
 @dataclass
@@ -121,6 +127,152 @@ def load_digits_data(image_size: int = 32, in_channels: int = 3, test_fraction: 
         train=TensorDataset(images[train_idx], labels[train_idx]),
         test=TensorDataset(images[test_idx], labels[test_idx]),
         num_classes=10, in_channels=in_channels, image_size=image_size, name='digits',
+    )
+
+
+# digits_hard: the ranges of the random variants (uniform draws, one per image unless noted).
+_HARD_ROTATION_DEG = 20.0  # rotation in [-20, 20] degrees
+_HARD_SCALE = (0.8, 1.15)  # isotropic scale of the digit (> 1 enlarges it)
+_HARD_SHEAR = 0.15  # horizontal shear factor in [-0.15, 0.15] (about +-8.5 degrees)
+_HARD_SHIFT = 0.12  # translation per axis in [-0.12, 0.12] of the image side
+_HARD_MIN_CONTRAST = 0.5  # least Euclidean RGB distance between the background and the foreground colour
+_HARD_COLOUR_TRIES = 16  # colour pairs drawn per image; the first far enough apart is kept
+_HARD_GRADIENT = 0.15  # per-channel background gradient amplitude in [-0.15, 0.15] per unit of the ramp
+_HARD_NOISE_STD = (0.03, 0.12)  # std of the additive Gaussian noise, drawn per image
+_HARD_SPLIT_STREAMS = {'train': 0, 'test': 1}
+
+
+class _SourcedTensorDataset(TensorDataset):
+    """A TensorDataset of ``(image, label)`` that remembers which scikit-learn digit each image was made from.
+
+    ``sources``: int64 ``(N,)`` indices into ``sklearn.datasets.load_digits()``; ``mean`` / ``std``: float32
+    ``(C,)``, the per-channel statistics the images were normalised with (the training split's, in both splits).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, sources: Tensor, mean: Tensor, std: Tensor):
+        super().__init__(images, labels)
+        self.sources = sources
+        self.mean = mean
+        self.std = std
+
+
+def _check_seed(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2 ** 32:
+        raise HMCConfigError(f'Got seed={value!r} but expected an integer in [0, 2**32).')
+    return int(value)
+
+
+def _split_generator(seed: int, split: str) -> torch.Generator:
+    """A generator for one split of ``digits_hard``: its stream depends on ``seed`` and the split only."""
+    state = np.random.SeedSequence([seed, _HARD_SPLIT_STREAMS[split]]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, *shape: int) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+def _hard_variants(masks: Tensor, generator: torch.Generator) -> Tensor:
+    """Warped, coloured, noisy images from digit masks: float ``(N, 1, S, S)`` in [0, 1] -> ``(N, 3, S, S)`` in [0, 1].
+
+    Draws, in this order and one vectorised call each: rotation, scale, shear, shift, colour pairs, gradient
+    direction, gradient amplitudes, noise std, noise (see :func:`load_hard_digits_data` for the ranges).
+    """
+    n, _, size, _ = masks.shape
+    angle = torch.deg2rad(_uniform(generator, -_HARD_ROTATION_DEG, _HARD_ROTATION_DEG, n))
+    scale = _uniform(generator, *_HARD_SCALE, n)
+    shear = _uniform(generator, -_HARD_SHEAR, _HARD_SHEAR, n)
+    shift = _uniform(generator, -2 * _HARD_SHIFT, 2 * _HARD_SHIFT, n, 2)  # normalised coordinates: a side spans 2
+
+    # The digit moves by p_out = scale * R(angle) @ [[1, shear], [0, 1]] @ p_in + shift; affine_grid wants the
+    # inverse map p_in = [[1, -shear], [0, 1]] @ R(angle)^T @ (p_out - shift) / scale.
+    cos, sin = angle.cos(), angle.sin()
+    rotation_t = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (n, 2, 2)
+    unshear = torch.eye(2).repeat(n, 1, 1)
+    unshear[:, 0, 1] = -shear
+    inverse = unshear @ rotation_t / scale[:, None, None]
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], dim=-1)  # (n, 2, 3)
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    warped = F.grid_sample(masks, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+    pairs = torch.rand(n, _HARD_COLOUR_TRIES, 2, 3, generator=generator)  # (image, try, back/fore, RGB)
+    distance = (pairs[:, :, 0] - pairs[:, :, 1]).norm(dim=-1)
+    far_enough = distance >= _HARD_MIN_CONTRAST
+    # The first pair far enough apart (argmax returns the first maximum), else the farthest one.
+    choice = torch.where(far_enough.any(1), far_enough.to(torch.uint8).argmax(1), distance.argmax(1))
+    chosen = pairs[torch.arange(n), choice]
+    background, foreground = chosen[:, 0, :, None, None], chosen[:, 1, :, None, None]  # (n, 3, 1, 1)
+
+    direction = _uniform(generator, 0.0, 2 * np.pi, n)
+    amplitude = _uniform(generator, -_HARD_GRADIENT, _HARD_GRADIENT, n, 3)
+    centres = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in (-1, 1)
+    ramp = (direction.cos()[:, None, None] * centres[None, None, :]
+            + direction.sin()[:, None, None] * centres[None, :, None])  # (n, S, S), |ramp| < sqrt(2)
+    background = background + amplitude[:, :, None, None] * ramp[:, None]
+
+    noise_std = _uniform(generator, *_HARD_NOISE_STD, n)
+    images = background + warped * (foreground - background)
+    images = images + noise_std[:, None, None, None] * torch.randn(n, 3, size, size, generator=generator)
+    return images.clamp_(0.0, 1.0)
+
+
+def load_hard_digits_data(image_size: int = 32, train_per_source: int = 4, test_per_source: int = 6,
+                          seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
+    """``digits_hard``: random warped, coloured, noisy variants of scikit-learn's 1,797 digits (no download).
+
+    Split: the SOURCE digits are split first, stratified by class and seeded by ``seed`` (the same split as
+    :func:`load_digits_data`; ``test_fraction`` of them, 360 of 1,797 by default, are test sources). Each train
+    source gives ``train_per_source`` variants and each test source ``test_per_source``, so no source digit is
+    in both splits; the defaults give 1,437 x 4 = 5,748 train and 360 x 6 = 2,160 test images.
+
+    Each variant, drawn independently and uniformly: the 8x8 digit (pixels 0..16 -> 0..1) is bilinearly
+    upsampled to ``image_size`` and warped with ``affine_grid`` / ``grid_sample`` (bilinear, zeros outside):
+    rotation in +-20 degrees, isotropic scale in [0.8, 1.15], horizontal shear factor in +-0.15, translation
+    in +-12 % of the side per axis. Colours: a background and a foreground RGB colour, each channel in [0, 1],
+    at least 0.5 apart (Euclidean; the first of 16 drawn pairs that is, else the farthest); the background
+    gets a linear gradient along a random direction, per-channel slope in +-0.15 per half side (so at most
+    +-0.21 at a corner). Each pixel is ``background + mask * (foreground - background)``, then Gaussian
+    noise with a per-image std in [0.03, 0.12] is added and values are clipped to [0, 1]. Finally both
+    splits are normalised per channel with the mean/std of the generated TRAIN images.
+
+    Deterministic: each split draws from its own ``torch.Generator`` seeded from ``(seed, split)``, in a
+    fixed order, in one vectorised pass. The datasets yield float32 ``(3, image_size, image_size)`` and
+    int64 labels (10 classes) and keep ``sources`` (int64 ``(N,)``, indices into ``load_digits()``, the
+    sources in increasing order, each repeated per variant) and the ``mean`` / ``std`` used (float32 ``(3,)``).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    image_size = _check_positive_int('image_size', image_size)
+    train_per_source = _check_positive_int('train_per_source', train_per_source)
+    test_per_source = _check_positive_int('test_per_source', test_per_source)
+    seed = _check_seed(seed)
+    test_fraction = _check_fraction('test_fraction', test_fraction)
+
+    digits = load_digits()
+    pixels = torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    train_sources, test_sources = train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                                   stratify=digits.target, random_state=seed)
+    masks = _resize(pixels, image_size).clamp_(0.0, 1.0)  # (1797, 1, S, S)
+
+    def generate(sources: np.ndarray, per_source: int, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        image_sources = torch.as_tensor(np.sort(sources), dtype=torch.int64).repeat_interleave(per_source)
+        images = _hard_variants(masks[image_sources], _split_generator(seed, split))
+        return images, labels[image_sources], image_sources
+
+    train_images, train_labels, train_image_sources = generate(train_sources, train_per_source, 'train')
+    test_images, test_labels, test_image_sources = generate(test_sources, test_per_source, 'test')
+    mean = train_images.to(torch.float64).mean(dim=(0, 2, 3)).to(torch.float32)
+    std = train_images.to(torch.float64).std(dim=(0, 2, 3)).to(torch.float32)
+
+    def normalise(images: Tensor) -> Tensor:
+        return images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+    return DataSplits(
+        train=_SourcedTensorDataset(normalise(train_images), train_labels, train_image_sources, mean, std),
+        test=_SourcedTensorDataset(normalise(test_images), test_labels, test_image_sources, mean, std),
+        num_classes=10, in_channels=3, image_size=image_size, name='digits_hard',
     )
 
 
@@ -332,9 +484,9 @@ def load_imagefolder_data(data_dir: str | Path, image_size: int = 224, test_frac
 
 
 def parse_data_spec(spec: str, image_size: int | None = None) -> DataSplits:
-    """Load the data a CLI string names: ``'digits'``, ``'cifar10:DIR'`` or ``'imagefolder:DIR'``.
+    """Load the data a CLI string names: ``'digits'``, ``'digits_hard'``, ``'cifar10:DIR'`` or ``'imagefolder:DIR'``.
 
-    ``image_size=None`` keeps the loader's default (32 for digits and CIFAR-10, 224 for ImageFolder).
+    ``image_size=None`` keeps the loader's default (32 for both digits sets and CIFAR-10, 224 for ImageFolder).
     """
     if not isinstance(spec, str):
         raise HMCConfigError(f'Got data={spec!r} but expected {_DATA_SPEC_FORMS}.')
@@ -343,6 +495,8 @@ def parse_data_spec(spec: str, image_size: int | None = None) -> DataSplits:
     size_kwargs = {} if image_size is None else {'image_size': image_size}
     if kind == 'digits' and not sep:
         return load_digits_data(**size_kwargs)
+    if kind == 'digits_hard' and not sep:
+        return load_hard_digits_data(**size_kwargs)
     if kind == 'cifar10' and location.strip():
         return load_cifar10_data(location.strip(), **size_kwargs)
     if kind == 'imagefolder' and location.strip():

@@ -15,7 +15,7 @@ DEFAULT_BUDGET = {'target_flops': 0.5}  # a run that names no budget keeps half 
 # run key -> what it means (the config-key table and the CLI's help come from here)
 RUN_KEY_HELP = {
     'model': "zoo name (resnet20..resnet110), 'torchvision:NAME' or 'package.module:callable'",
-    'data': "'digits', 'cifar10:DIR' or 'imagefolder:DIR'",
+    'data': "'digits', 'digits_hard', 'cifar10:DIR' or 'imagefolder:DIR'",
     'image_size': "input size (default: the loader's, 32 for digits/CIFAR)",
     'latency_cache': 'JSON file of measured layer times (default $HMC_LATENCY_CACHE or '
                      '~/.cache/hmc_plugin/latency.json)',

@@ -40,7 +40,8 @@ from ..settings import IMPORTANCES
 from ..utils.counting import as_input_tuple
 
 __all__ = ['IMPORTANCES', 'PruningGroup', 'GroupSelection', 'kept_channels', 'find_pruning_groups',
-           'group_channel_masks', 'group_channel_selections', 'channel_masks', 'trace_model', 'speedup_with_nni',
+           'group_channel_masks', 'group_channel_selections', 'group_importances', 'channel_masks', 'trace_model',
+           'speedup_with_nni',
            'prune_physically', 'preserved_modes']
 
 _logger = logging.getLogger(__name__)
@@ -447,6 +448,32 @@ def _selections_per_group(graph: tp.DependencyGraph, scratch: nn.Module, group_r
         selections[name] = GroupSelection(masks=_group_masks(graph, group, pruned, names),
                                           consumer_keep=_consumer_keeps(graph, group, pruned, names))
     return selections
+
+
+def group_importances(model: nn.Module, dummy_input: Any, *, importance: str = 'l2', ignored_layers: Iterable[str] = (),
+                      calibration: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """Each prunable group's channel scores, ``{group_name: (channels,) float}``; ``model`` is left as it was.
+
+    torch-pruning's group importance over all members, BatchNorms and consumers, normalised by its mean (the
+    importances' default ``normalizer='mean'``), so scores of different groups compare as in torch-pruning's
+    global pruning. Arguments as in :func:`group_channel_masks`; grouped convs score each slice's mean.
+    """
+    _checked_ratios({}, importance, 1, calibration)
+    scratch = copy.deepcopy(model)
+    graph, found = _groups(scratch, dummy_input, ignored_layers)
+    if importance == 'taylor':
+        _accumulate_gradients(scratch, calibration)
+    scorer = _importance(importance)
+    scores = {}
+    for pruning_group, group in found:
+        values = scorer(group)
+        if values is None:
+            _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, pruning_group.name)
+            values = _importance('l1')(group)
+        slices = _channel_groups(group)
+        values = values.detach().float().cpu()
+        scores[pruning_group.name] = values.view(slices, -1).mean(0) if slices > 1 else values
+    return scores
 
 
 def channel_masks(model: nn.Module, dummy_input: Any, ratios: dict[str, float], **kwargs) -> dict[str, dict[str, Tensor]]:

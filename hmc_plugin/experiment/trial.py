@@ -66,7 +66,7 @@ class TrialOptions:
     """What stays fixed over an experiment: the trial command's options (``metadata['help']`` says what each holds)."""
 
     model: str = _option('resnet20', "zoo name, 'torchvision:NAME' or 'package.module:callable'")
-    data: str = _option('digits', "'digits', 'cifar10:DIR' or 'imagefolder:DIR'")
+    data: str = _option('digits', "'digits', 'digits_hard', 'cifar10:DIR' or 'imagefolder:DIR'")
     checkpoint: str | None = _option(None, 'trained state_dict to compress (default: train a baseline, once per cache)')
     train_epochs: int = _option(15, 'epochs of the baseline training (when no checkpoint)')
     allow_chance_baseline: bool = _option(False, 'go on when the baseline is within 0.05 of chance accuracy')

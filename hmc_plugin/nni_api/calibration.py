@@ -16,7 +16,6 @@ import torch
 from nni.compression.utils.evaluator import Evaluator, ModuleHook
 from torch import nn
 
-from ..errors import HMCConfigError
 
 __all__ = ['gather_calibration_batches']
 
@@ -42,7 +41,7 @@ def gather_calibration_batches(model: nn.Module, evaluator: Evaluator, steps: in
     discarded; ``model``, its BatchNorm statistics, its train/eval flags and the optimizers the evaluator was
     built with are exactly as before afterwards, also when the ``training_func`` reaches for the original
     model. Each batch is the forward's one positional input (a tensor), or the tuple of them. Fewer passes
-    than ``steps`` give a warning; none is an ``HMCConfigError``.
+    than ``steps`` give a warning; a ``training_func`` that never runs the model gives ``[]``.
     """
     if not evaluator._initialization_complete:  # as NNI's Compressor.__init__ does for an evaluator it is given
         user_optimizers = list(getattr(evaluator, '_tmp_optimizers', []))
@@ -74,11 +73,7 @@ def gather_calibration_batches(model: nn.Module, evaluator: Evaluator, steps: in
         _restore(model, state, modes)
         for optimizer, saved in zip(user_optimizers, optimizer_states):
             optimizer.load_state_dict(saved)
-    if not batches:
-        raise HMCConfigError("The Evaluator's training_func ran no forward pass of the model given to it, so HMC "
-                             'could not gather calibration data: pass calibration_inputs (e.g. 64 training images) '
-                             'or calibration_loader, or make training_func call model(inputs) on training batches')
-    if len(batches) < steps:
+    if batches and len(batches) < steps:
         _logger.warning('The Evaluator gave %d of the %d calibration batches asked for (calibration_steps); HMC '
                         'uses those', len(batches), steps)
     return batches

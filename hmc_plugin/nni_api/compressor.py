@@ -58,6 +58,11 @@ LIGHTNING_MESSAGE = (
     "LightningModule, not the LightningModule. Give HMCCompressor that module with a TorchEvaluator whose "
     "training_func runs your training step (README, 'Use with NNI').")
 
+NO_EVALUATOR_DATA_MESSAGE = (
+    "The Evaluator's training_func ran no forward pass of the model given to it, so HMC could not read calibration "
+    'data from it: pass calibration_inputs (e.g. 64 training images) or calibration_loader, or make training_func '
+    'call model(inputs) on training batches')
+
 
 class HMCCompressor(Pruner):
     r"""Hybrid model compression by layer sensitivity grouping, as an NNI compressor.
@@ -184,24 +189,7 @@ class HMCCompressor(Pruner):
                                  'evaluator whose training steps HMC can read them from')
         _check_finite(model)
         _check_runs(model, dummy_input, 'dummy_input')
-        if calibration_inputs is None and not self._batches and evaluator is not None and (
-                scan_needs_data or self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
-            self._batches = gather_calibration_batches(model, evaluator, self.settings.calibration_batches)
-            _logger.info('HMCCompressor: read %d calibration batches from the evaluator\'s training steps',
-                         len(self._batches))
-        if calibration_inputs is None and self._batches:
-            calibration_inputs = batch_inputs(self._batches[0])
-            calibration_inputs = calibration_inputs[0] if len(calibration_inputs) == 1 else calibration_inputs
-        if calibration_inputs is not None:
-            _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
         self.dummy_input = dummy_input
-        self.calibration_inputs = calibration_inputs
-        if not self._batches and calibration_inputs is not None:
-            self._batches = [calibration_inputs]
-        if not self._batches and (self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
-            _logger.warning('No calibration_inputs or calibration_loader: the BatchNorm recalibration, the reconstruction '
-                            'of pruned consumers and the data-aware low rank are off (data-free compression); pass '
-                            'calibration_inputs (e.g. 64 training images) to turn them on')
         self._tied = _tied_layers(model)
         self.layers, self.max_ratios = self._select_layers(model, normalised)
         self._weights_before = model_fingerprint(model)
@@ -210,6 +198,7 @@ class HMCCompressor(Pruner):
         self._warn_unhandled(model)
         if plan is None:
             self._check_reachable(model)
+        self.calibration_inputs = self._calibration_data(model, evaluator, calibration_inputs, scan_needs_data)
         self._reference = copy.deepcopy(model)  # unwrapped twin: masks and low-rank weights are computed on it
         self.sensitivity = sensitivity_table
         self.plan = plan
@@ -223,6 +212,30 @@ class HMCCompressor(Pruner):
         super().__init__(model, nni_config, evaluator)
 
     # -- config ----------------------------------------------------------------------------------
+
+    def _calibration_data(self, model: nn.Module, evaluator: Evaluator | None, calibration_inputs: Any,
+                          scan_needs_data: bool) -> Any:
+        """The scan's calibration inputs, and ``self._batches`` for the fit and the BatchNorm recalibration: the
+        given ones, else the ``calibration_loader``'s, else read from the evaluator's training steps."""
+        wants_data = scan_needs_data or self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct
+        if calibration_inputs is None and not self._batches and evaluator is not None and wants_data:
+            self._batches = gather_calibration_batches(model, evaluator, self.settings.calibration_batches)
+            if not self._batches and scan_needs_data:
+                raise HMCConfigError(NO_EVALUATOR_DATA_MESSAGE)
+            _logger.info("HMCCompressor: read %d calibration batches from the evaluator's training steps",
+                         len(self._batches))
+        if calibration_inputs is None and self._batches:
+            calibration_inputs = batch_inputs(self._batches[0])
+            calibration_inputs = calibration_inputs[0] if len(calibration_inputs) == 1 else calibration_inputs
+        if calibration_inputs is not None:
+            _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
+        if not self._batches and calibration_inputs is not None:
+            self._batches = [calibration_inputs]
+        if not self._batches and (self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
+            _logger.warning('No calibration_inputs, calibration_loader or evaluator training steps: the BatchNorm '
+                            'recalibration, the reconstruction of pruned consumers and the data-aware low rank are off '
+                            '(data-free compression); pass calibration_inputs (e.g. 64 training images) to turn them on')
+        return calibration_inputs
 
     def _select_layers(self, model: nn.Module, config_list: list[dict]) -> tuple[list[str], dict[str, float]]:
         """Selected Conv2d/Linear names in model order, and the per-layer ``max_sparse_ratio`` caps.

@@ -1,12 +1,15 @@
-"""Unit tests of the benchmark building blocks in the package: NNI's L1 baseline and the output KL metric."""
+"""Unit tests of the benchmark building blocks in the package: NNI's L1 baseline, torch-pruning's group-importance
+baselines and the output KL metric."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from hmc_plugin.app.baselines import nni_l1_masks, nni_l1_prune
+from hmc_plugin.app.baselines import nni_l1_masks, nni_l1_prune, torch_pruning_prune
 from hmc_plugin.app.models import resnet20
-from hmc_plugin.engines.pruning import find_pruning_groups
+from hmc_plugin.engines.pruning import find_pruning_groups, group_importances, prune_physically
 from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.utils.counting import count_flops
 from hmc_plugin.utils.fingerprint import model_fingerprint
@@ -36,6 +39,44 @@ def test_nni_l1_prune_meets_the_flops_target_and_leaves_the_model(model):
 def test_nni_l1_prune_rejects_a_target_outside_0_1(model):
     with pytest.raises(HMCConfigError, match='target_flops=1.5'):
         nni_l1_prune(model, torch.zeros(1, 3, 32, 32), target_flops=1.5)
+
+
+@pytest.mark.parametrize('allocation', ['uniform', 'global'])
+def test_torch_pruning_prune_meets_the_flops_target_and_leaves_the_model(model, allocation):
+    dummy = torch.zeros(1, 3, 32, 32)
+    before = model_fingerprint(model)
+    pruned, info = torch_pruning_prune(model, dummy, target_flops=0.5, allocation=allocation, speedup='torch_pruning')
+    assert abs(count_flops(pruned, dummy) / count_flops(model, dummy) - 0.5) <= 0.02
+    assert model_fingerprint(model) == before
+    ratios = set(round(ratio, 6) for ratio in info['ratios'].values())
+    assert (len(ratios) == 1) == (allocation == 'uniform'), ratios
+    # the returned model is the masks applied
+    again = prune_physically(copy.deepcopy(model), dummy, info['masks'])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), pruned.eval()(x))
+
+
+def test_global_allocation_prunes_below_one_threshold_of_the_normalised_scores(model):
+    """torch-pruning's global pruning: every pruned channel scores below every kept one, across groups."""
+    dummy = torch.zeros(1, 3, 32, 32)
+    scores = group_importances(model, dummy, importance='l2')
+    assert all(abs(float(values.mean()) - 1) < 1e-4 for values in scores.values())  # mean-normalised
+    _, info = torch_pruning_prune(model, dummy, target_flops=0.5, allocation='global', speedup='torch_pruning')
+    pruned, kept = [], []
+    for name, values in scores.items():
+        keep = info['masks'][name]['weight'].flatten(1).any(1) if name in info['masks'] else torch.ones_like(values).bool()
+        pruned.append(values[~keep])
+        kept.append(values[keep])
+    assert max(float(v.max()) for v in pruned if v.numel()) <= min(float(v.min()) for v in kept) + 1e-6
+    assert len(set(round(ratio, 6) for ratio in info['ratios'].values())) > 1
+
+
+def test_taylor_importance_needs_labelled_calibration(model):
+    with pytest.raises(HMCConfigError, match="importance='taylor' without calibration"):
+        torch_pruning_prune(model, torch.zeros(1, 3, 32, 32), target_flops=0.5, importance='taylor')
+    with pytest.raises(HMCConfigError, match="allocation='even'"):
+        torch_pruning_prune(model, torch.zeros(1, 3, 32, 32), target_flops=0.5, allocation='even')
 
 
 def test_output_kl_is_zero_for_the_same_outputs_and_positive_for_others(model):
