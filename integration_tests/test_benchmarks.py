@@ -381,3 +381,23 @@ def test_latency_budget_quick(tmp_path):
     new = [sum(row['new_measurements'] for row in report['landing']) for report in reports]
     assert new[0] > 0 and new[1] == 0, new
     assert [row['flops_kept'] for row in first['landing']] == [row['flops_kept'] for row in second['landing']]
+
+
+def test_recovery_scores_rank_the_scores_by_their_correlation_with_the_fine_tuned_accuracy():
+    """A score that orders the candidates as their fine-tuned accuracy does gets rho +1, the reverse -1 (KL scores
+    count lower as better); groups are (model, data, target, seed)."""
+    recovery = suite_module('recovery_scores')
+    cells = []
+    for seed in (0, 1):
+        for index, truth in enumerate((0.5, 0.6, 0.7, 0.8)):
+            cell = {'model': 'resnet20', 'data': 'digits_hard', 'target': 0.5, 'seed': seed, 'acc_finetuned': truth}
+            cell.update({score: 0.0 for score in recovery.SCORES})
+            cell.update(kl_probe=1.0 - truth, acc_probe=truth + 0.01 * seed, kl_data_free=truth,
+                        acc_bn=[0.2, 0.1, 0.4, 0.3][index], kl_bn=float(index % 2))
+            cells.append(cell)
+    result = recovery.correlations(cells)
+    assert result['kl_probe']['rho_mean'] == pytest.approx(1.0) and result['kl_probe']['groups'] == 2
+    assert result['acc_probe']['rho_mean'] == pytest.approx(1.0)
+    assert result['kl_data_free']['rho_mean'] == pytest.approx(-1.0)
+    assert result['acc_bn']['rho_mean'] == pytest.approx(0.6)
+    assert result['kl_data_aware']['groups'] == 0 and math.isnan(result['kl_data_aware']['rho_mean'])  # constant
