@@ -93,9 +93,23 @@ def test_scan_plan_compress_steps_share_the_output_folder(tmp_path, capsys):
     assert (tmp_path / 'sensitivity.json').exists() and (tmp_path / 'sensitivity.png').exists()
     assert main(['plan', '--mode', 'ahc', '--target-flops', '0.6', *out]) == 0
     assert 'CompressionPlan(mode=ahc' in capsys.readouterr().out
-    assert main(['compress', '--plan', str(tmp_path / 'plan.json'), '--finetune-epochs', '1', *out]) == 0
+    assert main(['compress', '--plan', str(tmp_path / 'plan.json'), '--finetune-epochs', '1', '--export', 'onnx',
+                 *out]) == 0
     model, plan = load_compressed(tmp_path / 'compressed.pt')
     assert plan.mode == 'ahc'
+    # the deployable file: BatchNorm folded into the convs, and ONNX Runtime gives the model's outputs
+    import onnx
+    import onnxruntime
+
+    printed = capsys.readouterr().out
+    assert 'model.onnx (BatchNorm folded); ONNX Runtime reproduces the model' in printed
+    graph = onnx.load(tmp_path / 'model.onnx').graph
+    assert 'BatchNormalization' not in {node.op_type for node in graph.node}
+    session = onnxruntime.InferenceSession(str(tmp_path / 'model.onnx'), providers=['CPUExecutionProvider'])
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {'input': x.numpy()})[0]), model.eval()(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('argv, words', [

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget(compress)
     compress.add_argument('--mode', choices=MODES, default=HMCSettings.mode)
     compress.add_argument('--plan', help='plan.json to apply (skips scan and planning)')
+    compress.add_argument('--export', choices=('onnx',),
+                          help='also write OUT/model.onnx (BatchNorm folded), checked against ONNX Runtime')
     report = commands.add_parser('report', help='the main job: every method at one budget, report.json/md, PNGs')
     _add_common(report)
     _add_budget(report)
@@ -232,6 +234,26 @@ def _compress_command(model, splits, settings: RunSettings, out: Path, progress:
         if row.get('latency_budget'):
             print(_latency_line(row['latency_budget']))
     print(f'\nWrote {out}/compressed.pt (load with hmc_plugin.load_compressed).')
+    if args.export == 'onnx':
+        print(_export_onnx(compressed, splits, settings, out))
+
+
+def _export_onnx(compressed, splits, settings: RunSettings, out: Path) -> str:
+    """Write ``out/model.onnx`` (BatchNorm folded) and say how closely ONNX Runtime reproduces the model."""
+    import torch
+
+    from .data import calibration_batch
+    from .export import check_onnx, export_onnx
+
+    dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    export_onnx(compressed, dummy_input, out / 'model.onnx')
+    images, _ = calibration_batch(splits, 8, seed=settings.seed)
+    try:
+        difference = check_onnx(compressed, out / 'model.onnx', images, threads=settings.threads)
+    except HMCConfigError as error:
+        return f'Wrote {out}/model.onnx (BatchNorm folded; not checked: {error}).'
+    return (f'Wrote {out}/model.onnx (BatchNorm folded); ONNX Runtime reproduces the model to {difference:.1e} '
+            f'(largest absolute output difference on 8 training images).')
 
 
 def _margin_rule_line(rule: dict) -> str:

@@ -6,6 +6,7 @@ together with its ``CompressionPlan``, and ``load_compressed`` gives both back i
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -14,11 +15,14 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import HMCConfigError
+from ..engines.batchnorm import fold_batchnorm
+from ..errors import HMCConfigError, UntraceableModelError
 from ..planning.plan import CompressionPlan
 from ..utils.counting import as_input_tuple
 
-__all__ = ['save_compressed', 'load_compressed', 'export_onnx']
+__all__ = ['save_compressed', 'load_compressed', 'export_onnx', 'check_onnx']
+
+_logger = logging.getLogger(__name__)
 
 FORMAT = 'hmc_plugin.compressed/1'
 
@@ -43,13 +47,22 @@ def load_compressed(path: str | os.PathLike, map_location: Any = 'cpu') -> tuple
     return checkpoint['model'], plan
 
 
-def export_onnx(model: nn.Module, dummy_input: Any, path: str | os.PathLike, opset_version: int = 17) -> None:
+def export_onnx(model: nn.Module, dummy_input: Any, path: str | os.PathLike, opset_version: int = 17,
+                fold_bn: bool = True) -> None:
     """Export to ONNX with a dynamic batch axis (TorchScript exporter: needs no extra package).
 
-    Input names are ``input``, ``input_1``, ...; the output is ``output``. The model is exported in eval mode.
+    Input names are ``input``, ``input_1``, ...; the output is ``output``. The model is exported in eval mode;
+    with ``fold_bn`` (default) every BatchNorm after a conv or linear is folded into it first
+    (``engines.batchnorm.fold_batchnorm``; a model ``torch.fx`` cannot trace is exported unfolded, with a
+    warning). ``model`` itself is not changed.
     """
     inputs = as_input_tuple(dummy_input)
     names = ['input'] + [f'input_{i}' for i in range(1, len(inputs))]
+    if fold_bn:
+        try:
+            model = fold_batchnorm(model)
+        except UntraceableModelError as error:
+            _logger.warning('%s', error)
     was_training = model.training
     model.eval()
     try:
@@ -60,3 +73,26 @@ def export_onnx(model: nn.Module, dummy_input: Any, path: str | os.PathLike, ops
                               dynamic_axes={**{name: {0: 'batch'} for name in names}, 'output': {0: 'batch'}})
     finally:
         model.train(was_training)
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, threads: int | None = None) -> float:
+    """Largest absolute difference between ``model(inputs)`` and ONNX Runtime's run of ``path`` (all graph
+    optimisations on, as a deployment runs it); ``HMCConfigError`` when onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise HMCConfigError('Checking an ONNX export needs onnxruntime: pip install onnxruntime') from error
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(inputs)
+    finally:
+        model.train(was_training)
+    got = session.run(None, {'input': inputs.numpy()})[0]
+    return float((torch.from_numpy(got) - expected).abs().max())

@@ -12,16 +12,17 @@ so the statistics are those of the network the user evaluates.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import HMCConfigError
+from ..errors import HMCConfigError, UntraceableModelError
 from .moments import batch_inputs
 
-__all__ = ['batchnorm_layers', 'bn_state', 'restore_bn_state', 'recalibrate_bn', 'recalibrated_bn']
+__all__ = ['batchnorm_layers', 'bn_state', 'restore_bn_state', 'recalibrate_bn', 'recalibrated_bn', 'fold_batchnorm']
 
 _logger = logging.getLogger(__name__)
 
@@ -129,4 +130,29 @@ def recalibrated_bn(model: nn.Module, batches: Iterable[Any] | None) -> Iterator
         yield
     finally:
         restore_bn_state(model, saved)
+
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm folded into the Conv2d or Linear before it.
+
+    ``torch.fx.experimental.optimization.fuse`` (``fuse_conv_bn_eval``) on a traced copy in eval mode: a BatchNorm
+    whose input is the output of a conv used nowhere else becomes that conv's scale and bias, including the last
+    1x1 of a Tucker-2 chain and the second conv of an SVD pair (their containers are traced through). BatchNorms
+    after anything else (an addition, a pooling) stay. Returns a ``torch.fx.GraphModule`` in eval mode with the
+    same outputs up to float rounding; ``model`` is left as it was. ``UntraceableModelError`` when ``torch.fx``
+    cannot trace it.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    scratch = copy.deepcopy(model).eval()
+    try:
+        folded = fuse(scratch, inplace=True)
+    except Exception as error:
+        raise UntraceableModelError(f'Cannot fold the BatchNorms of {type(model).__name__}: torch.fx cannot trace it '
+                                    f'({type(error).__name__}: {error}); export or time it unfolded') from error
+    remaining = [name for name, module in folded.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    _logger.info('Folded %d BatchNorm(s) into the layers before them; %d stay (not after a conv or linear)',
+                 len(batchnorm_layers(model)) - len(remaining), len(remaining))
+    return folded.eval()
 

@@ -1,12 +1,14 @@
-"""BatchNorm recalibration: statistics re-estimated, weights and modes untouched, bad input named."""
+"""BatchNorm recalibration (statistics re-estimated, weights and modes untouched, bad input named) and folding."""
 import logging
 
 import pytest
 import torch
 from torch import nn
 
-from hmc_plugin.engines.batchnorm import bn_state, recalibrate_bn, recalibrated_bn
-from hmc_plugin.errors import HMCConfigError
+from hmc_plugin.engines.batchnorm import bn_state, fold_batchnorm, recalibrate_bn, recalibrated_bn
+from hmc_plugin.engines.lowrank import decompose_layers
+from hmc_plugin.errors import HMCConfigError, UntraceableModelError
+from hmc_plugin.utils.fingerprint import model_fingerprint
 
 
 def _batches(count=3, size=16, seed=0):
@@ -78,3 +80,49 @@ def test_untracked_batchnorm_and_models_without_batchnorm_get_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         assert recalibrate_bn(nn.Sequential(nn.Conv2d(3, 4, 3)), _batches()) == 0
     assert 'has no BatchNorm' in caplog.text
+
+
+def _random_statistics(model):
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(module.num_features, generator=generator))
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator))
+    return model.eval()
+
+
+def test_fold_batchnorm_folds_every_bn_after_a_conv_low_rank_chains_included(model):
+    """Tucker-2's last 1x1, the second conv of an SVD pair and CP's last conv take the BatchNorm after them."""
+    model = _random_statistics(model)
+    decompose_layers(model, {'layer1.0.conv1': 'flops:0.5', 'layer2.0.conv2': 'flops:0.5', 'layer3.1.conv1': 'flops:0.5'},
+                     method={'layer1.0.conv1': 'tucker2', 'layer2.0.conv2': 'svd', 'layer3.1.conv1': 'cp'})
+    model.train()
+    before = model_fingerprint(model)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
+    assert model.training and model_fingerprint(model) == before  # the model itself is untouched
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bn_after_an_addition_stays_and_untraceable_models_are_named():
+    class AfterAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x) + x)
+
+    folded = fold_batchnorm(_random_statistics(AfterAdd()))
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+
+    class DataDependent(AfterAdd):
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    with pytest.raises(UntraceableModelError, match='Cannot fold the BatchNorms of DataDependent'):
+        fold_batchnorm(DataDependent())
