@@ -142,12 +142,19 @@ class _Units:
     ``active`` is allocated from the start; ``keep_reserve`` (layers grouped 'keep', by their cheaper
     operator) joins only when the budget needs it, then ``latency_reserve`` (under a latency budget,
     pruning the groups the grouping left to decomposition). ``level_cap`` caps every unit's level.
+    ``displaced`` names, for each unit of the latency reserve, the decompositions of its members grouped
+    'decompose': pruning such a group regroups those layers to pruning, so they are no longer decomposed (a
+    layer is both pruned and decomposed only when its sensitivity puts it in 'both').
     """
 
     active: dict[Unit, DropCurve]
     keep_reserve: dict[Unit, DropCurve]
     latency_reserve: dict[Unit, DropCurve]
     level_cap: dict[Unit, float]
+    displaced: dict[Unit, list[Unit]] = None
+
+    def __post_init__(self):
+        self.displaced = {} if self.displaced is None else self.displaced
 
 
 def _allocation_units(table, cost: CostModel, groups: dict[str, str], mode: str, metric: str,
@@ -186,6 +193,8 @@ def _add_reserves(units: _Units, table, groups: dict[str, str], decomposable_lay
             unit = ('prune', group_name)
             if unit not in units.active and unit not in units.keep_reserve and group_name in table.groups:
                 _add_unit(units.latency_reserve, units, table, unit, max_ratios)
+                units.displaced[unit] = [('decompose', member) for member in table.groups[group_name]
+                                         if groups.get(member) == 'decompose' and ('decompose', member) in units.active]
 
 
 def _add_unit(into: dict[Unit, DropCurve], units: _Units, table, unit: Unit, max_ratios: dict[str, float]) -> None:
@@ -266,6 +275,18 @@ class _Allocation:
                 best = (score, unit, new_level, new_costs, saved)
         return best
 
+    def undo(self, unit: Unit) -> None:
+        """Put ``unit`` back to level 0 (not compressed), with the costs of its layers."""
+        levels = self.prune_ratios if unit[0] == 'prune' else self.dec_levels
+        if unit[1] not in levels:
+            return
+        del levels[unit[1]]
+        affected = self.cost.affected[unit[1]] if unit[0] == 'prune' else [unit[1]]
+        for name in affected:
+            restored = self.layer_cost(name, self.prune_ratios, self.dec_levels)
+            self.total += restored - self.layer_costs[name]
+            self.layer_costs[name] = restored
+
     def take(self, unit: Unit, new_level: float, new_costs: dict[str, float], saved: float) -> None:
         (self.prune_ratios if unit[0] == 'prune' else self.dec_levels)[unit[1]] = new_level
         self.layer_costs.update(new_costs)
@@ -294,6 +315,10 @@ def _allocate(allocation: _Allocation, units: _Units, goal: float) -> bool:
             reserve, warning = reserves.pop(0)
             _logger.warning(warning, len(reserve))
             active.update(reserve)
+            for unit in reserve:
+                for displaced in units.displaced.get(unit, []):  # regrouped to pruning: no longer decomposed
+                    active.pop(displaced, None)
+                    allocation.undo(displaced)
             continue
         if best is None:
             return False

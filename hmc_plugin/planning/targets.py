@@ -69,8 +69,14 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
 def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], *,
                      target_latency: float, batch: int = 1, threads: int | None = None, rank_method: str = 'auto',
                      latency_cache=None, tolerance: float = 0.015, max_rounds: int = 6,
-                     **plan_kwargs) -> tuple[CompressionPlan, dict[str, float]]:
+                     at_least_prune_only: bool = True, **plan_kwargs) -> tuple[CompressionPlan, dict[str, float]]:
     """Build a plan whose compressed model's *measured* CPU time is within ``tolerance`` of the target fraction.
+
+    With ``at_least_prune_only`` (default), a hybrid plan (``nahc`` / ``hmc`` that decomposes) is kept only if it
+    keeps at least the FLOPs and the parameters of prune-only's plan at the same budget (that plan's ``hmc`` twin,
+    ``margin=inf, decompose_weight=inf``); otherwise that plan is returned, with a log line saying why: the same
+    time for less of the model buys nothing. The margin rule passes False, since its probe compares the
+    recovered models instead.
 
     The allocation runs on a ``latency.LatencyModel`` (per-layer times, cached in ``latency_cache``); each
     plan is applied to a copy (torch-pruning fast path) and timed side by side with the original at
@@ -125,7 +131,30 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     else:
         _logger.info('Plan for target_latency=%.3f measures %.3f (predicted %.3f, error %+.1f %%)', target_latency,
                      measured, report['predicted'], 100 * report['prediction_error'])
+    if at_least_prune_only and plan.mode in ('nahc', 'hmc') and plan.ranks:
+        plan, report = _at_least_prune_only(plan, report, table, model, dummy_input, groups, dict(
+            target_latency=target_latency, batch=batch, threads=threads, rank_method=rank_method,
+            latency_cache=latency_cache, tolerance=tolerance, max_rounds=max_rounds, **plan_kwargs))
     return plan, report
+
+
+def _at_least_prune_only(plan: CompressionPlan, report: dict[str, float], table, model: nn.Module, dummy_input: Any,
+                         groups: Sequence[PruningGroup], kwargs: dict[str, Any]) -> tuple[CompressionPlan, dict]:
+    """``plan``, or prune-only's plan at the same latency budget when that keeps more FLOPs or parameters."""
+    kwargs.update(margin=float('inf'), decompose_weight=float('inf'), at_least_prune_only=False)
+    try:
+        prune_only, prune_report = plan_for_latency(table, model, dummy_input, groups, **kwargs)
+    except HMCConfigError:  # prune-only cannot reach the budget: the hybrid is the only plan
+        return plan, report
+    kept, theirs = plan.measured, prune_only.measured
+    if kept['flops'] >= theirs['flops'] and kept['params'] >= theirs['params']:
+        return plan, report
+    _logger.warning('The %s plan keeps %.3f of the FLOPs and %.3f of the parameters at %.3f of the time, prune-only '
+                    "%.3f and %.3f at %.3f: using prune-only's plan (its decompositions save little time on this "
+                    'CPU; the margin rule, --margin auto, compares the recovered models instead)', plan.mode,
+                    kept['flops'], kept['params'], kept['latency'], theirs['flops'], theirs['params'],
+                    theirs['latency'])
+    return prune_only, prune_report
 
 
 def _latency_report(plan: CompressionPlan, target_latency: float, original_ms: float, measured_ms: float,
