@@ -34,7 +34,7 @@ def test_use_with_nni_snippet_runs_and_its_files_work(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), compressed(x), rtol=0, atol=0)
-    session = onnxruntime.InferenceSession('resnet56_hmc.onnx')
+    session = onnxruntime.InferenceSession('resnet20_hmc.onnx')
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(session.run(None, {'input': x.numpy()})[0]), compressed(x),
                                    rtol=1e-4, atol=1e-4)
