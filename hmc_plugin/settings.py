@@ -109,8 +109,9 @@ class HMCSettings:
     sensitivity: str = setting('proxy', lambda v: v in SENSITIVITIES, f'one of {SENSITIVITIES}',
                                "'proxy' (one-pass Fisher estimate of the KL), 'kl' (KL per unit and level) or "
                                "'evaluator' (the Evaluator's metric)", optional=False)
-    round_to: int = setting(1, _positive_int, 'an int >= 1', 'kept channel counts are multiples of this',
-                            optional=False)
+    round_to: int = setting(1, _positive_int, 'an int >= 1',
+                            'kept channel counts and low-rank ranks are multiples of this (ranks rounded up, at most '
+                            "the layer's dimension; e.g. 8 for vector units)", optional=False)
     speedup: str = setting('nni', lambda v: v in SPEEDUPS, f'one of {SPEEDUPS}',
                            "how pruned layers are shrunk: NNI's ModelSpeedup or torch-pruning", optional=False)
     bn_batches: int = setting(8, _count, 'an int >= 0',

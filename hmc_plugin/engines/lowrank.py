@@ -54,7 +54,7 @@ from torch import nn
 from ..errors import LayerCompressionError
 
 __all__ = ['METHODS', 'RankSpec', 'default_method', 'method_for', 'decomposable', 'flops_ratio', 'replacement_params',
-           'resolve_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module',
+           'resolve_ranks', 'round_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module',
            'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
 
 _logger = logging.getLogger(__name__)
@@ -305,6 +305,15 @@ def resolve_ranks(module: nn.Module, rank: RankSpec, method: str = 'auto', layer
     if not isinstance(rank, str):
         raise _rank_error(rank, dims, method, layer_name)
     return _spectral_ranks(module, rank, dims, method, layer_name)
+
+
+def round_ranks(module: nn.Module, ranks: tuple[int, ...], method: str = 'auto', round_to: int = 1) -> tuple[int, ...]:
+    """``ranks`` rounded up to multiples of ``round_to`` (hardware-friendly widths, e.g. 8), each capped at its
+    mode's dimension (``resolve_ranks``' bounds); ``round_to=1`` returns them as they are."""
+    if round_to <= 1:
+        return tuple(ranks)
+    dims = _mode_dims(module, _check_supported(module, method, ''))
+    return tuple(min(dim, -(-int(rank) // round_to) * round_to) for rank, dim in zip(ranks, dims))
 
 
 def _rank_error(rank: RankSpec, dims: tuple[int, ...], method: str, layer_name: str) -> LayerCompressionError:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from ..engines.lowrank import flops_ratio, method_for, replacement_params, resolve_ranks
+from ..engines.lowrank import flops_ratio, method_for, replacement_params, resolve_ranks, round_ranks
 from ..engines.pruning import PruningGroup, kept_channels
 from ..utils.counting import forward_with_hooks
 
@@ -82,7 +82,7 @@ class CostModel:
         in_channels, out_channels = self.pruned_shape(name, prune_ratios, round_to)
         level = levels.get(name, 0.0)
         if level > 0:
-            return decomposed_cost(layer, in_channels, out_channels, level, self.rank_method)
+            return decomposed_cost(layer, in_channels, out_channels, level, self.rank_method, round_to)
         bias = out_channels if layer.bias else 0
         per_position = out_channels * (in_channels // layer.conv_groups) * layer.kernel[0] * layer.kernel[1]
         return layer.positions * (per_position + bias), per_position + bias, None, None
@@ -97,11 +97,14 @@ def shape_module(layer: LayerCost, in_channels: int, out_channels: int) -> nn.Mo
 
 
 @functools.lru_cache(maxsize=None)
-def decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, level: float, rank_method: str):
-    """Cost of the layer decomposed to keep ``1 - level`` of its FLOPs, with lowrank's own rank rule."""
+def decomposed_cost(layer: LayerCost, in_channels: int, out_channels: int, level: float, rank_method: str,
+                    round_to: int = 1):
+    """Cost of the layer decomposed to keep ``1 - level`` of its FLOPs, with lowrank's own rank rule, the ranks
+    rounded up to multiples of ``round_to`` (``lowrank.round_ranks``)."""
     module = shape_module(layer, in_channels, out_channels)
     method = method_for(module, rank_method, layer.name)
     ranks = resolve_ranks(module, f'flops:{1.0 - level:.6g}', method=method, layer_name=layer.name)
+    ranks = round_ranks(module, ranks, method, round_to)
     dense_macs = layer.positions * out_channels * in_channels * layer.kernel[0] * layer.kernel[1]
     bias_adds = layer.positions * out_channels if layer.bias else 0
     macs = int(round(dense_macs * flops_ratio(module, ranks, method))) + bias_adds

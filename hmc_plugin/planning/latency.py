@@ -249,7 +249,8 @@ class LatencyModel:
     def _decomposed_ms(self, name: str, in_channels: int, out_channels: int, level: float) -> float:
         """Time of the layer at a (grid) pruned shape, decomposed to keep ``1 - level`` of that shape's FLOPs."""
         layer = self.cost.layers[name]
-        _, _, ranks, method = decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method)
+        _, _, ranks, method = decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method,
+                                              self.round_to)
         replacement = f'{method} {tuple(ranks)}'
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, replacement),
                               lambda: _time_ms(replacement_architecture(

@@ -94,3 +94,36 @@ def test_plan_keeps_its_decompose_weight_and_old_plans_load_with_weight_one():
     old = plan.to_dict()
     del old['decompose_weight']  # a plan.json written before the weight existed
     assert CompressionPlan.from_dict(old).decompose_weight == 1.0
+
+
+def test_round_to_rounds_the_planned_ranks_up_to_multiples_and_apply_builds_them():
+    """``round_to`` shapes ranks as it shapes channels: multiples of 8 (or the full dimension), in the plan and in
+    the applied model."""
+    import torch
+
+    from hmc_plugin.app.models import resnet20
+    from hmc_plugin.apply import apply_plan
+    from hmc_plugin.engines.lowrank import round_ranks
+    from hmc_plugin.engines.pruning import find_pruning_groups
+    from hmc_plugin.planning.allocation import build_plan
+    from hmc_plugin.planning.cost import CostModel
+
+    torch.manual_seed(0)
+    model, dummy = resnet20().eval(), torch.zeros(1, 3, 32, 32)
+    assert round_ranks(model.layer1[0].conv1, (5, 11), 'tucker2', 8) == (8, 16)
+    assert round_ranks(model.layer1[0].conv1, (13, 3), 'tucker2', 8) == (16, 8)  # capped at the 16 channels
+    groups = find_pruning_groups(model, dummy)
+    convs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)][1:]
+    levels = [0.2, 0.4, 0.6, 0.8]
+    table = SensitivityTable(levels=levels, mode='proxy', baseline=0.0, prune={},
+                             decompose={name: [0.1 * level for level in levels] for name in convs}, groups={})
+    plan = build_plan(table, CostModel(model, dummy, groups), mode='decompose', target_flops=0.6, round_to=8)
+    assert plan.ranks and plan.round_to == 8
+    dims = {name: (module.out_channels, module.in_channels) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Conv2d)}
+    for name, ranks in plan.ranks.items():
+        assert all(rank % 8 == 0 or rank == dim for rank, dim in zip(ranks, dims[name])), (name, ranks)
+    compressed = apply_plan(model, plan, dummy, speedup='torch_pruning')
+    for name, ranks in plan.ranks.items():
+        first = compressed.get_submodule(name)[0]  # Tucker-2: the input 1x1 conv has r_in outputs
+        assert first.out_channels == ranks[1], (name, first, ranks)
