@@ -97,6 +97,20 @@ def _resize(images: Tensor, image_size: int) -> Tensor:
     return F.interpolate(images, size=(image_size, image_size), mode='bilinear', align_corners=False)
 
 
+def _split_digits(test_fraction: float, seed: int) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
+    """scikit-learn's digits as float ``(1797, 1, 8, 8)`` pixels in [0, 1] and int64 labels, with the indices of
+    the stratified, seeded train / test split (shared by ``digits`` and ``digits_hard``)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                           stratify=digits.target, random_state=seed)
+    return pixels, labels, train_idx, test_idx
+
+
 def load_digits_data(image_size: int = 32, in_channels: int = 3, test_fraction: float = 0.2,
                      seed: int = 0) -> DataSplits:
     """scikit-learn's 1797 real 8x8 handwritten digits, upsampled to ``image_size`` (no download).
@@ -106,18 +120,11 @@ def load_digits_data(image_size: int = 32, in_channels: int = 3, test_fraction: 
     ``seed``. Returns TensorDatasets of float32 ``(N, in_channels, image_size, image_size)`` and int64
     labels; 10 classes.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     image_size = _check_positive_int('image_size', image_size)
     in_channels = _check_positive_int('in_channels', in_channels)
     test_fraction = _check_fraction('test_fraction', test_fraction)
 
-    digits = load_digits()
-    pixels = torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           stratify=digits.target, random_state=seed)
+    pixels, labels, train_idx, test_idx = _split_digits(test_fraction, seed)
     train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
 
     mean = pixels[train_idx].mean()
@@ -240,20 +247,13 @@ def load_hard_digits_data(image_size: int = 32, train_per_source: int = 4, test_
     int64 labels (10 classes) and keep ``sources`` (int64 ``(N,)``, indices into ``load_digits()``, the
     sources in increasing order, each repeated per variant) and the ``mean`` / ``std`` used (float32 ``(3,)``).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     image_size = _check_positive_int('image_size', image_size)
     train_per_source = _check_positive_int('train_per_source', train_per_source)
     test_per_source = _check_positive_int('test_per_source', test_per_source)
     seed = _check_seed(seed)
     test_fraction = _check_fraction('test_fraction', test_fraction)
 
-    digits = load_digits()
-    pixels = torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
-    train_sources, test_sources = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                                   stratify=digits.target, random_state=seed)
+    pixels, labels, train_sources, test_sources = _split_digits(test_fraction, seed)
     masks = _resize(pixels, image_size).clamp_(0.0, 1.0)  # (1797, 1, S, S)
 
     def generate(sources: np.ndarray, per_source: int, split: str) -> tuple[Tensor, Tensor, Tensor]:
