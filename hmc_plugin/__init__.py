@@ -19,7 +19,7 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         or fitted to an input moment), ``engines/pruning`` (torch-pruning groups, masks,
                         NNI speedup), ``engines/moments`` (layer input moments on calibration data),
                         ``engines/datafit`` (refit pruned consumers, data-aware low rank, layer by
-                        layer), ``engines/batchnorm`` (BatchNorm recalibration); no planning
+                        layer), ``engines/batchnorm`` (BatchNorm recalibration and folding); no planning
 2. sensitivity          ``sensitivity/table`` (``SensitivityTable``), ``sensitivity/scan``
                         (evaluator, KL and proxy scans), ``sensitivity/fisher`` (one-pass proxy)
 3. planning             ``planning/plan`` (``CompressionPlan``), ``cost``, ``latency`` (cost and
