@@ -180,9 +180,14 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         if name in refit and moments is not None:
             kept = _kept_outputs(masks.get(name), module.weight.shape[0])
             cross = moments.cross if kept is None else moments.cross[kept]
-            module.weight.data = ridge_fit(cross, moments.input_moment, ridge).reshape(
-                module.weight.shape).to(module.weight.dtype)
-            report['refitted'].append(name)
+            if cross.shape[0] == module.weight.shape[0]:
+                module.weight.data = ridge_fit(cross, moments.input_moment, ridge).reshape(
+                    module.weight.shape).to(module.weight.dtype)
+                report['refitted'].append(name)
+            else:  # the speedup removed output channels the masks do not name: which ones stayed is unknown
+                _logger.warning('Not refitting %s: it has %d output channels but its masks keep %d (the speedup removed '
+                                'channels the masks did not name); its weights stay as the speedup left them', name,
+                                module.weight.shape[0], cross.shape[0])
         if name not in ranks:
             return None
         replacement = decompose_module(module, tuple(ranks[name]), methods.get(name, 'auto'), name,

@@ -102,3 +102,19 @@ def test_nan_activations_name_the_layer(pruned):
     bad[0, 0, 0, 0] = float('nan')
     with pytest.raises(HMCConfigError, match="layer 'conv1'|layer 'layer1.0.conv1'"):
         collect_moments(plain, ['layer1.0.conv1'], [bad])
+
+
+def test_a_layer_whose_outputs_the_masks_do_not_name_is_left_as_the_speedup_made_it(model, caplog):
+    """NNI's speedup may remove more channels than the masks say; the refit then cannot know which outputs stayed:
+    it warns and leaves the layer, instead of failing the whole compression."""
+    dummy = torch.zeros(1, 3, 32, 32)
+    masks = channel_masks(model, dummy, {'conv1': 0.25, 'layer1.0.conv1': 0.5})
+    pruned_model = prune_physically(copy.deepcopy(model), dummy, masks)
+    told = {name: mask for name, mask in masks.items() if name != 'layer1.0.conv1'}  # one layer's masks missing
+    before = pruned_model.layer1[0].conv1.weight.detach().clone()
+    batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    with caplog.at_level(logging.WARNING, logger='hmc_plugin'):
+        report = fit_to_data(model, pruned_model, batches, masks=told, data_aware=False)
+    assert 'Not refitting layer1.0.conv1' in caplog.text
+    assert 'layer1.0.conv1' not in report['refitted'] and 'layer1.0.conv2' in report['refitted']
+    assert torch.equal(pruned_model.layer1[0].conv1.weight, before)
