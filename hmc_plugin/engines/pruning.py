@@ -439,10 +439,7 @@ def _selections_per_group(graph: tp.DependencyGraph, scratch: nn.Module, group_r
     names = {module: name for name, module in scratch.named_modules()}
     selections: dict[str, GroupSelection] = {}
     for name, (ratio, group) in group_ratios.items():
-        scores = scorer(group)
-        if scores is None:  # e.g. bn_scale on a group without BatchNorm
-            _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, name)
-            scores = _importance('l1')(group)
+        scores = _group_scores(scorer, group, importance, name)
         pruned = _pruned_channels(scores, ratio, round_to, _channel_groups(group))
         # the copy sits on the model's device
         selections[name] = GroupSelection(masks=_group_masks(graph, group, pruned, names),
@@ -466,13 +463,19 @@ def group_importances(model: nn.Module, dummy_input: Any, *, importance: str = '
     scorer = _importance(importance)
     scores = {}
     for pruning_group, group in found:
-        values = scorer(group)
-        if values is None:
-            _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, pruning_group.name)
-            values = _importance('l1')(group)
+        values = _group_scores(scorer, group, importance, pruning_group.name).detach().float().cpu()
         slices = _channel_groups(group)
-        values = values.detach().float().cpu()
         scores[pruning_group.name] = values.view(slices, -1).mean(0) if slices > 1 else values
+    return scores
+
+
+def _group_scores(scorer: tp.importance.Importance, group: Any, importance: str, name: str) -> Tensor:
+    """``scorer``'s scores of a tp group's root channels, or the l1 scores (with a warning) when it cannot score it
+    (e.g. bn_scale on a group without BatchNorm)."""
+    scores = scorer(group)
+    if scores is None:
+        _logger.warning('Importance %r cannot score group %r; using l1 instead', importance, name)
+        scores = _importance('l1')(group)
     return scores
 
 

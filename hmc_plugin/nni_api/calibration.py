@@ -16,6 +16,7 @@ import torch
 from nni.compression.utils.evaluator import Evaluator, ModuleHook
 from torch import nn
 
+from ..engines.pruning import preserved_modes
 
 __all__ = ['gather_calibration_batches']
 
@@ -49,7 +50,6 @@ def gather_calibration_batches(model: nn.Module, evaluator: Evaluator, steps: in
     else:
         user_optimizers = []
     state = copy.deepcopy(model.state_dict())
-    modes = {name: module.training for name, module in model.named_modules()}
     optimizer_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in user_optimizers]
     batches: list = []
     twin = copy.deepcopy(model)
@@ -63,29 +63,28 @@ def gather_calibration_batches(model: nn.Module, evaluator: Evaluator, steps: in
         return capture
 
     evaluator.bind_model(twin)
-    try:
-        evaluator.register_hooks([ForwardPreHook(twin, '', factory)])
-        evaluator.train(max_steps=steps)
-    except _EnoughBatches:
-        pass
-    finally:
-        evaluator.unbind_model()
-        _restore(model, state, modes)
-        for optimizer, saved in zip(user_optimizers, optimizer_states):
-            optimizer.load_state_dict(saved)
+    with preserved_modes(model):
+        try:
+            evaluator.register_hooks([ForwardPreHook(twin, '', factory)])
+            evaluator.train(max_steps=steps)
+        except _EnoughBatches:
+            pass
+        finally:
+            evaluator.unbind_model()
+            _restore_weights(model, state)
+            for optimizer, saved in zip(user_optimizers, optimizer_states):
+                optimizer.load_state_dict(saved)
     if batches and len(batches) < steps:
         _logger.warning('The Evaluator gave %d of the %d calibration batches asked for (calibration_steps); HMC '
                         'uses those', len(batches), steps)
     return batches
 
 
-def _restore(model: nn.Module, state: dict[str, Any], modes: dict[str, bool]) -> None:
-    """Put ``state`` and the train/eval ``modes`` back if anything changed them (a ``training_func`` that trains
-    a global model rather than the one it is given)."""
+def _restore_weights(model: nn.Module, state: dict[str, Any]) -> None:
+    """Put ``state`` back if anything changed it (a ``training_func`` that trains a global model rather than the
+    one it is given)."""
     current = model.state_dict()
     if any(not torch.equal(current[key], value) for key, value in state.items()):
         _logger.warning("The Evaluator's training_func changed the model given to HMCCompressor (it trains a model "
                         'other than its `model` argument); HMC put its weights and statistics back')
         model.load_state_dict(state)
-    for name, module in model.named_modules():
-        module.training = modes[name]

@@ -217,8 +217,9 @@ class HMCCompressor(Pruner):
                           scan_needs_data: bool) -> Any:
         """The scan's calibration inputs, and ``self._batches`` for the fit and the BatchNorm recalibration: the
         given ones, else the ``calibration_loader``'s, else read from the evaluator's training steps."""
-        wants_data = scan_needs_data or self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct
-        if calibration_inputs is None and not self._batches and evaluator is not None and wants_data:
+        fit_uses_data = self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct
+        if calibration_inputs is None and not self._batches and evaluator is not None and (scan_needs_data
+                                                                                          or fit_uses_data):
             self._batches = gather_calibration_batches(model, evaluator, self.settings.calibration_batches)
             if not self._batches and scan_needs_data:
                 raise HMCConfigError(NO_EVALUATOR_DATA_MESSAGE)
@@ -231,7 +232,7 @@ class HMCCompressor(Pruner):
             _check_runs(model, calibration_inputs, 'calibration_inputs', first=2)
         if not self._batches and calibration_inputs is not None:
             self._batches = [calibration_inputs]
-        if not self._batches and (self.settings.bn_batches or self.settings.data_aware or self.settings.reconstruct):
+        if not self._batches and fit_uses_data:
             _logger.warning('No calibration_inputs, calibration_loader or evaluator training steps: the BatchNorm '
                             'recalibration, the reconstruction of pruned consumers and the data-aware low rank are off '
                             '(data-free compression); pass calibration_inputs (e.g. 64 training images) to turn them on')
@@ -384,9 +385,9 @@ class HMCCompressor(Pruner):
         """
         try:
             super().compress(max_steps, max_epochs)  # runs _single_compress
-            _logger.info('HMCCompressor: the returned model is already compressed (pruned layers sped up, decomposed '
-                         'layers replaced; %s): use it as it is, without ModelSpeedup (the masks describe only the '
-                         'pruning half)', f'{len(self.plan.prune_ratios)} pruning groups shrunk, {len(self.plan.ranks)} layers decomposed')
+            _logger.info('HMCCompressor: the returned model is already compressed (%d pruning groups shrunk, %d layers '
+                         'decomposed): use it as it is, without ModelSpeedup (the masks describe only the pruning half)',
+                         len(self.plan.prune_ratios), len(self.plan.ranks))
             return self.compressed_model, self.masks
         finally:
             if self._is_wrapped:

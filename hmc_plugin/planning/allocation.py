@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..engines.lowrank import decomposable
@@ -151,10 +151,7 @@ class _Units:
     keep_reserve: dict[Unit, DropCurve]
     latency_reserve: dict[Unit, DropCurve]
     level_cap: dict[Unit, float]
-    displaced: dict[Unit, list[Unit]] = None
-
-    def __post_init__(self):
-        self.displaced = {} if self.displaced is None else self.displaced
+    displaced: dict[Unit, list[Unit]] = field(default_factory=dict)
 
 
 def _allocation_units(table, cost: CostModel, groups: dict[str, str], mode: str, metric: str,

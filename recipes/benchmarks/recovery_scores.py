@@ -95,22 +95,30 @@ def candidate_plans(model, splits, settings, table) -> list[tuple[float, float, 
     return plans
 
 
-def measure(model, compressed, held_out, reference) -> tuple[float, float]:
+def scoring_data(model, splits, settings) -> dict[str, Any]:
+    """What every candidate of one (model, seed) is scored with, computed once: the held-out training images and
+    the original's outputs on them, the calibration batches, and the train split without the held-out images."""
+    images, labels = calibration_batch(splits, settings.calibration_size + HELD_OUT, seed=settings.seed)
+    held_out = (images[settings.calibration_size:], labels[settings.calibration_size:])
+    probe_splits = without_train_images(splits, train_permutation(splits, settings.seed)[
+        settings.calibration_size:settings.calibration_size + HELD_OUT])
+    return {'held_out': held_out, 'reference': output_log_probs(model, [held_out[0]]),
+            'batches': calibration_batches(splits, settings), 'probe_splits': probe_splits}
+
+
+def measure(compressed, scoring: dict[str, Any]) -> tuple[float, float]:
     """(KL from the original, accuracy) on the held-out training images."""
-    images, labels = held_out
-    kl = float(per_input_kl(reference, compressed, [images]).mean())
+    images, labels = scoring['held_out']
+    kl = float(per_input_kl(scoring['reference'], compressed, [images]).mean())
     with torch.no_grad():
         accuracy = float((compressed.eval()(images).argmax(1) == labels).float().mean())
     return kl, accuracy
 
 
-def run_cell(model, splits, settings, plan, args) -> dict[str, Any]:
+def run_cell(model, splits, settings, plan, scoring, args) -> dict[str, Any]:
     """Every score of one candidate plan, and its fine-tuned test accuracy."""
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
-    images, labels = calibration_batch(splits, settings.calibration_size + HELD_OUT, seed=settings.seed)
-    held_out = (images[settings.calibration_size:], labels[settings.calibration_size:])
-    reference = output_log_probs(model, [held_out[0]])
-    batches = calibration_batches(splits, settings)
+    batches = scoring['batches']
     fits = {'data_free': None,
             'bn': DataFit(batches=(), bn_batches=tuple(batches[:settings.bn_batches]), reconstruct=False,
                           data_aware=False),
@@ -119,12 +127,10 @@ def run_cell(model, splits, settings, plan, args) -> dict[str, Any]:
     compressed = {}
     for name, data in fits.items():
         compressed[name] = apply_plan(copy.deepcopy(model), plan, dummy_input, speedup='torch_pruning', data=data)
-        cell[f'kl_{name}'], cell[f'acc_{name}'] = measure(model, compressed[name], held_out, reference)
-    probe_splits = without_train_images(splits, train_permutation(splits, settings.seed)[
-        settings.calibration_size:settings.calibration_size + HELD_OUT])
+        cell[f'kl_{name}'], cell[f'acc_{name}'] = measure(compressed[name], scoring)
     probed = copy.deepcopy(compressed['data_aware'])
-    sgd_finetune(probed, probe_splits, settings, max_steps=args.probe_steps)
-    cell['kl_probe'], cell['acc_probe'] = measure(model, probed, held_out, reference)
+    sgd_finetune(probed, scoring['probe_splits'], settings, max_steps=args.probe_steps)
+    cell['kl_probe'], cell['acc_probe'] = measure(probed, scoring)
     tuned = compressed['data_aware']
     _, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     cell['acc_zero_shot_test'] = evaluate_accuracy(tuned, test_loader)
@@ -172,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               'acc': evaluate_accuracy(model, test_loader)})
             progress(f'{model_name} seed {seed}: baseline {baselines[-1]["acc"]:.3f}; proxy scan')
             table = scan(copy.deepcopy(model), splits, base, work / 'scan', progress=False)
+            scoring = scoring_data(model, splits, base)
             for target in targets:
                 settings = common.replace(base, target_flops=target)
                 for margin, weight, plan in candidate_plans(model, splits, settings, table):
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            'plan': plan_key(plan), 'probe_steps': args.probe_steps,
                            'finetune_epochs': args.finetune_epochs}
                     cell = common.cached_cell(work / 'cells' / f'{name}.json', key,
-                                              lambda: run_cell(model, splits, settings, plan, args))
+                                              lambda: run_cell(model, splits, settings, plan, scoring, args))
                     cell = {'model': model_name, 'data': args.data, 'seed': seed, 'target': target,
                             'margin': encode_float(margin), 'decompose_weight': encode_float(weight), **cell}
                     cells.append(cell)
