@@ -401,3 +401,55 @@ def test_recovery_scores_rank_the_scores_by_their_correlation_with_the_fine_tune
     assert result['kl_data_free']['rho_mean'] == pytest.approx(-1.0)
     assert result['acc_bn']['rho_mean'] == pytest.approx(0.6)
     assert result['kl_data_aware']['groups'] == 0 and math.isnan(result['kl_data_aware']['rho_mean'])  # constant
+
+
+def test_power_pairs_seeds_and_names_the_cells_hmc_loses():
+    """The powered benchmark's statistics on made-up cells: paired differences per seed with a 95 % t interval,
+    the strongest pruner by mean fine-tuned accuracy, a seed that misses the budget left out of the pairs, and
+    the goal counted over fine-tuned cells with the lost ones named."""
+    power = suite_module('power')
+    cells = []
+    for seed in range(5):
+        for method, base in (('hmc', 0.80), ('prune', 0.78), ('tp_l2', 0.75), ('nni_l1', 0.70)):
+            acc = {'0': base - 0.3, '1': base + 0.01 * seed, '5': base + 0.05 - (0.1 if method == 'hmc' else 0)}
+            cell = {'model': 'resnet20', 'data': 'digits_hard', 'seed': seed, 'budget': 'flops', 'target': 0.5,
+                    'method': method, 'acc': acc, 'kl': {key: 1 - value for key, value in acc.items()},
+                    'flops_kept': 0.5, 'params_kept': 0.4}
+            if method == 'tp_l2' and seed == 4:
+                cell = {key: cell[key] for key in ('model', 'data', 'seed', 'budget', 'target', 'method')}
+                cell['unreachable'] = 'cannot reach'
+            cells.append(cell)
+    for cell in cells:  # HMC's lead over prune-only varies by seed after one epoch
+        if cell['method'] == 'prune':
+            cell['acc']['1'] = 0.78 + [0.01, -0.02, 0.0, 0.03, -0.01][cell['seed']]
+    summary = power.summarise(cells, [1, 5])
+    one = next(row for row in summary if row['epochs'] == 1)
+    assert one['strongest_pruner'] == 'prune'
+    assert one['methods']['tp_l2'] == pytest.approx({'seeds': 5, 'reached': 4, 'acc_mean': 0.75 + 0.015,
+                                                     'acc_std': one['methods']['tp_l2']['acc_std'],
+                                                     'kl_mean': 0.25 - 0.015, 'kl_std': one['methods']['tp_l2']['kl_std'],
+                                                     'flops_kept': 0.5, 'params_kept': 0.4})
+    pair = power.paired(one, 'hmc', 'prune')
+    differences = [0.80 + 0.01 * seed - (0.78 + [0.01, -0.02, 0.0, 0.03, -0.01][seed]) for seed in range(5)]
+    assert pair['differences'] == pytest.approx(differences)
+    half = 2.7764451 * statistics.stdev(differences) / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert (pair['low'], pair['high']) == pytest.approx((statistics.fmean(differences) - half,
+                                                         statistics.fmean(differences) + half))
+    assert power.paired(one, 'hmc', 'tp_l2')['seeds'] == [0, 1, 2, 3]
+    report = {'summary': summary}
+    result = power.verdict(report)
+    assert result['cells'] == 2 and result['hmc_at_least_every_baseline'] == 1
+    assert result['interval_above_zero_vs_strongest'] == (1 if pair['low'] > 0 else 0)
+    assert result['lost'] == ['ResNet-20 on digits_hard, flops 0.5, 5 epoch(s): below prune-only (HMC, L1), '
+                              'torch-pruning group-L2, global']
+    report.update(command='.venv/bin/python recipes/benchmarks/power.py', machine='m', threads=1, commit='c',
+                  wall_seconds=60.0, baselines=[{'model': 'resnet20', 'data': 'digits_hard', 'seed': 0, 'acc': 0.9}],
+                  settings={'seeds': [0, 1, 2, 3, 4], 'data': ['digits_hard'], 'models': ['resnet20'], 'epochs': [1, 5],
+                            'train_epochs': 12, 'finetune_lr': 0.01, 'probe_steps': 60, 'latency_batch': 64})
+    markdown = power.render_markdown(report)
+    assert '**Goal** (fine-tuned cells): HMC at least every baseline in 1 of 2' in markdown
+    rows = markdown_rows(markdown.split('### flops 0.5, 1 fine-tuning epoch(s)')[1], ('method', 'seeds'))
+    by_method = {row['method']: row for row in rows}
+    assert by_method['torch-pruning group-L2, global']['seeds'] == '4 of 5'
+    assert by_method['prune-only (HMC, L1) (strongest pruner)']['HMC − it, pp [95 % CI]'] == \
+        f'{100 * pair["mean"]:+.1f} [{100 * pair["low"]:+.1f}, {100 * pair["high"]:+.1f}]'

@@ -231,15 +231,18 @@ def compare_methods(model: nn.Module, splits: DataSplits, settings: RunSettings,
     return [uncompressed_row(model, splits, settings, latencies=reference), *rows], table
 
 
-def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None) -> float:
+def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, max_steps: int | None = None,
+                 on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> float:
     """Fine-tune ``model`` in place for ``settings.finetune_epochs`` epochs (or ``max_steps`` steps) through an NNI
     ``TorchEvaluator`` (``make_torch_evaluator``: SGD at ``settings.finetune_lr``, momentum 0.9, weight decay
-    5e-4) and ``nni_api.finetune``, the path of every compressed model; batch order seeded by ``settings.seed``.
-    Leaves the model in eval mode; returns the seconds it took."""
+    5e-4, no schedule) and ``nni_api.finetune``, the path of every compressed model; batch order seeded by
+    ``settings.seed``; ``on_epoch_end(model, epoch)`` runs after each epoch (the state after epoch k is the state
+    a k-epoch fine-tune ends in). Leaves the model in eval mode; returns the seconds it took."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
-    evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr, progress=False)
+    evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr, progress=False,
+                                     on_epoch_end=on_epoch_end)
     finetune(model, evaluator, original=model, max_steps=max_steps,
              max_epochs=None if max_steps is not None else settings.finetune_epochs)
     model.eval()

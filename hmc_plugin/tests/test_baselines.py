@@ -11,7 +11,7 @@ from hmc_plugin.app.baselines import nni_l1_masks, nni_l1_prune, torch_pruning_p
 from hmc_plugin.app.models import resnet20
 from hmc_plugin.engines.pruning import find_pruning_groups, group_importances, prune_physically
 from hmc_plugin.errors import HMCConfigError
-from hmc_plugin.utils.counting import count_flops
+from hmc_plugin.utils.counting import count_flops, count_params
 from hmc_plugin.utils.fingerprint import model_fingerprint
 from hmc_plugin.utils.kl import output_kl, output_log_probs
 
@@ -87,3 +87,27 @@ def test_output_kl_is_zero_for_the_same_outputs_and_positive_for_others(model):
     kl = output_kl(model, other, [(images, torch.zeros(8))])
     assert kl > 0
     assert output_kl(output_log_probs(model, [images]), other, [images]) == pytest.approx(kl)
+
+
+@pytest.mark.parametrize('prune', ['nni_l1', 'tp_global'])
+def test_baselines_meet_a_parameter_budget(model, prune):
+    dummy = torch.zeros(1, 3, 32, 32)
+    before = model_fingerprint(model)
+    if prune == 'nni_l1':
+        pruned, info = nni_l1_prune(model, dummy, target_params=0.3, speedup='torch_pruning')
+    else:
+        pruned, info = torch_pruning_prune(model, dummy, target_params=0.3, speedup='torch_pruning')
+    assert abs(count_params(pruned) / count_params(model) - 0.3) <= 0.02
+    assert info['params_kept'] == pytest.approx(count_params(pruned) / count_params(model))
+    assert info['flops_kept'] == pytest.approx(count_flops(pruned, dummy) / count_flops(model, dummy))
+    assert model_fingerprint(model) == before
+
+
+def test_baselines_take_exactly_one_budget(model):
+    dummy = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(HMCConfigError, match='both target_flops and target_params'):
+        torch_pruning_prune(model, dummy, target_flops=0.5, target_params=0.5)
+    with pytest.raises(HMCConfigError, match='neither target_flops nor target_params'):
+        nni_l1_prune(model, dummy)
+    with pytest.raises(HMCConfigError, match='target_params=0'):
+        torch_pruning_prune(model, dummy, target_params=0)
