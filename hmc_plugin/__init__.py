@@ -13,7 +13,8 @@ stage                   modules
 ======================  =========================================================================
 shared                  ``errors`` (the exception family), ``settings`` (``HMCSettings``: every
                         HMC setting with its default and check, once), ``utils/`` (``counting``:
-                        FLOPs and parameters; ``timing``: latency timers; ``kl``: output KL;
+                        FLOPs and parameters; ``timing``: latency timers; ``onnx_runtime``: the ONNX Runtime
+                        latency backend; ``kl``: output KL;
                         ``store``: the keyed JSON store behind every cache; ``fingerprint``)
 1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements, data-free
                         or fitted to an input moment), ``engines/pruning`` (torch-pruning groups, masks,

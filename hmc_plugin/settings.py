@@ -13,16 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import HMCConfigError
+from .utils.onnx_runtime import LATENCY_BACKENDS
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
-           'FIT_ORDERS', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
+           'FIT_ORDERS', 'LATENCY_BACKENDS', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
 
 MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
 IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')  # torch-pruning importances the pruning engine knows
 # 'taylor' scores channels by gradients of labelled batches, which HMCCompressor does not take
 COMPRESSOR_IMPORTANCES = tuple(name for name in IMPORTANCES if name != 'taylor')
 SENSITIVITIES = ('proxy', 'kl', 'evaluator')
-RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd')
+RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd', 'best')
 FIT_ORDERS = ('sequential', 'one_pass')
 SPEEDUPS = ('nni', 'torch_pruning')
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -90,6 +91,9 @@ class HMCSettings:
                                  optional=False)
     latency_threads: int | None = setting(None, _positive_int, 'an int >= 1',
                                           "torch threads at which target_latency is measured (default: torch's)")
+    latency_backend: str = setting('torch', lambda v: v in LATENCY_BACKENDS, f'one of {LATENCY_BACKENDS}',
+                                   "where target_latency is measured: 'torch' (eager PyTorch) or 'onnxruntime' (exported, "
+                                   'all graph optimisations, as a CPU deployment runs it)', optional=False)
     levels: tuple[float, ...] = setting(DEFAULT_LEVELS, _levels, 'increasing fractions in (0, 1)',
                                         "fractions of a layer's FLOPs the scan removes", optional=False)
     importance: str = setting('l1', lambda v: v in COMPRESSOR_IMPORTANCES, f'one of {COMPRESSOR_IMPORTANCES}',
@@ -98,7 +102,8 @@ class HMCSettings:
                               optional=False)
     rank_method: str = setting('auto', lambda v: v in RANK_METHODS, f'one of {RANK_METHODS}',
                                "decomposition of kxk convs ('auto': Tucker-2; 'svd': a kxk conv to r channels then "
-                               "a 1x1; linear and 1x1 layers always use SVD)",
+                               "a 1x1; 'best': the scan tries both per layer and keeps the one that drops less; "
+                               "linear and 1x1 layers always use SVD)",
                                optional=False)
     margin: float | str | None = setting(None, _margin, "a number >= 0 or 'inf' ('auto' on the hmc command)",
                                          "HMC's margin tau in units of the median drop ('inf' = AHC; default 0.5 for "

@@ -277,3 +277,37 @@ def test_cli_margin_auto_picks_tau_and_weight_by_probe_fine_tunes(tmp_path, caps
     assert row['latency_budget'] == rule['latency_budget'] and row['latency_budget']['batch'] == 8
     # an infinite weight never decomposes (a finite one may still leave every layer dense under this budget)
     assert rule['decompose_weight'] != 'inf' or plan.ranks == {}
+
+
+def test_onnxruntime_backend_plans_on_its_own_cached_timings(scanned, tmp_path):
+    """latency_backend='onnxruntime': every layer and the model are timed in ONNX Runtime, the cache keys name the
+    backend and its version (torch keys stay as they were), and a second plan measures nothing new."""
+    import onnxruntime
+
+    model, dummy, groups, table = scanned
+    cache_path = tmp_path / 'latency.json'
+    before = model_fingerprint(model)
+    plan, report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
+                                    mode='prune', latency_cache=cache_path, max_rounds=2, backend='onnxruntime')
+    assert model_fingerprint(model) == before
+    assert report['backend'] == 'onnxruntime' and report['original_ms'] > 0 and report['measured_ms'] > 0
+    assert plan.prune_ratios and 0 < plan.measured['latency'] < 1.2
+    keys = [entry['key'] for entry in __import__('json').loads(cache_path.read_text())['entries'].values()]
+    assert keys and all(f'backend onnxruntime {onnxruntime.__version__}' in key for key in keys)
+    again, again_report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
+                                           mode='prune', latency_cache=cache_path, max_rounds=2, backend='onnxruntime')
+    assert again_report['new_measurements'] == 0 and again.prune_ratios == plan.prune_ratios
+    torch_model = LatencyModel(model, dummy, CostModel(model, dummy, groups), LEVELS, batch=BATCH, threads=1,
+                               cache=cache_path)
+    assert torch_model.cache.measured > 0 and 'backend' not in torch_model._prefix()
+
+
+def test_an_unknown_latency_backend_is_named(scanned):
+    from hmc_plugin.settings import HMCSettings
+    from hmc_plugin.utils.timing import measure_latency
+
+    model, dummy, groups, _ = scanned
+    with pytest.raises(HMCConfigError, match="latency_backend='tensorrt'.*'torch', 'onnxruntime'"):
+        measure_latency(model, dummy, backend='tensorrt')
+    with pytest.raises(HMCConfigError, match='latency_backend'):
+        HMCSettings(latency_backend='tensorrt')

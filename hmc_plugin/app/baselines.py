@@ -172,7 +172,8 @@ def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float | No
     final = copy.deepcopy(model)
     masks = nni_l1_masks(final, groups, ratios)
     final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
-    flops, params = count_flops(final, dummy_input) / count_flops(model, dummy_input), count_params(final) / count_params(model)
+    flops = count_flops(final, dummy_input) / count_flops(model, dummy_input)
+    params = count_params(final) / count_params(model)
     _logger.info('NNI L1NormPruner: sparse_ratio %.4f (widest groups %.4f) keeps %.4f of the FLOPs, %.4f of the '
                  'parameters (%d steps)', ratio, widest_ratio, flops, params, steps)
     return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': flops, 'params_kept': params,
@@ -232,7 +233,8 @@ def torch_pruning_prune(model: nn.Module, dummy_input: Any, *, target_flops: flo
     masks = masks_for(ratios)
     final = copy.deepcopy(model)
     final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
-    flops, params = count_flops(final, dummy_input) / count_flops(model, dummy_input), count_params(final) / count_params(model)
+    flops = count_flops(final, dummy_input) / count_flops(model, dummy_input)
+    params = count_params(final) / count_params(model)
     _logger.info('torch-pruning %s %s: keeps %.4f of the FLOPs, %.4f of the parameters (%d steps)', allocation,
                  importance, flops, params, steps)
     return final, {'importance': importance, 'allocation': allocation, 'ratios': ratios, 'flops_kept': flops,

@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import HMCConfigError, HMCError
-from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FIT_ORDERS, MODES, RANK_METHODS, SENSITIVITIES, HMCSettings,
-                        unknown_key_message)
+from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FIT_ORDERS, LATENCY_BACKENDS, MODES, RANK_METHODS,
+                        SENSITIVITIES, HMCSettings, unknown_key_message)
 from .run_settings import RUN_KEY_HELP, RunSettings
 
 __all__ = ['build_parser', 'main']
@@ -64,6 +64,9 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the model's measured CPU time to keep (instead of FLOPs), at --latency-batch "
                              "and --threads on this machine")
     parser.add_argument('--latency-batch', type=int, help='batch size at which --target-latency is measured (default 1)')
+    parser.add_argument('--latency-backend', choices=LATENCY_BACKENDS,
+                        help="where --target-latency is measured: 'torch' (default) or 'onnxruntime' (exported, all "
+                             'graph optimisations, as a CPU deployment runs it)')
     parser.add_argument('--importance', choices=COMPRESSOR_IMPORTANCES)
     parser.add_argument('--margin', type=_margin_arg,
                         help="HMC margin tau ('inf' = AHC), or 'auto' with --mode hmc: HMC's margin rule picks tau and "
@@ -265,7 +268,8 @@ def _margin_rule_line(rule: dict) -> str:
 
 
 def _latency_line(report: dict) -> str:
-    return (f"CPU time at batch {report['batch']}, {report['threads']} threads: {report['original_ms']:.2f} ms -> "
+    backend = f", {report['backend']}" if report.get('backend', 'torch') != 'torch' else ''
+    return (f"CPU time at batch {report['batch']}, {report['threads']} threads{backend}: {report['original_ms']:.2f} ms -> "
             f"{report['measured_ms']:.2f} ms measured ({report['measured']:.3f} kept), {report['predicted_ms']:.2f} ms "
             f"predicted by the latency model (error {100 * report['prediction_error']:+.1f} %)")
 

@@ -322,7 +322,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
         if settings.target_latency is not None:
             return plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
                                     threads=settings.threads, latency_cache=settings.latency_cache,
-                                    at_least_prune_only=False, **common)  # the probes compare the recovered models
+                                    backend=settings.latency_backend, at_least_prune_only=False, **common)  # the probes compare the recovered models
         return plan_for_target(table, model, dummy_input, groups, **common)[0], None
 
     def score(plan: CompressionPlan) -> torch.Tensor:

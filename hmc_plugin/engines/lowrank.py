@@ -92,9 +92,10 @@ def default_method(module: nn.Module, layer_name: str = '') -> str:
 
 def method_for(module: nn.Module, rank_method: str = 'auto', layer_name: str = '') -> str:
     """The method a plan uses for ``module``: ``rank_method`` ('auto' = 'tucker2', 'tucker2', 'cp' or 'svd') for a
-    k x k conv, ``'svd'`` for a 1x1 conv or a Linear."""
+    k x k conv, ``'svd'`` for a 1x1 conv or a Linear. ``'best'`` is the scan's choice per layer
+    (``SensitivityTable.decompose_methods``); without a scan it stands for Tucker-2, whose layers SVD covers too."""
     method = default_method(module, layer_name)
-    return method if method == 'svd' or rank_method == 'auto' else rank_method
+    return method if method == 'svd' or rank_method in ('auto', 'best') else rank_method
 
 
 def _check_supported(module: nn.Module, method: str, layer_name: str) -> str:

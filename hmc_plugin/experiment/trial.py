@@ -39,7 +39,8 @@ SEARCHABLE = {
     'margin': "HMC's tau, a number >= 0 or 'inf'; used by mode 'hmc' only ('nahc' is 'hmc' with 0.5)",
     'target_flops': 'fraction of the FLOPs to keep, in (0, 1]',
     'importance': f"channel importance for pruning, one of {COMPRESSOR_IMPORTANCES}",
-    'rank_method': "'auto', 'tucker2' or 'cp' (decomposition of kxk convs)",
+    'rank_method': "'auto', 'tucker2', 'cp', 'svd' or 'best' (decomposition of kxk convs; 'best': the scan's "
+                   'choice per layer)',
     'finetune_epochs': 'fine-tuning epochs after compression, an integer >= 0',
     'finetune_lr': 'fine-tuning learning rate, > 0',
     'sensitivity': "the scan's sensitivity mode, e.g. 'proxy' (default)",

@@ -156,7 +156,8 @@ class HMCCompressor(Pruner):
                  cache_path: str | None = None, latency_cache: str | None = None, progress: bool = True,
                  mode: str | None = None, target_flops: float | None = None, target_params: float | None = None,
                  target_latency: float | None = None, latency_batch: int | None = None,
-                 latency_threads: int | None = None, levels: Sequence[float] | None = None,
+                 latency_threads: int | None = None, latency_backend: str | None = None,
+                 levels: Sequence[float] | None = None,
                  importance: str | None = None, rank_method: str | None = None, margin: float | str | None = None,
                  decompose_weight: float | str | None = None, sensitivity: str | None = None,
                  round_to: int | None = None, speedup: str | None = None, bn_batches: int | None = None,
@@ -482,7 +483,7 @@ class HMCCompressor(Pruner):
             plan, self.latency_report = plan_for_latency(
                 table, self.bound_model, self.dummy_input, self.groups, target_latency=target,
                 batch=self.settings.latency_batch, threads=self.settings.latency_threads,
-                latency_cache=self.latency_cache, **common)
+                latency_cache=self.latency_cache, backend=self.settings.latency_backend, **common)
             return plan
         plan, _ = plan_for_target(table, self.bound_model, self.dummy_input, self.groups,
                                   **{f'target_{metric}': target}, **common)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -39,8 +39,10 @@ class CostModel:
     small error by measuring the compressed model.
     """
 
-    def __init__(self, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], rank_method: str = 'auto'):
+    def __init__(self, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], rank_method: str = 'auto',
+                 methods: Mapping[str, str] | None = None):
         self.rank_method = rank_method
+        self.methods = dict(methods or {})  # layer -> method chosen by the scan (rank_method 'best')
         self.layers: dict[str, LayerCost] = {}
         positions: dict[str, int] = {}
 
@@ -68,6 +70,10 @@ class CostModel:
         self.full = {'flops': sum(self.layer_cost(name, {}, {})[0] for name in self.layers),
                      'params': sum(self.layer_cost(name, {}, {})[1] for name in self.layers)}
 
+    def method_of(self, name: str) -> str:
+        """The rank method of layer ``name``: the scan's choice where it made one, else ``rank_method``."""
+        return self.methods.get(name, self.rank_method)
+
     def pruned_shape(self, name: str, prune_ratios: dict[str, float], round_to: int = 1) -> tuple[int, int]:
         layer = self.layers[name]
         out_ratio = prune_ratios.get(self.out_group.get(name), 0.0)
@@ -82,7 +88,7 @@ class CostModel:
         in_channels, out_channels = self.pruned_shape(name, prune_ratios, round_to)
         level = levels.get(name, 0.0)
         if level > 0:
-            return decomposed_cost(layer, in_channels, out_channels, level, self.rank_method, round_to)
+            return decomposed_cost(layer, in_channels, out_channels, level, self.method_of(name), round_to)
         bias = out_channels if layer.bias else 0
         per_position = out_channels * (in_channels // layer.conv_groups) * layer.kernel[0] * layer.kernel[1]
         return layer.positions * (per_position + bias), per_position + bias, None, None

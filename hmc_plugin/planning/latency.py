@@ -10,8 +10,8 @@ conv it replaces). A latency budget (``target_latency``) is allocated on times m
 - the rest of the model (BN, ReLU, pooling, additions) takes the whole model's measured time minus the
   layers' times, shared among the layers by the size of their outputs and shrinking with their output
   channels;
-- measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, layer
-  shape and replacement, so a second plan on the same machine measures nothing new. The side-by-side
+- measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, backend
+  (``'torch'``, or ``'onnxruntime'`` and its version: ``utils.onnx_runtime``), layer shape and replacement, so a second plan on the same machine measures nothing new. The side-by-side
   timings of whole compressed models that ``planning.targets.plan_for_latency`` checks its plans with are cached too,
   by the compressed architecture: the same budget planned twice takes the same corrections and gives the
   same plan (HMC's prune-only candidate is prune-only's plan).
@@ -35,6 +35,7 @@ from ..engines.lowrank import decomposable, replacement_architecture
 from ..engines.pruning import kept_channels
 from ..utils.counting import as_input_tuple, forward_with_hooks
 from ..utils.store import JsonStore, key_of
+from ..utils.onnx_runtime import backend_label
 from ..utils.timing import machine_description, measure_latency, measure_latency_side_by_side
 from .cost import CostModel, LayerCost, decomposed_cost, shape_module
 
@@ -114,10 +115,10 @@ class LatencyCache:
         self.store.save()
 
 
-def _time_ms(module: nn.Module, inputs: torch.Tensor, threads: int) -> float:
-    """Median time (ms) of ``module(inputs)``: warm-up, then repeats until about 50 ms were timed."""
+def _time_ms(module: nn.Module, inputs: torch.Tensor, threads: int, backend: str = 'torch') -> float:
+    """Median time (ms) of ``module(inputs)`` in ``backend``: warm-up, then repeats until about 50 ms were timed."""
     return measure_latency(module, inputs, warmup=_WARMUP, repeats=_MIN_REPEATS, num_threads=threads,
-                           min_seconds=_MIN_TIMED_SECONDS, max_repeats=_MAX_REPEATS)
+                           min_seconds=_MIN_TIMED_SECONDS, max_repeats=_MAX_REPEATS, backend=backend)
 
 
 def _nearest(nodes: Sequence[int], value: int) -> int:
@@ -148,13 +149,19 @@ class LatencyModel:
         The sensitivity table's levels: the pruning grid and the decomposition levels that are timed.
     batch, threads
         Batch size and torch threads of the budget.
+    backend
+        Where the times are measured: ``'torch'`` (eager PyTorch) or ``'onnxruntime'`` (every layer and model
+        exported and run in ONNX Runtime with all graph optimisations, ``utils.onnx_runtime``); part of the
+        cache keys, with the runtime's version.
     cache
         A :class:`LatencyCache` or its path (``None``: the default path).
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, cost: CostModel, levels: Sequence[float], *,
                  batch: int = 1, threads: int | None = None, round_to: int = 1,
-                 cache: LatencyCache | str | os.PathLike | None = None):
+                 cache: LatencyCache | str | os.PathLike | None = None, backend: str = 'torch'):
+        self.backend = backend
+        self.backend_label = backend_label(backend)  # an unknown backend or a missing runtime fails first
         self.cost = cost
         self.levels = sorted(float(level) for level in levels)
         self.batch = int(batch)
@@ -165,7 +172,7 @@ class LatencyModel:
         self._factors: dict[tuple[str, int, int], list[float]] = {}   # decomposed / dense time per grid shape
         self.input_sizes = _input_sizes(model, dummy_input, list(cost.layers))
         now_ms = measure_latency(model, batched_input(dummy_input, self.batch), warmup=2, repeats=7,
-                                 num_threads=self.threads)
+                                 num_threads=self.threads, backend=backend)
         self.original_ms = self.cache.get(self._model_key(model, dummy_input), lambda: now_ms)
         if abs(now_ms / self.original_ms - 1) > STALE_CACHE_TOLERANCE:
             # Cached layer times and today's machine disagree (other processes, another CPU governor): a
@@ -187,7 +194,8 @@ class LatencyModel:
     # -- keys and measurements ---------------------------------------------------------------------
 
     def _prefix(self) -> str:
-        return f'{self.machine}|batch {self.batch}|threads {self.threads}'
+        backend = f'|backend {self.backend_label}' if self.backend_label else ''  # torch keys as they were
+        return f'{self.machine}|batch {self.batch}|threads {self.threads}{backend}'
 
     def _model_key(self, model: nn.Module, dummy_input: Any) -> str:
         return f'{self._prefix()}|model {_architecture(model, dummy_input)}'
@@ -206,10 +214,11 @@ class LatencyModel:
         if not all(name in self.cache for name in keys):
             inputs = batched_input(dummy_input, self.batch)
             original_ms, compressed_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=2, repeats=7,
-                                                                      num_threads=self.threads)
+                                                                      num_threads=self.threads, backend=self.backend)
             if confirm(compressed_ms / original_ms):
                 again_original_ms, again_ms = measure_latency_side_by_side([model, compressed], inputs, warmup=1,
-                                                                          repeats=7, num_threads=self.threads)
+                                                                          repeats=7, num_threads=self.threads,
+                                                                          backend=self.backend)
                 original_ms, compressed_ms = (original_ms + again_original_ms) / 2, (compressed_ms + again_ms) / 2
             self.cache.put(keys[0], original_ms)
             self.cache.put(keys[1], compressed_ms)
@@ -244,18 +253,18 @@ class LatencyModel:
         layer = self.cost.layers[name]
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, 'dense'),
                               lambda: _time_ms(self._shape(layer, in_channels, out_channels),
-                                               self._input(layer, in_channels), self.threads))
+                                               self._input(layer, in_channels), self.threads, self.backend))
 
     def _decomposed_ms(self, name: str, in_channels: int, out_channels: int, level: float) -> float:
         """Time of the layer at a (grid) pruned shape, decomposed to keep ``1 - level`` of that shape's FLOPs."""
         layer = self.cost.layers[name]
-        _, _, ranks, method = decomposed_cost(layer, in_channels, out_channels, level, self.cost.rank_method,
+        _, _, ranks, method = decomposed_cost(layer, in_channels, out_channels, level, self.cost.method_of(name),
                                               self.round_to)
         replacement = f'{method} {tuple(ranks)}'
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, replacement),
                               lambda: _time_ms(replacement_architecture(
                                   self._shape(layer, in_channels, out_channels), ranks, method),
-                                  self._input(layer, in_channels), self.threads))
+                                  self._input(layer, in_channels), self.threads, self.backend))
 
     # -- prediction ----------------------------------------------------------------------------------
 
@@ -311,7 +320,7 @@ class LatencyModel:
         return sum(self.layer_ms(name, prune_ratios, dec_levels, round_to) for name in self.cost.layers)
 
     def describe(self) -> dict[str, Any]:
-        return {'batch': self.batch, 'threads': self.threads, 'machine': self.machine,
+        return {'batch': self.batch, 'threads': self.threads, 'backend': self.backend, 'machine': self.machine,
                 'original_ms': self.original_ms, 'cache': str(self.cache.path), 'new_measurements': self.cache.measured}
 
 

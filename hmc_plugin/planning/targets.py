@@ -31,7 +31,7 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
     internal target is shifted by the miss. Returns ``(plan, measured kept fraction)``; ``plan.measured``
     holds the kept fractions of both FLOPs and parameters.
     """
-    cost = CostModel(model, dummy_input, groups, rank_method)
+    cost = CostModel(model, dummy_input, groups, rank_method, methods=table.decompose_methods)
     metric = 'flops' if plan_kwargs.get('target_flops') is not None else 'params'
     target = plan_kwargs.pop(f'target_{metric}')
     plan_kwargs.pop('target_params' if metric == 'flops' else 'target_flops', None)
@@ -68,7 +68,7 @@ def plan_for_target(table, model: nn.Module, dummy_input: Any, groups: Sequence[
 
 def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], *,
                      target_latency: float, batch: int = 1, threads: int | None = None, rank_method: str = 'auto',
-                     latency_cache=None, tolerance: float = 0.015, max_rounds: int = 6,
+                     latency_cache=None, backend: str = 'torch', tolerance: float = 0.015, max_rounds: int = 6,
                      at_least_prune_only: bool = True, **plan_kwargs) -> tuple[CompressionPlan, dict[str, float]]:
     """Build a plan whose compressed model's *measured* CPU time is within ``tolerance`` of the target fraction.
 
@@ -80,7 +80,7 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
 
     The allocation runs on a ``latency.LatencyModel`` (per-layer times, cached in ``latency_cache``); each
     plan is applied to a copy (torch-pruning fast path) and timed side by side with the original at
-    ``batch`` and ``threads``; the internal target is scaled by the miss. A timing within ``tolerance`` is
+    ``batch`` and ``threads`` in ``backend`` (``'torch'`` or ``'onnxruntime'``, ``LatencyModel``); the internal target is scaled by the miss. A timing within ``tolerance`` is
     taken again, and the plan accepted only if the mean of the two is within it. These timings are cached
     by compressed architecture (``LatencyModel.side_by_side_ms``), so planning the same budget again
     measures nothing and returns the same plan. Returns ``(plan, latency)``
@@ -93,9 +93,9 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     plan_kwargs.pop('target_flops', None)
     plan_kwargs.pop('target_params', None)
     round_to = plan_kwargs.get('round_to', 1)
-    cost = CostModel(model, dummy_input, groups, rank_method)
+    cost = CostModel(model, dummy_input, groups, rank_method, methods=table.decompose_methods)
     latency = LatencyModel(model, dummy_input, cost, table.levels, batch=batch, threads=threads, round_to=round_to,
-                           cache=latency_cache)
+                           cache=latency_cache, backend=backend)
     full_flops, full_params = count_flops(model, dummy_input), count_params(model)
     internal_target, best = target_latency, None
     for _ in range(max_rounds):
@@ -125,16 +125,16 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     plan.measured = {'latency': measured, 'flops': count_flops(compressed, dummy_input) / full_flops,
                      'params': count_params(compressed) / full_params}
     if abs(measured - target_latency) > tolerance:
-        _logger.warning('The plan keeps %.3f of the CPU time for target_latency=%g (measured at batch %d, %d threads): '
-                        'the latency model could not be corrected within %d rounds', measured, target_latency,
-                        latency.batch, latency.threads, max_rounds)
+        _logger.warning('The plan keeps %.3f of the CPU time for target_latency=%g (measured at batch %d, %d threads, '
+                        '%s): the latency model could not be corrected within %d rounds', measured, target_latency,
+                        latency.batch, latency.threads, backend, max_rounds)
     else:
         _logger.info('Plan for target_latency=%.3f measures %.3f (predicted %.3f, error %+.1f %%)', target_latency,
                      measured, report['predicted'], 100 * report['prediction_error'])
     if at_least_prune_only and plan.mode in ('nahc', 'hmc') and plan.ranks:
         plan, report = _at_least_prune_only(plan, report, table, model, dummy_input, groups, dict(
             target_latency=target_latency, batch=batch, threads=threads, rank_method=rank_method,
-            latency_cache=latency_cache, tolerance=tolerance, max_rounds=max_rounds, **plan_kwargs))
+            latency_cache=latency_cache, backend=backend, tolerance=tolerance, max_rounds=max_rounds, **plan_kwargs))
     return plan, report
 
 
@@ -161,7 +161,7 @@ def _latency_report(plan: CompressionPlan, target_latency: float, original_ms: f
                     latency: LatencyModel) -> dict[str, float]:
     """``plan_for_latency``'s report: the times (ms) measured and predicted, their fractions kept, the error."""
     measured, predicted = measured_ms / original_ms, plan.predicted['latency']
-    return {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads,
+    return {'target': target_latency, 'batch': latency.batch, 'threads': latency.threads, 'backend': latency.backend,
             'original_ms': original_ms, 'measured_ms': measured_ms, 'measured': measured,
             'predicted': predicted, 'predicted_ms': predicted * original_ms,
             'prediction_error': predicted / measured - 1.0, 'new_measurements': latency.cache.measured}

@@ -25,6 +25,10 @@ With calibration data (``data``, an ``engines.datafit.DataFit``) the scans measu
 - BatchNorm recalibration (``data.bn_batches``, ``kl`` and ``evaluator`` only): every measurement is taken
   after the BatchNorm statistics are re-estimated on those batches (EagleEye), then the statistics come
   back. The ``proxy`` cannot recalibrate (see ``hmc_plugin.sensitivity.fisher``).
+
+``rank_method='best'`` lets the scan choose the decomposition of each kxk conv: the layers are scanned with
+Tucker-2 and with SVD (a kxk conv to r channels, then a 1x1), at the same levels, hence the same FLOPs, and each
+keeps the curve with the lower mean drop (``best_decompositions``); the plan then decomposes it that way.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ from ..utils.kl import kl_divergence
 from .fisher import DEFAULT_PROJECTIONS, fisher_drops
 from .table import DEFAULT_LEVELS, Masks, SensitivityTable
 
-__all__ = ['zeroed_by_masks', 'swapped_weight', 'proxy_metric', 'scan_sensitivity']
+__all__ = ['zeroed_by_masks', 'swapped_weight', 'proxy_metric', 'scan_sensitivity', 'best_decompositions']
 
 _logger = logging.getLogger(__name__)
 
@@ -156,6 +160,19 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         reconstruction (``data.reconstruct``); ``data.bn_batches`` recalibrate the BatchNorms before each
         ``kl`` / ``evaluator`` measurement. None (or a DataFit without batches) scans data-free, as before.
     """
+    if rank_method == 'best':
+        def scan_with(method: str, part_groups: Sequence[PruningGroup], part_layers: Sequence[str]) -> SensitivityTable:
+            return scan_sensitivity(
+                model, dummy_input, groups=part_groups, layers=part_layers, mode=mode, eval_fn=eval_fn,
+                calibration_inputs=calibration_inputs, levels=levels, importance=importance, round_to=round_to,
+                rank_method=method, calibration_targets=calibration_targets,
+                cache_path=None if cache_path is None else Path(cache_path).with_suffix(f'.{method}.json'),
+                progress=progress, mask_context=mask_context, mask_model=mask_model, weight_owner=weight_owner,
+                projections=projections, data=data)
+
+        modules = dict((mask_model if mask_model is not None else model).named_modules())
+        kxk = [name for name in layers if method_for(modules[name], 'tucker2', name) == 'tucker2']
+        return best_decompositions(scan_with('auto', groups, layers), scan_with('svd', (), kxk))
     levels = _checked_levels(mode, levels, eval_fn, calibration_inputs)
     mask_model = mask_model if mask_model is not None else model
     mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
@@ -175,6 +192,23 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     unit_scan = _UnitScan(mask_model, dummy_input, groups, settings, calibration_batch, mask_context,
                           _weight_owner(weight_owner, model, modules), modules, scan_data)
     return _measured_table(model, table, unit_scan, eval_fn, calibration_inputs, cache_path, progress)
+
+
+def best_decompositions(table: SensitivityTable, svd: SensitivityTable) -> SensitivityTable:
+    """``table`` (a scan with Tucker-2 for kxk convs) with each kxk conv of ``svd`` (the same layers scanned with SVD)
+    given the curve with the lower mean drop; ``decompose_methods`` says which. Same levels, so same FLOPs."""
+    if svd.levels != table.levels or svd.mode != table.mode:
+        raise HMCConfigError(f'Got scans at levels {table.levels} ({table.mode}) and {svd.levels} ({svd.mode}) but '
+                             'expected the same levels and mode for both decompositions')
+    chosen = SensitivityTable(levels=list(table.levels), mode=table.mode, baseline=table.baseline,
+                              prune=dict(table.prune), decompose=dict(table.decompose), groups=dict(table.groups),
+                              settings={**table.settings, 'rank_method': 'best'},
+                              evaluations=table.evaluations + svd.evaluations, seconds=table.seconds + svd.seconds)
+    for name, drops in svd.decompose.items():
+        better = svd.mean_drop('decompose', name) < table.mean_drop('decompose', name)
+        chosen.decompose[name] = list(drops) if better else list(table.decompose[name])
+        chosen.decompose_methods[name] = 'svd' if better else 'tucker2'
+    return chosen
 
 
 def _weight_owner(weight_owner: Callable[[str], nn.Module] | None, model: nn.Module,

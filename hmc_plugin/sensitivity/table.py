@@ -25,6 +25,8 @@ class SensitivityTable:
 
     ``prune[group_name][i]`` and ``decompose[layer_name][i]`` are the drops at ``levels[i]``
     (fraction of the unit's FLOPs removed). ``groups`` maps each pruning group to its member layers.
+    ``decompose_methods`` (scans with ``rank_method='best'``) names the decomposition each kxk conv's curve
+    belongs to, the one the plan then uses for it.
     """
 
     levels: list[float]
@@ -33,6 +35,7 @@ class SensitivityTable:
     prune: dict[str, list[float]] = field(default_factory=dict)
     decompose: dict[str, list[float]] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    decompose_methods: dict[str, str] = field(default_factory=dict)  # kxk conv -> 'tucker2' | 'svd' (rank_method 'best')
     settings: dict[str, Any] = field(default_factory=dict)
     evaluations: int = 0
     seconds: float = 0.0

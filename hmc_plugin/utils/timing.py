@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import platform
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .counting import as_input_tuple
+from .onnx_runtime import backend_label, onnx_runner
 
 __all__ = ['steady_allocator', 'measure_latency', 'measure_latency_side_by_side', 'machine_description']
 
@@ -60,7 +62,8 @@ def _torch_threads(num_threads: int) -> Iterator[None]:
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
-                    num_threads: int = 2, min_seconds: float = 0.0, max_repeats: int | None = None) -> float:
+                    num_threads: int = 2, min_seconds: float = 0.0, max_repeats: int | None = None,
+                    backend: str = 'torch') -> float:
     """Median wall time of one forward pass in milliseconds, on CPU, in eval mode.
 
     ``warmup`` untimed runs first, then ``repeats`` timed ones (more, up to ``max_repeats``, until
@@ -69,19 +72,21 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, r
     :func:`measure_latency_side_by_side`: a time measured alone and one measured side by side are alike.
     """
     return measure_latency_side_by_side([model], example_inputs, warmup=warmup, repeats=repeats,
-                                        num_threads=num_threads, min_seconds=min_seconds, max_repeats=max_repeats)[0]
+                                        num_threads=num_threads, min_seconds=min_seconds, max_repeats=max_repeats,
+                                        backend=backend)[0]
 
 
 @torch.no_grad()
 def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: Any, *, warmup: int = 5,
                                  repeats: int = 21, num_threads: int = 2, min_seconds: float = 0.0,
-                                 max_repeats: int | None = None) -> list[float]:
+                                 max_repeats: int | None = None, backend: str = 'torch') -> list[float]:
     """Median forward time (ms) of each model, runs interleaved (A B A B ...) so that machine drift hits
     all models alike: use this for speed-up ratios, and time every model of one table in one call.
 
     ``warmup`` untimed rounds, then ``repeats`` timed rounds; with ``min_seconds`` > 0, as many rounds as the
     first one says make up that much time, between ``repeats`` and ``max_repeats``. ``num_threads`` is fixed
-    and restored after. Eval mode during, modes restored after.
+    and restored after. Eval mode during, modes restored after. ``backend``: ``'torch'`` (eager PyTorch) or
+    ``'onnxruntime'`` (each model exported and run as a deployment runs it: ``utils.onnx_runtime``).
     """
     inputs = as_input_tuple(example_inputs)
     modes = [model.training for model in models]
@@ -89,15 +94,20 @@ def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: An
     try:
         for model in models:
             model.eval()
+        if backend == 'torch':
+            runners = [functools.partial(model, *inputs) for model in models]
+        else:
+            backend_label(backend)  # an unknown backend or a missing runtime fails here, naming the setting
+            runners = [onnx_runner(model, inputs, num_threads) for model in models]
         with _torch_threads(num_threads):
             for _ in range(warmup):
-                for model in models:
-                    model(*inputs)
+                for run in runners:
+                    run()
             rounds, done = repeats, 0
             while done < rounds:
-                for index, model in enumerate(models):
+                for index, run in enumerate(runners):
                     start = time.perf_counter()
-                    model(*inputs)
+                    run()
                     times[index].append(time.perf_counter() - start)
                 if done == 0 and min_seconds > 0:
                     first = sum(model_times[0] for model_times in times)

@@ -234,11 +234,15 @@ def finetune_budget(settings: dict[str, Any]) -> str:
 # settings no benchmark cell depends on: where the weights come from, and how HMCCompressor reads calibration data
 # from an Evaluator (the benchmarks always pass it); left out of the cells' keys, so adding one keeps the caches
 UNKEYED_SETTINGS = ('checkpoint', 'calibration_steps')
+# settings added after cells were cached, at the default that behaves as before: left out of the keys at that value
+KEYED_UNLESS_DEFAULT = {'latency_backend': 'torch'}
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:
-    """The settings a cached cell is keyed by (every run and HMC setting but ``UNKEYED_SETTINGS``)."""
-    return {key: value for key, value in settings.as_dict().items() if key not in UNKEYED_SETTINGS}
+    """The settings a cached cell is keyed by (every run and HMC setting but ``UNKEYED_SETTINGS``, and those of
+    ``KEYED_UNLESS_DEFAULT`` only away from their default)."""
+    return {key: value for key, value in settings.as_dict().items()
+            if key not in UNKEYED_SETTINGS and KEYED_UNLESS_DEFAULT.get(key, object()) != value}
 
 
 def replace(settings: RunSettings, **changes) -> RunSettings:

@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--probe-steps', type=int, default=60, help="fine-tuning steps of each margin-rule candidate")
     parser.add_argument('--latency-batch', type=int, default=64)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--cached-only', action='store_true',
+                        help='report the cached cells only (a run cut short): missing cells are listed, not computed')
     parser.add_argument('--quiet', action='store_true')
     args = parser.parse_args(argv)
     if args.quick:
@@ -158,8 +160,9 @@ def run_cell(model, splits, settings, method: str, table, reference, epochs: lis
     sizes = size_fields(model, compressed, dummy_input)
     cell.update(flops_kept=flops_kept(sizes), params_kept=params_kept(sizes))
     if settings.target_latency is not None:
-        before, after = measure_latency_side_by_side([model, compressed], batched_input(dummy_input, settings.latency_batch),
-                                                     warmup=3, repeats=15, num_threads=settings.threads)
+        inputs = batched_input(dummy_input, settings.latency_batch)
+        before, after = measure_latency_side_by_side([model, compressed], inputs, warmup=3, repeats=15,
+                                                     num_threads=settings.threads)
         cell['latency_kept'] = after / before
     cell['acc'] = {'0': evaluate_accuracy(compressed, test_loader)}
     cell['kl'] = {'0': output_kl(reference, compressed, images)}
@@ -176,6 +179,13 @@ def run_cell(model, splits, settings, method: str, table, reference, epochs: lis
 
 # --------------------------------------------------------------------------------------------- the run
 
+class _Missing(Exception):
+    """A cell ``--cached-only`` did not find in the cache."""
+
+
+def _missing():
+    raise _Missing
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = common.Progress(args.quiet)
     common.configure(args.threads)
@@ -184,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     budgets = parse_budgets(args.budgets)
     methods = args.methods.split(',')
     epochs = sorted(int(epoch) for epoch in args.finetune_epochs.split(','))
-    baselines, cells = [], []
+    baselines, cells, missing = [], [], []
     for data in args.data.split(','):
         for model_name in args.models.split(','):
             subjects = {}
@@ -212,12 +222,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                'baseline': model_fingerprint(model), 'scan': common.table_fingerprint(table),
                                'epochs': epochs, 'quick': args.quick}
                         path = work / 'cells' / f'{kind}{target:g}_{method}.json'
-                        cell = common.cached_cell(path, key, lambda: run_cell(model, splits, cell_settings, method,
-                                                                              table, reference, epochs, args, work))
+                        head = f'{data} {model_name} seed {seed} {budget_label(kind, target)} {method}'
+                        try:
+                            cell = common.cached_cell(path, key, lambda: _missing() if args.cached_only else run_cell(
+                                model, splits, cell_settings, method, table, reference, epochs, args, work))
+                        except _Missing:
+                            missing.append(head)
+                            continue
                         cell = {'model': model_name, 'data': data, 'seed': seed, 'budget': kind, 'target': target,
                                 'method': method, **cell}
                         cells.append(cell)
-                        head = f'{data} {model_name} seed {seed} {budget_label(kind, target)} {method}'
                         if 'unreachable' in cell:
                             progress(f'{head}: unreachable: {cell["unreachable"]}')
                         else:
@@ -228,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     'train_epochs': args.train_epochs, 'train_lr': common.TRAIN_LR, 'finetune_lr': common.FINETUNE_LR,
                     'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
     report = {**common.header('power', settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
-              'cells': cells}
+              'cells': cells, 'missing': missing}
     report['summary'] = summarise(cells, epochs)
     return report
 
@@ -284,8 +298,8 @@ def summarise(cells: list[dict], epochs: list[int]) -> list[dict[str, Any]]:
                                    and 'unreachable' not in per_method[other][seed])
                     if not seeds:
                         continue
-                    differences = [per_method[subject][seed]['acc'][str(epoch)] - per_method[other][seed]['acc'][str(epoch)]
-                                   for seed in seeds]
+                    differences = [per_method[subject][seed]['acc'][str(epoch)]
+                                   - per_method[other][seed]['acc'][str(epoch)] for seed in seeds]
                     mean, low, high = interval(differences)
                     row['paired'].append({'subject': subject, 'baseline': other, 'seeds': seeds,
                                           'differences': differences, 'mean': mean, 'low': low, 'high': high})
@@ -350,7 +364,8 @@ def cell_table(row: dict) -> str:
         accuracy = f'{entry["acc_mean"]:.3f} ± {entry["acc_std"]:.3f}'
         if entry['acc_mean'] == best:
             accuracy = f'**{accuracy}**'
-        seeds = str(entry['reached']) if entry['reached'] == entry['seeds'] else f'{entry["reached"]} of {entry["seeds"]}'
+        seeds = str(entry['reached']) if entry['reached'] == entry['seeds'] else \
+            f'{entry["reached"]} of {entry["seeds"]}'
         lines.append([label, seeds, f'{entry["flops_kept"]:.3f}', f'{entry["params_kept"]:.3f}',
                       f'{entry["latency_kept"]:.3f}' if 'latency_kept' in entry else '',
                       accuracy, f'{entry["kl_mean"]:.3g} ± {entry["kl_std"]:.2g}',
@@ -378,6 +393,9 @@ def render_markdown(report: dict) -> str:
              f'pruner above zero in {result["interval_above_zero_vs_strongest"]} of {result["cells"]}.', '']
     if result['lost']:
         lines += ['Cells HMC does not win:', ''] + [f'- {line}' for line in result['lost']] + ['']
+    if report.get('missing'):
+        lines += [f'Not run yet ({len(report["missing"])} cells; rerun the command to compute them): '
+                  + ', '.join(report['missing']) + '.', '']
     baselines = report['baselines']
     for data in settings['data']:
         for model in settings['models']:
