@@ -89,3 +89,22 @@ def test_best_refuses_scans_at_other_levels(scanned):
     other.levels = [0.2, 0.4]
     with pytest.raises(HMCConfigError, match='same levels'):
         best_decompositions(scanned['tucker2'], other)
+
+
+def test_hmc_compressor_takes_best_from_the_config_list(scanned):
+    """The NNI path: ``'rank_method': 'best'`` in a config_list scans both decompositions and applies the choice."""
+    from hmc_plugin import HMCCompressor
+
+    model, dummy = scanned['model'], scanned['dummy']
+    before = model_fingerprint(model)
+    compressor = HMCCompressor(model, [{'op_types': ['Conv2d'], 'mode': 'decompose', 'target_flops': 0.5,
+                                        'rank_method': 'best', 'levels': list(LEVELS)}], dummy_input=dummy,
+                               calibration_inputs=scanned['calibration'], progress=False, speedup='torch_pruning')
+    compressed, _ = compressor.compress()
+    assert model_fingerprint(model) == before
+    chosen = compressor.sensitivity.decompose_methods
+    assert chosen and compressor.plan.ranks
+    assert all(compressor.plan.methods[name] == chosen.get(name, 'svd') for name in compressor.plan.ranks)
+    modules = dict(compressed.named_modules())
+    assert all(isinstance(modules[name], {'svd': SVDConv2d, 'tucker2': Tucker2Conv2d}[method])
+               for name, method in compressor.plan.methods.items())
