@@ -205,7 +205,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], set
     md = [f'# HMC report: {settings.get("model")} on {settings.get("data")}', '',
           f'Created {report["created"]} on {report["machine"]}.', '',
           f'Budget: {_budget_text(settings)}; fine-tuning: {settings.get("finetune_epochs")} '
-          f'epoch(s) per method; latency: median of repeated CPU runs, {settings.get("threads")} threads.', '',
+          f'epoch(s) per method; latency: median of repeated CPU runs, {settings.get("threads")} threads, '
+          f'{settings.get("latency_backend", "torch")}.', '',
           format_table(rows, markdown=True), '',
           '![accuracy against FLOPs](pareto.png)', '', '![sensitivity](sensitivity.png)', '']
     if commands:

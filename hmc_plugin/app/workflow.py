@@ -179,13 +179,15 @@ def compress_and_measure(model: nn.Module, splits: DataSplits, settings: RunSett
 def _latencies(model: nn.Module, compressed: Sequence[nn.Module], splits: DataSplits,
                settings: RunSettings) -> list[dict[str, float]]:
     """Row latencies (``report.latency_fields``) of ``model`` and every ``compressed`` model, all timed in one
-    side-by-side timing per batch size (1 and 64): the uncompressed row's first, then one per compressed model.
+    side-by-side timing per batch size (1 and 64), in ``settings.latency_backend``: the uncompressed row's first,
+    then one per compressed model.
     Every row's "before" is the same number, so each printed ms divides into its printed speed-up."""
     size = (splits.in_channels, splits.image_size, splits.image_size)
     models = [model, *compressed]
-    batch1 = measure_latency_side_by_side(models, torch.zeros(1, *size), num_threads=settings.threads)
+    batch1 = measure_latency_side_by_side(models, torch.zeros(1, *size), num_threads=settings.threads,
+                                          backend=settings.latency_backend)
     batch64 = measure_latency_side_by_side(models, torch.zeros(64, *size), num_threads=settings.threads,
-                                           warmup=2, repeats=7)
+                                           warmup=2, repeats=7, backend=settings.latency_backend)
     return [report.latency_fields(batch1[0], after, batch64[0], after64) for after, after64 in zip(batch1, batch64)]
 
 
