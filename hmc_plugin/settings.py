@@ -108,6 +108,9 @@ class HMCSettings:
     margin: float | str | None = setting(None, _margin, "a number >= 0 or 'inf' ('auto' on the hmc command)",
                                          "HMC's margin tau in units of the median drop ('inf' = AHC; default 0.5 for "
                                          "nahc/hmc); 'auto' picks it by probe fine-tunes (the hmc command only)")
+    prune_spread: float | None = setting(None, lambda v: _number(v) and 0 <= v <= 1, 'a fraction in [0, 1]',
+                                         "no pruning group loses more than the budget's uniform prune ratio plus this "
+                                         'fraction of its channels (None: no such cap)')
     decompose_weight: float = setting(1.0, _weight, "a number > 0 or 'inf'",
                                       "each decomposition drop of the scan counts this many times ('inf' never "
                                       'decomposes)', optional=False)

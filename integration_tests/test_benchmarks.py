@@ -447,7 +447,7 @@ def test_power_pairs_seeds_and_names_the_cells_hmc_loses():
                   settings={'seeds': [0, 1, 2, 3, 4], 'data': ['digits_hard'], 'models': ['resnet20'], 'epochs': [1, 5],
                             'train_epochs': 12, 'finetune_lr': 0.01, 'probe_steps': 60, 'latency_batch': 64})
     markdown = power.render_markdown(report)
-    assert '**Goal** (fine-tuned cells): HMC at least every baseline in 1 of 2' in markdown
+    assert '**Goal, HMC (margin rule)** (fine-tuned cells): at least every baseline in 1 of 2' in markdown
     rows = markdown_rows(markdown.split('### flops 0.5, 1 fine-tuning epoch(s)')[1], ('method', 'seeds'))
     by_method = {row['method']: row for row in rows}
     assert by_method['torch-pruning group-L2, global']['seeds'] == '4 of 5'

@@ -68,6 +68,8 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
                         help="where --target-latency is measured: 'torch' (default) or 'onnxruntime' (exported, all "
                              'graph optimisations, as a CPU deployment runs it)')
     parser.add_argument('--importance', choices=COMPRESSOR_IMPORTANCES)
+    parser.add_argument('--prune-spread', type=float,
+                        help="cap every group's prune ratio at the budget's uniform ratio plus this (e.g. 0.05)")
     parser.add_argument('--margin', type=_margin_arg,
                         help="HMC margin tau ('inf' = AHC), or 'auto' with --mode hmc: HMC's margin rule picks tau and "
                              "--decompose-weight from probe fine-tunes, falling back to prune-only's plan")

@@ -320,7 +320,7 @@ def choose_margin(model: nn.Module, splits: DataSplits, settings: RunSettings, t
 
     def plan_candidate(margin: float, weight: float):
         common = dict(mode='hmc', margin=margin, decompose_weight=weight, importance=settings.importance,
-                      rank_method=settings.rank_method, **budget)
+                      rank_method=settings.rank_method, prune_spread=settings.prune_spread, **budget)
         if settings.target_latency is not None:
             return plan_for_latency(table, model, dummy_input, groups, batch=settings.latency_batch,
                                     threads=settings.threads, latency_cache=settings.latency_cache,

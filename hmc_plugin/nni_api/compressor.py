@@ -159,7 +159,8 @@ class HMCCompressor(Pruner):
                  latency_threads: int | None = None, latency_backend: str | None = None,
                  levels: Sequence[float] | None = None,
                  importance: str | None = None, rank_method: str | None = None, margin: float | str | None = None,
-                 decompose_weight: float | str | None = None, sensitivity: str | None = None,
+                 decompose_weight: float | str | None = None, prune_spread: float | None = None,
+                 sensitivity: str | None = None,
                  round_to: int | None = None, speedup: str | None = None, bn_batches: int | None = None,
                  data_aware: bool | None = None, reconstruct: bool | None = None, fit_batches: int | None = None,
                  fit_order: str | None = None, calibration_steps: int | None = None, distill: bool | None = None,
@@ -477,7 +478,7 @@ class HMCCompressor(Pruner):
         common = dict(mode=self.settings.mode, margin=self.settings.margin,
                       decompose_weight=self.settings.decompose_weight, importance=self.settings.importance,
                       round_to=self.settings.round_to, rank_method=self.settings.rank_method,
-                      max_ratios=self.max_ratios)
+                      max_ratios=self.max_ratios, prune_spread=self.settings.prune_spread)
         metric, target = self.settings.budget
         if metric == 'latency':
             plan, self.latency_report = plan_for_latency(

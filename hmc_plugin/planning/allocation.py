@@ -30,7 +30,7 @@ from .cost import CostModel, shape_module
 from .grouping import DEFAULT_KEEP_FACTOR, drop_curve, group_layers, time_equal_drop, weigh_decomposition
 from .plan import MODES, CompressionPlan, LayerPlan, UnreachableTargetError
 
-__all__ = ['check_table', 'build_plan', 'most_compressed_plan']
+__all__ = ['check_table', 'build_plan', 'most_compressed_plan', 'uniform_prune_ratio']
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
                target_params: float | None = None, target_latency: float | None = None, latency=None,
                margin: float | None = None, decompose_weight: float = 1.0, keep_factor: float = DEFAULT_KEEP_FACTOR,
                importance: str = 'l1', round_to: int = 1, max_ratios: dict[str, float] | None = None,
-               step: float = 0.05) -> CompressionPlan:
+               prune_spread: float | None = None, step: float = 0.05) -> CompressionPlan:
     """Group layers by sensitivity, then allocate levels until the cost meets the target.
 
     Parameters
@@ -84,6 +84,11 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     max_ratios
         Layer name -> cap on the prune ratio of its group (NNI's ``max_sparse_ratio``); a group takes the
         smallest cap of its members.
+    prune_spread
+        No group loses more than ``u + prune_spread`` of its channels, ``u`` being the one ratio that meets the
+        budget when every scanned group is pruned alike (``uniform_prune_ratio``; a latency budget uses its
+        fraction of the FLOPs). The scan's zero-shot drops favour thinning the few layers whose loss a refit
+        hides best, down to 2 of 16 channels, which then recover least in fine-tuning; None: no such cap.
     step
         Level increment of the greedy allocation (levels between scanned ones are interpolated).
 
@@ -99,7 +104,13 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
     table = weigh_decomposition(table, decompose_weight)
     candidates = [name for name in cost.layers if name in table.decompose or name in _members(table)]
     groups = _sensitivity_groups(table, cost, candidates, mode, margin, keep_factor, metric, latency)
-    units = _allocation_units(table, cost, groups, mode, metric, max_ratios or {})
+    max_ratios = dict(max_ratios or {})
+    if prune_spread is not None:
+        uniform = uniform_prune_ratio(cost, table, 'params' if metric == 'params' else 'flops', target, max_ratios)
+        for members in table.groups.values():
+            for member in members:
+                max_ratios[member] = min(max_ratios.get(member, 1.0), uniform + prune_spread)
+    units = _allocation_units(table, cost, groups, mode, metric, max_ratios)
     allocation = _Allocation(cost, latency, metric, round_to, step, table.levels, units.level_cap)
     full_total = allocation.total if metric == 'latency' else cost.full[metric]
     reached = _allocate(allocation, units, target * full_total)
@@ -111,6 +122,28 @@ def build_plan(table, cost: CostModel, *, mode: str = 'nahc', target_flops: floa
             f'of their {metric} in mode {mode!r} (levels up to {max(table.levels)}); raise the target, add layers '
             f'to the selection or add a higher level', plan, metric, target)
     return plan
+
+
+def uniform_prune_ratio(cost: CostModel, table, metric: str, target: float, max_ratios: dict[str, float],
+                        iterations: int = 30) -> float:
+    """The one prune ratio (capped per group by ``max_ratios`` and the highest scanned level) at which pruning every
+    group of ``table`` alike keeps ``target`` of the cost model's ``metric`` ('flops' or 'params'); the highest level
+    when even that keeps more."""
+    index = 0 if metric == 'flops' else 1
+    caps = {name: min([max(table.levels)] + [max_ratios.get(member, 1.0) for member in table.groups.get(name, [name])])
+            for name in table.prune}
+
+    def kept(ratio: float) -> float:
+        ratios = {name: min(ratio, cap) for name, cap in caps.items()}
+        return sum(cost.layer_cost(layer, ratios, {})[index] for layer in cost.layers) / cost.full[metric]
+
+    low, high = 0.0, max(table.levels)
+    if kept(high) > target:
+        return high
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(middle) > target else (low, middle)
+    return high
 
 
 def _sensitivity_groups(table, cost: CostModel, candidates: Sequence[str], mode: str, margin: float | None,

@@ -60,13 +60,16 @@ from hmc_plugin.utils.fingerprint import model_fingerprint  # noqa: E402
 from hmc_plugin.utils.kl import output_kl, output_log_probs  # noqa: E402
 from hmc_plugin.utils.timing import measure_latency_side_by_side  # noqa: E402
 
-METHODS = ('hmc', 'nahc', 'prune', 'tp_l2', 'tp_taylor', 'nni_l1')
-SUBJECTS = ('hmc', 'nahc')
-PRUNERS = ('prune', 'tp_l2', 'tp_taylor', 'nni_l1')  # the pruning baselines the strongest is chosen from
-LABELS = {'hmc': 'HMC (margin rule)', 'nahc': 'NaHC', 'prune': 'prune-only (HMC, L1)',
+METHODS = ('hmc', 'hmc_spread', 'nahc', 'prune', 'prune_spread', 'tp_l2', 'tp_taylor', 'nni_l1')
+SUBJECTS = ('hmc', 'hmc_spread', 'nahc')
+PRUNERS = ('prune', 'prune_spread', 'tp_l2', 'tp_taylor', 'nni_l1')  # the baselines the strongest is chosen from
+SPREAD = 0.05
+VARIANTS = {'hmc_spread': ('hmc', {'prune_spread': SPREAD}), 'prune_spread': ('prune', {'prune_spread': SPREAD})}
+LABELS = {'hmc': 'HMC (margin rule)', 'hmc_spread': f'HMC, prune_spread {SPREAD}', 'nahc': 'NaHC',
+          'prune': 'prune-only (HMC, L1)', 'prune_spread': f'prune-only (HMC, L1), prune_spread {SPREAD}',
           'tp_l2': 'torch-pruning group-L2, global', 'tp_taylor': 'torch-pruning group-Taylor, global',
           'nni_l1': 'NNI L1NormPruner'}
-LATENCY_METHODS = ('hmc', 'prune')  # the methods with a latency planner
+LATENCY_METHODS = ('hmc', 'hmc_spread', 'prune', 'prune_spread')  # the methods with a latency planner
 BUDGET_NAMES = {'flops': 'target_flops', 'params': 'target_params', 'latency': 'target_latency'}
 DEFAULT_BUDGETS = 'flops:0.5,flops:0.25,flops:0.125,params:0.3,latency:0.5'
 
@@ -119,6 +122,7 @@ def compress(model, splits, settings, method: str, table, work: Path) -> tuple[t
     method shares (consumers refitted, BatchNorm re-estimated); ``model`` is untouched."""
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     info: dict[str, Any] = {}
+    method = VARIANTS.get(method, (method,))[0]  # a variant's settings are in ``settings`` already
     if method in ('hmc', 'nahc', 'prune'):
         plan = None
         if method == 'hmc':
@@ -214,10 +218,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for kind, target in budgets:
                 for seed in seeds:
                     settings, work, model, splits, table, reference = subjects[seed]
-                    cell_settings = common.replace(settings, **{BUDGET_NAMES[kind]: target})
+                    budget_settings = common.replace(settings, **{BUDGET_NAMES[kind]: target})
                     for method in methods:
                         if kind == 'latency' and method not in LATENCY_METHODS:
                             continue
+                        cell_settings = common.replace(budget_settings, **VARIANTS.get(method, (None, {}))[1])
                         key = {'settings': common.settings_dict(cell_settings), 'method': method,
                                'baseline': model_fingerprint(model), 'scan': common.table_fingerprint(table),
                                'epochs': epochs, 'quick': args.quick}
@@ -311,21 +316,22 @@ def paired(row: dict, subject: str, baseline: str) -> dict | None:
     return next((p for p in row['paired'] if (p['subject'], p['baseline']) == (subject, baseline)), None)
 
 
-def verdict(report: dict) -> dict[str, Any]:
-    """The issue's goal, counted over the fine-tuned cells: HMC's mean at least every baseline's, and the 95 %
-    interval of HMC - the strongest pruner above zero (in at least half the cells); the cells lost, by name."""
-    fine_tuned = [row for row in report['summary'] if row['epochs'] > 0 and 'hmc' in row['methods']]
+def verdict(report: dict, subject: str = 'hmc') -> dict[str, Any]:
+    """The issue's goal for ``subject``, counted over the fine-tuned cells: its mean at least every baseline's (the
+    methods that are not subjects), and the 95 % interval of it - the strongest pruner above zero (in at least half
+    the cells); the cells lost, by name."""
+    fine_tuned = [row for row in report['summary'] if row['epochs'] > 0 and subject in row['methods']]
     at_least, above, lost = 0, 0, []
     for row in fine_tuned:
-        hmc = row['methods']['hmc'].get('acc_mean')
-        others = {m: e['acc_mean'] for m, e in row['methods'].items() if m != 'hmc' and 'acc_mean' in e}
-        beaten_by = [m for m, value in others.items() if hmc is None or value > hmc]
+        mean = row['methods'][subject].get('acc_mean')
+        others = {m: e['acc_mean'] for m, e in row['methods'].items() if m not in SUBJECTS and 'acc_mean' in e}
+        beaten_by = [m for m, value in others.items() if mean is None or value > mean]
         if not beaten_by:
             at_least += 1
         else:
             lost.append(f'{_cell_name(row)}: below {", ".join(LABELS[m] for m in beaten_by)}')
         strongest = row['strongest_pruner']
-        pair = paired(row, 'hmc', strongest) if strongest else None
+        pair = paired(row, subject, strongest) if strongest else None
         if pair is not None and not math.isnan(pair['low']) and pair['low'] > 0:
             above += 1
     return {'cells': len(fine_tuned), 'hmc_at_least_every_baseline': at_least,
@@ -350,7 +356,7 @@ def _pp(pair: dict | None) -> str:
 
 def cell_table(row: dict) -> str:
     header = ['method', 'seeds', 'FLOPs kept', 'params kept', 'latency kept', 'accuracy', 'KL (nats)',
-              'HMC − it, pp [95 % CI]']
+              'HMC − it, pp [95 % CI]', f'{LABELS["hmc_spread"]} − it']
     best = max((entry['acc_mean'] for entry in row['methods'].values() if 'acc_mean' in entry), default=None)
     lines = []
     for method in METHODS:
@@ -359,7 +365,7 @@ def cell_table(row: dict) -> str:
             continue
         label = LABELS[method] + (' (strongest pruner)' if method == row['strongest_pruner'] else '')
         if 'acc_mean' not in entry:
-            lines.append([label, f'0 of {entry["seeds"]}', 'cannot reach the budget', '', '', '', '', ''])
+            lines.append([label, f'0 of {entry["seeds"]}', 'cannot reach the budget', '', '', '', '', '', ''])
             continue
         accuracy = f'{entry["acc_mean"]:.3f} ± {entry["acc_std"]:.3f}'
         if entry['acc_mean'] == best:
@@ -369,14 +375,14 @@ def cell_table(row: dict) -> str:
         lines.append([label, seeds, f'{entry["flops_kept"]:.3f}', f'{entry["params_kept"]:.3f}',
                       f'{entry["latency_kept"]:.3f}' if 'latency_kept' in entry else '',
                       accuracy, f'{entry["kl_mean"]:.3g} ± {entry["kl_std"]:.2g}',
-                      '—' if method == 'hmc' else _pp(paired(row, 'hmc', method))])
+                      '—' if method == 'hmc' else _pp(paired(row, 'hmc', method)),
+                      '—' if method == 'hmc_spread' else _pp(paired(row, 'hmc_spread', method))])
     return markdown_table(header, lines)
 
 
 def render_markdown(report: dict) -> str:
     """``power.md``: a pure function of ``power.json``."""
     settings = report['settings']
-    result = verdict(report)
     lines = ['# Powered benchmark: HMC against the strongest pruners, paired over seeds', '',
              f'Command: `{report["command"]}` ({report["machine"]}, {report["threads"]} thread(s), commit '
              f'{report.get("commit")}, {report["wall_seconds"] / 60:.1f} min in this invocation; cells cached). '
@@ -387,12 +393,16 @@ def render_markdown(report: dict) -> str:
              f'KL(original || compressed) per test image. "HMC − it": the paired difference per seed, its mean and '
              f'95 % t interval, in percentage points. HMC: margin rule, {settings["probe_steps"]} probe steps per '
              f'candidate. Latency kept: measured side by side with the original at batch '
-             f'{settings["latency_batch"]}, one thread.', '',
-             f'**Goal** (fine-tuned cells): HMC at least every baseline in '
-             f'{result["hmc_at_least_every_baseline"]} of {result["cells"]}; 95 % interval of HMC − the strongest '
-             f'pruner above zero in {result["interval_above_zero_vs_strongest"]} of {result["cells"]}.', '']
-    if result['lost']:
-        lines += ['Cells HMC does not win:', ''] + [f'- {line}' for line in result['lost']] + ['']
+             f'{settings["latency_batch"]}, one thread.', '']
+    for subject in SUBJECTS:
+        result = verdict(report, subject)
+        if not result['cells']:
+            continue
+        lines += [f'**Goal, {LABELS[subject]}** (fine-tuned cells): at least every baseline in '
+                  f'{result["hmc_at_least_every_baseline"]} of {result["cells"]}; 95 % interval of it − the strongest '
+                  f'pruner above zero in {result["interval_above_zero_vs_strongest"]} of {result["cells"]}.', '']
+        if result['lost']:
+            lines += [f'Cells {LABELS[subject]} does not win:', ''] + [f'- {line}' for line in result['lost']] + ['']
     if report.get('missing'):
         lines += [f'Not run yet ({len(report["missing"])} cells; rerun the command to compute them): '
                   + ', '.join(report['missing']) + '.', '']
