@@ -132,6 +132,7 @@ def compress(model, splits, settings, method: str, table, work: Path) -> tuple[t
         compressed, _ = compressor.compress()
         info['groups'] = compressor.plan.group_counts()
         info['decomposed'] = len(compressor.plan.ranks)
+        info['prune_ratios'] = compressor.plan.prune_ratios  # group leader -> fraction of its channels removed
         return compressed.eval(), info
     budget = {name: value for name, value in settings.hmc.budget_entry.items() if name != 'target_latency'}
     if method == 'nni_l1':
@@ -142,6 +143,7 @@ def compress(model, splits, settings, method: str, table, work: Path) -> tuple[t
             if importance == 'taylor' else None
         compressed, details = torch_pruning_prune(model, dummy_input, importance=importance, allocation='global',
                                                   calibration=labelled, speedup=settings.speedup, **budget)
+    info['prune_ratios'] = {name: ratio for name, ratio in details.get('ratios', {}).items() if ratio > 0}
     batches = calibration_batches(splits, settings)
     if settings.reconstruct:
         fit_to_data(model, compressed, batches[:settings.fit_batches], masks=details['masks'], reconstruct=True,
