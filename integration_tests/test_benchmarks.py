@@ -173,7 +173,7 @@ def _normalised(value):
     return float(value) if isinstance(value, (int, float)) else value
 
 
-@pytest.mark.parametrize('suite', SUITES + ('latency_budget',))
+@pytest.mark.parametrize('suite', SUITES + ('latency_budget', 'power'))
 def test_benchmarks_readme_holds_the_tables_of_the_committed_json_next_to_their_command(suite):
     if not (RESULTS / f'{suite}.json').exists():
         pytest.skip(f'no full run of {suite} committed yet (recipes/benchmarks/results/{suite}.json)')

@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         data=data), speedup='torch_pruning', probe_steps=args.probe_steps,
                     latency_batch=args.latency_batch, latency_cache=str(out / 'latency.json'))
                 work = out / data / model_name / f'seed{seed}'
+                if args.cached_only and not (work / 'baseline.pt').exists():
+                    missing.append(f'{data} {model_name} seed {seed} (no baseline: every cell)')
+                    continue
                 model, splits = common.prepare_baseline(settings, work, progress)
                 table = scan(copy.deepcopy(model), splits, settings, work / 'scan', progress=False)
                 _, test_loader = make_loaders(splits, settings.batch_size, seed=seed)
@@ -218,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   'acc': evaluate_accuracy(model, test_loader)})
                 subjects[seed] = (settings, work, model, splits, table, reference)
             for kind, target in budgets:
-                for seed in seeds:
+                for seed in subjects:
                     settings, work, model, splits, table, reference = subjects[seed]
                     budget_settings = common.replace(settings, **{BUDGET_NAMES[kind]: target})
                     for method in methods:
@@ -245,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             progress(f'{head}: FLOPs {cell["flops_kept"]:.3f}, params {cell["params_kept"]:.3f}, acc '
                                      + ' -> '.join(f'{cell["acc"][str(e)]:.3f}' for e in [0, *epochs]))
     settings_out = {'models': args.models.split(','), 'data': args.data.split(','), 'seeds': seeds,
-                    'budgets': [[kind, target] for kind, target in budgets], 'methods': methods, 'epochs': epochs,
+                    'budgets': [f'{kind}:{target:g}' for kind, target in budgets], 'methods': methods, 'epochs': epochs,
                     'train_epochs': args.train_epochs, 'train_lr': common.TRAIN_LR, 'finetune_lr': common.FINETUNE_LR,
                     'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
     report = {**common.header('power', settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
