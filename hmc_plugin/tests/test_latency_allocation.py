@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from hmc_plugin.engines.pruning import find_pruning_groups
 from hmc_plugin.planning.allocation import _sensitivity_groups, build_plan
@@ -13,24 +12,9 @@ from hmc_plugin.planning import targets
 from hmc_plugin.planning.cost import CostModel
 from hmc_plugin.planning.plan import CompressionPlan, LayerPlan
 from hmc_plugin.sensitivity.table import SensitivityTable
+from hmc_plugin.tests.toy_models import Chain
 
 LEVELS = [0.2, 0.4, 0.6, 0.8]
-
-
-class Chain(nn.Module):
-    """Four 3x3 conv-BN-ReLU blocks and a classifier: four pruning groups, four decomposable convs."""
-
-    def __init__(self):
-        super().__init__()
-        widths = [3, 32, 32, 32, 32]
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU())
-                                    for a, b in zip(widths, widths[1:]))
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.fc(x.mean((2, 3)))
 
 
 class SlowDecompositions:
