@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         'vision': ['torchvision>=0.16,<=0.29.1'],
+        'deploy': ['onnx>=1.14', 'onnxruntime>=1.16'],  # ONNX export checks and latency_backend='onnxruntime'
         'test': [
             'pytest>=7',
             'hypothesis>=6',

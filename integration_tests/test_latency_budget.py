@@ -311,3 +311,12 @@ def test_an_unknown_latency_backend_is_named(scanned):
         measure_latency(model, dummy, backend='tensorrt')
     with pytest.raises(HMCConfigError, match='latency_backend'):
         HMCSettings(latency_backend='tensorrt')
+
+
+def test_onnxruntime_backend_without_onnxruntime_says_how_to_install_it(scanned, monkeypatch):
+    from hmc_plugin.utils.timing import measure_latency
+
+    model, dummy, _, _ = scanned
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # import onnxruntime now raises ImportError
+    with pytest.raises(HMCConfigError, match=r"needs onnxruntime: pip install 'hmc_plugin\[deploy\]'"):
+        measure_latency(model, dummy, backend='onnxruntime')

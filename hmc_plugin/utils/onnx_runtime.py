@@ -26,8 +26,8 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as error:
-        raise HMCConfigError("latency_backend='onnxruntime' needs onnxruntime: pip install onnxruntime "
-                             "(or pip install 'hmc_plugin[test]'), or use latency_backend='torch'") from error
+        raise HMCConfigError("latency_backend='onnxruntime' needs onnxruntime: pip install 'hmc_plugin[deploy]' "
+                             "(or pip install onnxruntime), or use latency_backend='torch'") from error
     return onnxruntime
 
 
