@@ -440,7 +440,7 @@ def test_power_pairs_seeds_and_names_the_cells_hmc_loses():
     result = power.verdict(report)
     assert result['cells'] == 2 and result['hmc_at_least_every_baseline'] == 1
     assert result['interval_above_zero_vs_strongest'] == (1 if pair['low'] > 0 else 0)
-    assert result['lost'] == ['ResNet-20 on digits_hard, flops 0.5, 5 epoch(s): below prune-only (HMC, L1), '
+    assert result['lost'] == ['ResNet-20 on digits_hard, flops 0.5, 5 epoch(s): below prune-only (HMC, L1); '
                               'torch-pruning group-L2, global']
     report.update(command='.venv/bin/python recipes/benchmarks/power.py', machine='m', threads=1, commit='c',
                   wall_seconds=60.0, baselines=[{'model': 'resnet20', 'data': 'digits_hard', 'seed': 0, 'acc': 0.9}],

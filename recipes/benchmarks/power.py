@@ -334,7 +334,7 @@ def verdict(report: dict, subject: str = 'hmc') -> dict[str, Any]:
         if not beaten_by:
             at_least += 1
         else:
-            lost.append(f'{_cell_name(row)}: below {", ".join(LABELS[m] for m in beaten_by)}')
+            lost.append(f'{_cell_name(row)}: below {"; ".join(LABELS[m] for m in beaten_by)}')
         strongest = row['strongest_pruner']
         pair = paired(row, subject, strongest) if strongest else None
         if pair is not None and not math.isnan(pair['low']) and pair['low'] > 0:
