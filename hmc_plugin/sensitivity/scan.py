@@ -161,18 +161,12 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         ``kl`` / ``evaluator`` measurement. None (or a DataFit without batches) scans data-free, as before.
     """
     if rank_method == 'best':
-        def scan_with(method: str, part_groups: Sequence[PruningGroup], part_layers: Sequence[str]) -> SensitivityTable:
-            return scan_sensitivity(
-                model, dummy_input, groups=part_groups, layers=part_layers, mode=mode, eval_fn=eval_fn,
-                calibration_inputs=calibration_inputs, levels=levels, importance=importance, round_to=round_to,
-                rank_method=method, calibration_targets=calibration_targets,
-                cache_path=None if cache_path is None else Path(cache_path).with_suffix(f'.{method}.json'),
-                progress=progress, mask_context=mask_context, mask_model=mask_model, weight_owner=weight_owner,
-                projections=projections, data=data)
-
-        modules = dict((mask_model if mask_model is not None else model).named_modules())
-        kxk = [name for name in layers if method_for(modules[name], 'tucker2', name) == 'tucker2']
-        return best_decompositions(scan_with('auto', groups, layers), scan_with('svd', (), kxk))
+        return _scan_both_decompositions(
+            model, dummy_input, groups=groups, layers=layers, mode=mode, eval_fn=eval_fn,
+            calibration_inputs=calibration_inputs, levels=levels, importance=importance, round_to=round_to,
+            calibration_targets=calibration_targets, cache_path=cache_path, progress=progress,
+            mask_context=mask_context, mask_model=mask_model, weight_owner=weight_owner, projections=projections,
+            data=data)
     levels = _checked_levels(mode, levels, eval_fn, calibration_inputs)
     mask_model = mask_model if mask_model is not None else model
     mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
@@ -192,6 +186,21 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     unit_scan = _UnitScan(mask_model, dummy_input, groups, settings, calibration_batch, mask_context,
                           _weight_owner(weight_owner, model, modules), modules, scan_data)
     return _measured_table(model, table, unit_scan, eval_fn, calibration_inputs, cache_path, progress)
+
+
+def _scan_both_decompositions(model: nn.Module, dummy_input: Any, *, groups: Sequence[PruningGroup],
+                              layers: Sequence[str], mask_model: nn.Module | None, cache_path, **options
+                              ) -> SensitivityTable:
+    """``rank_method='best'``: the scan with Tucker-2 (and the pruning groups), the kxk convs again with SVD, each
+    half cached beside ``cache_path`` (``NAME.auto.json``, ``NAME.svd.json``), merged by ``best_decompositions``."""
+    def scan_with(method: str, part_groups: Sequence[PruningGroup], part_layers: Sequence[str]) -> SensitivityTable:
+        path = None if cache_path is None else Path(cache_path).with_suffix(f'.{method}.json')
+        return scan_sensitivity(model, dummy_input, groups=part_groups, layers=part_layers, rank_method=method,
+                                mask_model=mask_model, cache_path=path, **options)
+
+    modules = dict((mask_model if mask_model is not None else model).named_modules())
+    kxk = [name for name in layers if method_for(modules[name], 'tucker2', name) == 'tucker2']
+    return best_decompositions(scan_with('auto', groups, layers), scan_with('svd', (), kxk))
 
 
 def best_decompositions(table: SensitivityTable, svd: SensitivityTable) -> SensitivityTable:
