@@ -6,6 +6,7 @@ Targets are mild (0.85): these models are tiny and overhead-bound, so even every
 level keeps about 0.7 of the time on some machines, and a reachable target keeps the tests off that floor.
 """
 import copy
+import json
 import subprocess
 import sys
 
@@ -292,7 +293,7 @@ def test_onnxruntime_backend_plans_on_its_own_cached_timings(scanned, tmp_path):
     assert model_fingerprint(model) == before
     assert report['backend'] == 'onnxruntime' and report['original_ms'] > 0 and report['measured_ms'] > 0
     assert plan.prune_ratios and 0 < plan.measured['latency'] < 1.2
-    keys = [entry['key'] for entry in __import__('json').loads(cache_path.read_text())['entries'].values()]
+    keys = [entry['key'] for entry in json.loads(cache_path.read_text())['entries'].values()]
     assert keys and all(f'backend onnxruntime {onnxruntime.__version__}' in key for key in keys)
     again, again_report = plan_for_latency(table, model, dummy, groups, target_latency=0.85, batch=BATCH, threads=1,
                                            mode='prune', latency_cache=cache_path, max_rounds=2, backend='onnxruntime')

@@ -34,6 +34,7 @@ from ..engines.pruning import (PruningGroup, channel_masks, find_pruning_groups,
                                speedup_with_nni)
 from ..errors import HMCConfigError
 from ..utils.counting import count_flops, count_params
+from .report import flops_kept, params_kept, size_fields
 
 __all__ = ['nni_l1_config', 'nni_l1_masks', 'nni_l1_prune', 'ALLOCATIONS', 'torch_pruning_prune']
 
@@ -90,6 +91,12 @@ def _budget(model: nn.Module, dummy_input: Any, target_flops: float | None, targ
         return name, float(target), lambda pruned: count_flops(pruned, dummy_input) / full
     full = count_params(model)
     return name, float(target), lambda pruned: count_params(pruned) / full
+
+
+def _kept_fractions(model: nn.Module, pruned: nn.Module, dummy_input: Any) -> tuple[float, float]:
+    """The fractions of ``model``'s FLOPs and parameters ``pruned`` keeps (``report.size_fields``)."""
+    sizes = size_fields(model, pruned, dummy_input)
+    return flops_kept(sizes), params_kept(sizes)
 
 
 def _bisect(kept_at, target: float, low: float, high: float, tolerance: float, iterations: int):
@@ -172,8 +179,7 @@ def nni_l1_prune(model: nn.Module, dummy_input: Any, *, target_flops: float | No
     final = copy.deepcopy(model)
     masks = nni_l1_masks(final, groups, ratios)
     final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
-    flops = count_flops(final, dummy_input) / count_flops(model, dummy_input)
-    params = count_params(final) / count_params(model)
+    flops, params = _kept_fractions(model, final, dummy_input)
     _logger.info('NNI L1NormPruner: sparse_ratio %.4f (widest groups %.4f) keeps %.4f of the FLOPs, %.4f of the '
                  'parameters (%d steps)', ratio, widest_ratio, flops, params, steps)
     return final, {'sparse_ratio': ratio, 'widest_ratio': widest_ratio, 'flops_kept': flops, 'params_kept': params,
@@ -233,8 +239,7 @@ def torch_pruning_prune(model: nn.Module, dummy_input: Any, *, target_flops: flo
     masks = masks_for(ratios)
     final = copy.deepcopy(model)
     final = speedup_with_nni(final, dummy_input, masks) if speedup == 'nni' else prune_physically(final, dummy_input, masks)
-    flops = count_flops(final, dummy_input) / count_flops(model, dummy_input)
-    params = count_params(final) / count_params(model)
+    flops, params = _kept_fractions(model, final, dummy_input)
     _logger.info('torch-pruning %s %s: keeps %.4f of the FLOPs, %.4f of the parameters (%d steps)', allocation,
                  importance, flops, params, steps)
     return final, {'importance': importance, 'allocation': allocation, 'ratios': ratios, 'flops_kept': flops,
