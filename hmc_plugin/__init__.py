@@ -14,7 +14,7 @@ stage                   modules
 shared                  ``errors`` (the exception family), ``settings`` (``HMCSettings``: every
                         HMC setting with its default and check, once), ``utils/`` (``counting``:
                         FLOPs and parameters; ``timing``: latency timers; ``onnx_runtime``: the ONNX Runtime
-                        latency backend; ``kl``: output KL;
+                        latency backend; ``kl``: output KL; ``memory``: the calibration passes' budget;
                         ``store``: the keyed JSON store behind every cache; ``fingerprint``)
 1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements, data-free
                         or fitted to an input moment), ``engines/pruning`` (torch-pruning groups, masks,

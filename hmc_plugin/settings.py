@@ -140,6 +140,11 @@ class HMCSettings:
     fit_order: str = setting('sequential', lambda v: v in FIT_ORDERS, f'one of {FIT_ORDERS}',
                              "whose inputs a layer is fitted to: the model compressed so far, layer by layer "
                              "('sequential'), or the pruned model's from one pass ('one_pass')", optional=False)
+    memory_budget: int | None = setting(None, _positive_int, 'an int >= 1 (MiB)',
+                                        "MiB the scan's Fisher pass may use for activations: it splits the calibration "
+                                        'batch and the projections into chunks that fit (default: 1024, at most a '
+                                        "quarter of the system's available memory); a budget too small for one image "
+                                        'is an error before the scan')
     distill: bool = setting(False, lambda v: isinstance(v, bool), 'True or False',
                             'fine-tune with knowledge distillation from the original model', optional=False)
     distill_alpha: float = setting(0.5, _fraction, 'a fraction in (0, 1]', 'weight of the distillation loss',

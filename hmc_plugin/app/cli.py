@@ -55,6 +55,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--reconstruct', action=argparse.BooleanOptionalAction, default=None,
                         help=f"{meaning['reconstruct']} (default on)")
     parser.add_argument('--rank-method', choices=RANK_METHODS, help=f"{meaning['rank_method']} (default auto)")
+    parser.add_argument('--memory-budget', type=int, help=f"{meaning['memory_budget']}")
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ['BasicBlock', 'CifarResNet', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'ZOO',
-           'TORCHVISION_MODELS', 'build_model']
+           'TORCHVISION_MODELS', 'seresnet50', 'build_model']
 
 
 class BasicBlock(nn.Module):
@@ -102,6 +102,36 @@ def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 
 ZOO = {'resnet20': resnet20, 'resnet32': resnet32, 'resnet44': resnet44, 'resnet56': resnet56, 'resnet110': resnet110}
+
+
+def seresnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    """SE-ResNet-50 (Hu et al. 2018) from torchvision parts, laid out as timm's ``seresnet50``.
+
+    torchvision's ResNet-50 whose every bottleneck gates its ``bn3`` output, before the shortcut is added, by a
+    ``torchvision.ops.SqueezeExcitation`` (global pool, 1x1 conv to C/16 channels rounded to 8, ReLU, 1x1 conv
+    back, sigmoid). Random weights; input ``(N, in_channels, H, W)``, logits ``(N, num_classes)``.
+    Build it as ``model='hmc_plugin.app.models:seresnet50'``. Needs torchvision.
+    """
+    from torchvision.models.resnet import Bottleneck, ResNet
+    from torchvision.ops import SqueezeExcitation
+
+    class SEBottleneck(Bottleneck):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            channels = self.bn3.num_features
+            self.se = SqueezeExcitation(channels, max(8, int(channels / 16 + 4) // 8 * 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.se(self.bn3(self.conv3(out)))
+            return self.relu(out + identity)
+
+    model = ResNet(SEBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return model
 
 
 TORCHVISION_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnext50_32x4d', 'wide_resnet50_2')

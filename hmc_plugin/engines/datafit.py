@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import HMCConfigError
 from .lowrank import decompose_module
-from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows, unfold_patches
+from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows
 from .pruning import preserved_modes
 
 __all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
@@ -240,7 +240,7 @@ def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], r
         def hook(module, args, output):
             handles.pop(name).remove()
             accumulator = MomentAccumulator()
-            accumulator.add(unfold_patches(module, args[0]), targets.pop(name, None), name)
+            accumulator.add_inputs(module, args[0], targets.pop(name, None), name)
             replacement = fit_layer(name, accumulator.result())
             return (replacement if replacement is not None else module)(*args)
         return hook

@@ -11,8 +11,8 @@ per named layer,
   ``(C_out_ref, D)``, where ``y`` is the reference layer's output without its bias at the same position:
   the target of a least-squares refit of the layer (Zhang et al. 2016; He et al. 2017).
 
-Rows are accumulated chunk by chunk (``CHUNK_ROWS`` patch rows at a time), so memory is the ``(D, D)``
-moments plus one chunk of patches. ``stop_after`` ends each forward pass at that layer (the rest of the
+Rows are unfolded and accumulated a few images at a time (about ``CHUNK_ROWS`` patch rows), so memory is the
+``(D, D)`` moments plus one chunk of patches, whatever the batch size. ``stop_after`` ends each forward pass at that layer (the rest of the
 network is not run).
 """
 from __future__ import annotations
@@ -113,6 +113,18 @@ class MomentAccumulator:
                 self.cross = cross if self.cross is None else self.cross + cross
         self.samples += rows.shape[0]
 
+    def add_inputs(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, name: str) -> None:
+        """``add`` the unfolded rows of a batch of layer ``inputs (N, ...)`` (and their ``targets``, ``output_rows``
+        of the same batch), a few images at a time: never more than about ``CHUNK_ROWS`` rows unfolded at once."""
+        samples = inputs.shape[0] if inputs.dim() > 1 else 1
+        first = unfold_patches(module, inputs[:1])
+        rows_per_sample = max(first.shape[0], 1)
+        step = max(1, CHUNK_ROWS // rows_per_sample)
+        for start in range(0, samples, step):
+            rows = first if start == 0 and step == 1 else unfold_patches(module, inputs[start:start + step])
+            part = None if targets is None else targets[start * rows_per_sample:(start + step) * rows_per_sample]
+            self.add(rows, part, name)
+
     def result(self) -> LayerMoments:
         scale = 1.0 / max(self.samples, 1)
         return LayerMoments(self.moment * scale, None if self.cross is None else self.cross * scale, self.samples)
@@ -145,7 +157,7 @@ def collect_moments(model: nn.Module, layer_names: Sequence[str], batches: Itera
 
     def accumulate(name):
         def hook(module, args):
-            accumulators[name].add(unfold_patches(module, args[0]), captured.pop(name, None), name)
+            accumulators[name].add_inputs(module, args[0], captured.pop(name, None), name)
             if name == stop_after:
                 raise _Stop
         return hook

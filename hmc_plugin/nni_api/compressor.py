@@ -25,6 +25,7 @@ from ..errors import HMCConfigError, HMCError, LayerCompressionError, Untraceabl
 from ..planning.measure import plan_masks
 from ..planning.plan import CompressionPlan
 from ..planning.targets import plan_for_latency, plan_for_target, reachable_fraction, unreachable_message
+from ..sensitivity.fisher import fisher_chunks
 from ..sensitivity.scan import scan_sensitivity, zeroed_by_masks
 from ..sensitivity.table import SensitivityTable
 from ..settings import HMCSettings, unknown_key_message
@@ -163,7 +164,8 @@ class HMCCompressor(Pruner):
                  sensitivity: str | None = None,
                  round_to: int | None = None, speedup: str | None = None, bn_batches: int | None = None,
                  data_aware: bool | None = None, reconstruct: bool | None = None, fit_batches: int | None = None,
-                 fit_order: str | None = None, calibration_steps: int | None = None, distill: bool | None = None,
+                 fit_order: str | None = None, calibration_steps: int | None = None,
+                 memory_budget: int | None = None, distill: bool | None = None,
                  distill_alpha: float | None = None, distill_temperature: float | None = None, **unknown):
         arguments = dict(locals())
         # Everything that can fail on user input happens before NNI wraps the model.
@@ -201,6 +203,10 @@ class HMCCompressor(Pruner):
         if plan is None:
             self._check_reachable(model)
         self.calibration_inputs = self._calibration_data(model, evaluator, calibration_inputs, scan_needs_data)
+        if scan_needs_data and self.settings.sensitivity == 'proxy' and self.calibration_inputs is not None:
+            # a memory_budget too small for the scan is an error now, not after the masks and moments
+            fisher_chunks(model, self.calibration_inputs, memory_budget=self.settings.memory_budget,
+                          levels=len(self.settings.levels))
         self._reference = copy.deepcopy(model)  # unwrapped twin: masks and low-rank weights are computed on it
         self.sensitivity = sensitivity_table
         self.plan = plan
@@ -448,7 +454,8 @@ class HMCCompressor(Pruner):
                                     round_to=self.settings.round_to, rank_method=self.settings.rank_method,
                                     cache_path=self.cache_path, progress=self.progress,
                                     mask_context=self._nni_mask_context, mask_model=self._reference,
-                                    weight_owner=self._module_wrappers.__getitem__, data=self.data_fit())
+                                    weight_owner=self._module_wrappers.__getitem__, data=self.data_fit(),
+                                    memory_budget=self.settings.memory_budget)
         finally:
             if mode == 'evaluator':
                 self.evaluator.unbind_model()

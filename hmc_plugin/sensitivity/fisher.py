@@ -10,7 +10,10 @@ model's output distribution from the original's is, to second order,
 ``F = A^T A`` with rows ``a_c = sqrt(p_c) (e_c - p)``, ``KL ~= 1/2 * sum_c (g_c . delta)^2`` where
 ``g_c = d(a_c . z)/da`` is one backward pass. With ``C <= projections`` classes all ``C`` rows are used
 (exact); otherwise ``projections`` random +-1 combinations of the rows (Hutchinson's estimator,
-unbiased). The projections run as one replicated batch, so one backward pass gives every ``g``.
+unbiased). The projections run as one replicated batch, so one backward pass gives every ``g``. Within
+``memory_budget`` (``utils.memory``) the calibration batch, and when one image's replicas do not fit, the
+projections, are split into chunks (``fisher_chunks``); the signs are drawn once for the whole batch, so the
+estimate depends on the chunking only through the order of floating-point sums.
 
 The perturbations, from the original activations of the calibration batch:
 
@@ -36,6 +39,7 @@ He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks" (IC
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -46,18 +50,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engines.pruning import preserved_modes
-from ..errors import HMCError
+from ..errors import HMCConfigError, HMCError
 from ..utils.counting import as_input_tuple
+from ..utils.memory import activation_bytes, available_bytes, budget_bytes, mib
 
-__all__ = ['DEFAULT_PROJECTIONS', 'chain_ends', 'fisher_drops']
+__all__ = ['DEFAULT_PROJECTIONS', 'FisherChunks', 'chain_ends', 'fisher_chunks', 'fisher_drops']
 
 DEFAULT_PROJECTIONS = 4
 
+_logger = logging.getLogger(__name__)
 
-_MAX_REPLICATED_BATCH = 128
-
-
-_MAX_BATCH_ELEMENTS = 2_500_000  # input elements per replicated batch (~16 images of 3x224x224)
+# Bytes a replicated image takes in the forward/backward pass, per byte of its activations (the outputs of
+# every module, batch 1, as ``utils.memory.activation_bytes`` counts them): autograd's saved tensors, this
+# module's copies of the hooked outputs and the gradients of the backward pass. Measured on torchvision
+# ResNet-50 and SE-ResNet-50 at 224x224 (recipes/benchmarks/memory.py).
+PASS_BYTES_PER_ACTIVATION_BYTE = 2.0
 
 
 Masks = dict[str, dict[str, Tensor]]
@@ -66,14 +73,39 @@ Unit = tuple[str, str]  # ('prune', group) or ('decompose', layer)
 
 LayerChanges = dict[str, dict[Unit, list[Tensor | None]]]  # module -> unit -> weight change per level (None: 0)
 
+ChannelSets = dict[str, list[tuple[str, list[Tensor]]]]  # chain end -> [(group, pruned channels at each level)]
+
 
 @dataclass
 class _Accumulator:
-    """Per-sample scores of one calibration chunk after another (all on CPU, float64)."""
+    """Per-sample scores of one pass after another (on CPU, float64), each ``(levels, K_pass, N_chunk)``.
 
-    channel_scores: dict[str, list[Tensor]] = field(default_factory=dict)  # module -> [(K, N, C)]
+    Passes run chunk by chunk of the calibration batch and, within a chunk, block by block of the projections;
+    ``blocks`` is the number of projection blocks per chunk, so ``assembled`` can put the pieces back together.
+    """
+
+    blocks: int = 1
+    # (('prune', group), chain end) -> [(levels, K, N)]: -sum of the pruned channels' g . a
+    channel_scores: dict[tuple[Unit, str], list[Tensor]] = field(default_factory=dict)
     # (unit, module) -> [(levels, K, N)]
     layer_scores: dict[tuple[Unit, str], list[Tensor]] = field(default_factory=dict)
+
+    def assembled(self, pieces: list[Tensor]) -> Tensor:
+        """``(levels, K, N)`` from the passes' pieces: projection blocks joined along K, chunks along N."""
+        chunks = [torch.cat(pieces[start:start + self.blocks], dim=1) for start in range(0, len(pieces), self.blocks)]
+        return torch.cat(chunks, dim=2)
+
+
+@dataclass(frozen=True)
+class FisherChunks:
+    """How the Fisher pass splits its work: ``samples`` images per chunk, ``directions`` projections per pass.
+
+    ``pass_bytes`` is the estimated working memory of one pass (``samples * directions`` replicated images).
+    """
+
+    samples: int
+    directions: int
+    pass_bytes: int
 
 
 def _pruned_channels(module: nn.Module, mask: Tensor) -> Tensor:
@@ -121,8 +153,16 @@ def chain_ends(model: nn.Module, example_inputs: tuple, groups: dict[str, Sequen
     return ends
 
 
-def _projections(logits: Tensor, count: int, generator: torch.Generator) -> tuple[Tensor, float]:
-    """Vectors ``v (K, N, C)`` with ``E[sum_k (v_k . dz)^2] * scale = dz^T F dz`` per sample, and ``scale``."""
+def _signs(count: int, samples: int, classes: int, generator: torch.Generator) -> Tensor | None:
+    """Hutchinson's +-1 signs ``(K, N, C)`` (int8) for the whole batch; None when every class row is used."""
+    if classes <= count:
+        return None
+    return (torch.randint(0, 2, (count, samples, classes), generator=generator) * 2 - 1).to(torch.int8)
+
+
+def _projections(logits: Tensor, count: int, signs: Tensor | None) -> tuple[Tensor, float]:
+    """Vectors ``v (K, N, C)`` with ``E[sum_k (v_k . dz)^2] * scale = dz^T F dz`` per sample, and ``scale``;
+    ``signs (K, N, C)`` are this chunk's Hutchinson signs (``_signs``)."""
     probs = torch.softmax(logits.detach().double(), dim=1)                     # (N, C)
     root = probs.sqrt()
     classes = probs.shape[1]
@@ -130,8 +170,7 @@ def _projections(logits: Tensor, count: int, generator: torch.Generator) -> tupl
         eye = torch.eye(classes, dtype=probs.dtype)
         rows = root.T[:, :, None] * (eye[:, None, :] - probs[None, :, :])       # (C, N, C)
         return rows, 1.0
-    signs = torch.randint(0, 2, (count,) + probs.shape, generator=generator).to(probs.dtype) * 2 - 1  # (K, N, C)
-    weighted = signs * root[None]                                              # eps_c sqrt(p_c)
+    weighted = signs.to(probs.dtype) * root[None]                                              # eps_c sqrt(p_c)
     rows = weighted - weighted.sum(dim=2, keepdim=True) * probs[None]          # sum_c eps_c sqrt(p_c) (e_c - p)
     return rows, 1.0 / count
 
@@ -164,27 +203,37 @@ def _unit_scores(module: nn.Module, layer_input: Tensor, grad: Tensor, changes: 
     return torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())                   # (levels, K, N)
 
 
+def _channel_scores(grad: Tensor, activation: Tensor, channel_sets: list[tuple[str, list[Tensor]]]
+                    ) -> dict[str, Tensor]:
+    """``{group: (levels, K, N)}``: minus the pruned channels' ``sum_hw g * a``, from one module's ``grad (K, N, C,
+    ...)`` and ``activation (N, C, ...)``; the ``(K, N, C)`` channel scores are dropped once summed."""
+    per_channel = (grad * activation[None]).flatten(3).sum(3) if grad.dim() > 3 else grad * activation[None]
+    per_channel = per_channel.double()                                                   # (K, N, C)
+    return {group: -torch.stack([per_channel[:, :, channels].sum(2) for channels in levels])
+            for group, levels in channel_sets}
+
+
 @contextlib.contextmanager
-def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], layer_changes: LayerChanges,
-           copies: int, accumulator: _Accumulator) -> Iterator[None]:
-    """Record, per chunk, channel scores ``sum_hw g * a`` and layer scores ``sum g * delta`` per unit and level."""
+def _hooks(modules: dict[str, nn.Module], channel_sets: ChannelSets, layer_changes: LayerChanges,
+           copies: list[int], accumulator: _Accumulator) -> Iterator[None]:
+    """Record, per pass, the pruned channels' scores ``sum_hw g * a`` and layer scores ``sum g * delta`` per unit
+    and level; ``copies[0]`` is the pass's number of projections (replicas of the chunk)."""
 
     def forward_hook(name):
         def hook(module, inputs, output):
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
-            samples = output.shape[0] // copies
+            samples = output.shape[0] // copies[0]
             # A view, no copy: autograd keeps the layer's input for its own backward pass anyway (and
             # refuses to run if it was modified in place), so the output changes are computed there.
             layer_input = inputs[0].detach()[:samples] if name in layer_changes else None
             activation = output.detach()[:samples]
 
             def on_grad(grad: Tensor) -> None:
-                grad = grad.detach().reshape((copies, samples) + tuple(grad.shape[1:]))  # (K, N, ...)
-                if name in channel_modules:
-                    per_channel = (grad * activation[None]).flatten(3).sum(3) if grad.dim() > 3 \
-                        else grad * activation[None]                                     # (K, N, C)
-                    accumulator.channel_scores.setdefault(name, []).append(per_channel.double().cpu())
+                grad = grad.detach().reshape((-1, samples) + tuple(grad.shape[1:]))  # (K, N, ...)
+                if name in channel_sets:
+                    for group, scores in _channel_scores(grad, activation, channel_sets[name]).items():
+                        accumulator.channel_scores.setdefault((('prune', group), name), []).append(scores.cpu())
                 if layer_input is not None:
                     for unit, changes in layer_changes[name].items():
                         scores = _unit_scores(module, layer_input, grad, changes)
@@ -196,7 +245,7 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], layer_chang
             return output.clone()
         return hook
 
-    names = channel_modules | set(layer_changes)
+    names = set(channel_sets) | set(layer_changes)
     handles = [modules[name].register_forward_hook(forward_hook(name)) for name in names]
     try:
         yield
@@ -208,7 +257,8 @@ def _hooks(modules: dict[str, nn.Module], channel_modules: set[str], layer_chang
 def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str, list[Masks]] | None = None,
                  weight_changes: dict[str, list[Tensor]] | None = None,
                  prune_weight_changes: dict[str, list[dict[str, Tensor]]] | None = None,
-                 projections: int = DEFAULT_PROJECTIONS, seed: int = 0,
+                 projections: int = DEFAULT_PROJECTIONS, seed: int = 0, memory_budget: int | None = None,
+                 chunks: FisherChunks | None = None,
                  progress: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Estimated KL drop (nats, batch mean) of every pruning group and decomposed layer at every level.
 
@@ -230,6 +280,9 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
         missing at a level is unchanged there.
     projections
         Backward passes' worth of Fisher directions: all ``C`` rows when ``C <= projections``.
+    memory_budget, chunks
+        MiB the pass's working memory may take (None: ``utils.memory.budget_bytes``' automatic choice), or the
+        chunking itself (``fisher_chunks``); the drops do not depend on it beyond floating-point summation order.
 
     Returns
     -------
@@ -247,96 +300,132 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
     layer_changes = _layer_changes(weight_changes, prune_weight_changes)
     with preserved_modes(model):  # every submodule's own train/eval flag comes back
         model.eval()
-        ends, accumulator, scale = _fisher_scores(model, inputs, modules, prune_masks, layer_changes, projections,
-                                                  seed, progress)
-    prune = _prune_drops(prune_masks, ends, modules, accumulator, scale)
-    prune.update(_refitted_prune_drops(prune_weight_changes, accumulator, scale))
-    return prune, _decompose_drops(weight_changes, accumulator, scale)
+        if chunks is None:
+            level_counts = [len(levels) for changes in (weight_changes, prune_weight_changes)
+                            for levels in changes.values()]
+            chunks = fisher_chunks(model, inputs, projections=projections, memory_budget=memory_budget,
+                                   levels=max(level_counts or [1]))
+        accumulator, scale = _fisher_scores(model, inputs, modules, prune_masks, layer_changes, projections,
+                                            seed, chunks, progress)
+    prune = _unit_drops({group: ('prune', group) for group in prune_masks}, accumulator.channel_scores,
+                        accumulator, scale, {group: len(levels) for group, levels in prune_masks.items()})
+    prune.update(_unit_drops({group: ('prune', group) for group in prune_weight_changes}, accumulator.layer_scores,
+                             accumulator, scale, {group: len(levels) for group, levels in prune_weight_changes.items()}))
+    decompose = _unit_drops({layer: ('decompose', layer) for layer in weight_changes}, accumulator.layer_scores,
+                            accumulator, scale, {layer: len(levels) for layer, levels in weight_changes.items()})
+    return prune, decompose
+
+
+def fisher_chunks(model: nn.Module, calibration_inputs, *, projections: int = DEFAULT_PROJECTIONS,
+                  memory_budget: int | None = None, levels: int = 1) -> FisherChunks:
+    """The chunking of the Fisher pass over ``calibration_inputs`` that keeps its working memory in the budget.
+
+    One replicated image costs ``PASS_BYTES_PER_ACTIVATION_BYTE`` times its activations, plus the float64 output
+    changes of the largest hooked layer at ``levels`` levels; a chunk holds as many images times projections as
+    the budget allows (all projections of an image together when they fit). Raises ``HMCConfigError`` naming
+    ``memory_budget`` when a single image with a single projection does not fit, before anything runs.
+    """
+    inputs = as_input_tuple(calibration_inputs)
+    samples = inputs[0].shape[0]
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        classes = model(*(tensor[:1] for tensor in inputs)).flatten(1).shape[1]
+        total, largest = activation_bytes(model, tuple(tensor[:1] for tensor in inputs))
+    copies = min(classes, projections)
+    per_replica = int(PASS_BYTES_PER_ACTIVATION_BYTE * total) + 2 * (levels + 2) * largest  # float64: twice float32
+    budget = budget_bytes(memory_budget)
+    replicas = budget // max(per_replica, 1)
+    if replicas < 1:
+        raise HMCConfigError(
+            f'memory_budget={memory_budget!r} ({mib(budget)} MiB) is below what the sensitivity scan needs for one '
+            f'calibration image at this input size: about {mib(per_replica)} MiB. Raise memory_budget to at least '
+            f'{mib(per_replica) + 1} (MiB), lower the input size (image_size), or use sensitivity="kl"')
+    available = available_bytes()
+    if memory_budget is not None and available is not None and budget > available:
+        _logger.warning('memory_budget=%d MiB is more than the %d MiB this system has available: the sensitivity scan '
+                        'may be killed for lack of memory; lower memory_budget (or leave it unset for an automatic '
+                        'one)', memory_budget, mib(available))
+    directions = min(copies, replicas)
+    chunk = max(1, min(samples, replicas // directions)) if directions == copies else 1
+    return FisherChunks(samples=chunk, directions=directions, pass_bytes=per_replica * chunk * directions)
+
+
+def _channel_sets(prune_masks: dict[str, list[Masks]], ends: dict[str, list[str]],
+                  modules: dict[str, nn.Module]) -> ChannelSets:
+    """``{chain end: [(group, pruned channels at each level)]}`` of the groups priced by their masks."""
+    sets: ChannelSets = {}
+    for group, levels in prune_masks.items():
+        for name in ends.get(group, []):
+            channels = [_pruned_channels(modules[name], masks[name]['weight']) for masks in levels]
+            sets.setdefault(name, []).append((group, channels))
+    return sets
 
 
 def _fisher_scores(model: nn.Module, inputs: tuple, modules: dict[str, nn.Module], prune_masks: dict[str, list[Masks]],
-                   layer_changes: LayerChanges, projections: int, seed: int,
-                   progress: bool) -> tuple[dict[str, list[str]], _Accumulator, float]:
-    """The one pass, ``model`` in eval mode: ``(chain ends of each group, per-sample scores, projection scale)``."""
+                   layer_changes: LayerChanges, projections: int, seed: int, chunks: FisherChunks,
+                   progress: bool) -> tuple[_Accumulator, float]:
+    """The passes, ``model`` in eval mode: ``(per-sample scores, projection scale)``."""
     with torch.no_grad():
         classes = model(*(tensor[:1] for tensor in inputs)).flatten(1).shape[1]
     copies = min(classes, projections)
     group_members = {group: list(levels[0]) for group, levels in prune_masks.items() if levels}
     ends = chain_ends(model, tuple(tensor[:1] for tensor in inputs), group_members)
-    channel_modules = {name for names in ends.values() for name in names}
-    accumulator = _Accumulator()
-    with _hooks(modules, channel_modules, layer_changes, copies, accumulator):
-        scale = _backward_passes(model, inputs, copies, seed, progress)
-    return ends, accumulator, scale
+    channel_sets = _channel_sets(prune_masks, ends, modules)
+    blocks = [(start, min(start + chunks.directions, copies)) for start in range(0, copies, chunks.directions)]
+    accumulator = _Accumulator(blocks=len(blocks))
+    pass_copies = [copies]
+    with _hooks(modules, channel_sets, layer_changes, pass_copies, accumulator):
+        signs = _signs(copies, inputs[0].shape[0], classes, torch.Generator().manual_seed(seed))
+        scale = _backward_passes(model, inputs, copies, signs, chunks.samples, blocks, pass_copies, progress)
+    return accumulator, scale
 
 
-def _backward_passes(model: nn.Module, inputs: tuple, copies: int, seed: int, progress: bool) -> float:
-    """Forward and backward the batch in chunks, each replicated ``copies`` times; returns the projections' scale.
+def _backward_passes(model: nn.Module, inputs: tuple, copies: int, signs: Tensor | None, chunk: int,
+                     blocks: list[tuple[int, int]], pass_copies: list[int], progress: bool) -> float:
+    """Forward and backward the batch ``chunk`` images at a time, each replicated once per projection of a block
+    (``blocks``: ``[(first, end)]`` of the ``copies`` projections); returns the projections' scale.
 
-    ``_hooks`` records the scores. A replicated chunk holds at most ``_MAX_REPLICATED_BATCH`` samples and
-    ``_MAX_BATCH_ELEMENTS`` input elements (but at least one sample); the scale is 1 (exact rows) or ``1 / copies``.
+    ``_hooks`` records the scores (``pass_copies[0]``: the current block's size). The random ``signs (K, N, C)``
+    of the projections are drawn once for the whole batch (``_signs``), so the chunking changes no draw.
     """
     samples = inputs[0].shape[0]
-    per_sample = max(1, inputs[0][:1].numel())
-    chunk = max(1, min(_MAX_REPLICATED_BATCH, _MAX_BATCH_ELEMENTS // per_sample) // copies)
-    generator = torch.Generator().manual_seed(seed)
     scale = 1.0
     with tqdm(total=samples, desc='HMC sensitivity scan (proxy, Fisher)', unit='img', disable=not progress) as bar:
         for start in range(0, samples, chunk):
             part = tuple(tensor[start:start + chunk] for tensor in inputs)
-            # Gradients are taken w.r.t. the input only: every activation is on that path, and no
-            # parameter gradient is computed (or left behind).
-            replicated = tuple(_replicate(tensor, copies) for tensor in part)
-            with torch.enable_grad():
-                logits = model(*replicated).flatten(1)
-                n = part[0].shape[0]
-                rows, scale = _projections(logits[:n], copies, generator)          # (K, N, C)
-                loss = (logits * rows.reshape(copies * n, -1).to(logits.dtype)).sum()
-                torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
+            n = part[0].shape[0]
+            for first, end in blocks:
+                pass_copies[0] = end - first
+                # Gradients are taken w.r.t. the input only: every activation is on that path, and no
+                # parameter gradient is computed (or left behind).
+                replicated = tuple(_replicate(tensor, end - first) for tensor in part)
+                with torch.enable_grad():
+                    logits = model(*replicated).flatten(1)
+                    chunk_signs = None if signs is None else signs[:, start:start + n]
+                    rows, scale = _projections(logits[:n], copies, chunk_signs)             # (K, N, C)
+                    rows = rows[first:end]
+                    loss = (logits * rows.reshape((end - first) * n, -1).to(logits.dtype)).sum()
+                    torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
+                del replicated, logits, loss
             bar.update(n)
     return scale
 
 
-def _prune_drops(prune_masks: dict[str, list[Masks]], ends: dict[str, list[str]], modules: dict[str, nn.Module],
-                 accumulator: _Accumulator, scale: float) -> dict[str, list[float]]:
-    """Each group's drop per level: the pruned channels' scores, summed over the group's chain ends."""
-    channel_scores = {name: torch.cat(chunks, dim=1) for name, chunks in accumulator.channel_scores.items()}  # (K, N, C)
-    prune = {}
-    for group, levels in prune_masks.items():
-        drops = []
-        for masks in levels:
-            joint = None  # (K, N): -sum of the chain ends' pruned channel scores
-            for name in ends[group]:
-                channels = _pruned_channels(modules[name], masks[name]['weight'])
-                scores = channel_scores[name][:, :, channels].sum(2)
-                joint = -scores if joint is None else joint - scores
-            drops.append(_kl_estimate(joint, scale))
-        prune[group] = drops
-    return prune
-
-
-def _refitted_prune_drops(prune_weight_changes: dict[str, list[dict[str, Tensor]]], accumulator: _Accumulator,
-                          scale: float) -> dict[str, list[float]]:
-    """Each reconstructed group's drop per level: its consumers' scores ``g . delta``, summed before squaring."""
-    prune = {}
-    for group, levels in prune_weight_changes.items():
-        joint = None  # (levels, K, N)
-        for name in sorted({name for level in levels for name in level}):
-            scores = torch.cat(accumulator.layer_scores[(('prune', group), name)], dim=2)
-            joint = scores if joint is None else joint + scores
-        prune[group] = [0.0] * len(levels) if joint is None else [_kl_estimate(level, scale) for level in joint]
-    return prune
-
-
-def _decompose_drops(weight_changes: dict[str, list[Tensor]], accumulator: _Accumulator,
-                     scale: float) -> dict[str, list[float]]:
-    """Each decomposed layer's drop per level, from its scores ``g . delta``."""
-    decompose = {}
-    for layer in weight_changes:
-        scores = torch.cat(accumulator.layer_scores[(('decompose', layer), layer)], dim=2)  # (levels, K, N)
-        decompose[layer] = [_kl_estimate(level_scores, scale) for level_scores in scores]
-    return decompose
-
+def _unit_drops(units: dict[str, Unit], scores: dict[tuple[Unit, str], list[Tensor]], accumulator: _Accumulator,
+                scale: float, levels: dict[str, int]) -> dict[str, list[float]]:
+    """Each unit's drop per level: its modules' scores ``(levels, K, N)`` summed before squaring (they act
+    jointly), then ``_kl_estimate``; a unit no module scored (nothing changes) drops 0 at every level."""
+    keys_by_unit: dict[Unit, list[tuple[Unit, str]]] = {}
+    for key in scores:
+        keys_by_unit.setdefault(key[0], []).append(key)
+    drops = {}
+    for name, unit in units.items():
+        joint = None
+        for key in sorted(keys_by_unit.get(unit, [])):
+            part = accumulator.assembled(scores.pop(key))  # each module's pieces go once they are summed
+            joint = part if joint is None else joint + part
+        drops[name] = [0.0] * levels[name] if joint is None else [_kl_estimate(level, scale) for level in joint]
+    return drops
 
 def _replicate(tensor: Tensor, copies: int) -> Tensor:
     """``copies`` stacked copies along the batch; floating inputs require grad (the backward pass's target)."""

@@ -58,7 +58,8 @@ from ..settings import SENSITIVITIES
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
 from ..utils.kl import kl_divergence
-from .fisher import DEFAULT_PROJECTIONS, fisher_drops
+from ..utils.memory import release_memory
+from .fisher import DEFAULT_PROJECTIONS, FisherChunks, fisher_chunks, fisher_drops
 from .table import DEFAULT_LEVELS, Masks, SensitivityTable
 
 __all__ = ['zeroed_by_masks', 'swapped_weight', 'proxy_metric', 'scan_sensitivity', 'best_decompositions']
@@ -120,7 +121,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
                      cache_path: str | os.PathLike | None = None, progress: bool = True,
                      mask_context: MaskContext | None = None, mask_model: nn.Module | None = None,
                      weight_owner: Callable[[str], nn.Module] | None = None,
-                     projections: int = DEFAULT_PROJECTIONS, data: DataFit | None = None) -> SensitivityTable:
+                     projections: int = DEFAULT_PROJECTIONS, data: DataFit | None = None,
+                     memory_budget: int | None = None) -> SensitivityTable:
     """Measure the metric drop of pruning each group and decomposing each layer, one unit at a time.
 
     Parameters
@@ -159,6 +161,10 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         model's input moments for the data-aware low rank (``data.data_aware``) and the consumers'
         reconstruction (``data.reconstruct``); ``data.bn_batches`` recalibrate the BatchNorms before each
         ``kl`` / ``evaluator`` measurement. None (or a DataFit without batches) scans data-free, as before.
+    memory_budget
+        ``proxy`` only: MiB the Fisher pass's activations may take (``fisher.fisher_chunks``; None: automatic).
+        The table does not depend on it beyond floating-point summation order; too small a budget for one
+        image raises ``HMCConfigError`` before the scan starts.
     """
     if rank_method == 'best':
         return _scan_both_decompositions(
@@ -166,7 +172,7 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
             calibration_inputs=calibration_inputs, levels=levels, importance=importance, round_to=round_to,
             calibration_targets=calibration_targets, cache_path=cache_path, progress=progress,
             mask_context=mask_context, mask_model=mask_model, weight_owner=weight_owner, projections=projections,
-            data=data)
+            data=data, memory_budget=memory_budget)
     levels = _checked_levels(mode, levels, eval_fn, calibration_inputs)
     mask_model = mask_model if mask_model is not None else model
     mask_context = mask_context or (lambda masks: zeroed_by_masks(model, masks))
@@ -177,8 +183,10 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     table = _load_cache(cache_path, settings)
     if mode == 'proxy':
         if table is None or not table.is_complete():
+            chunks = fisher_chunks(mask_model, calibration_inputs, projections=projections,
+                                   memory_budget=memory_budget, levels=len(levels))  # a budget too small fails now
             table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
-                                  calibration_batch, progress, scan_data)
+                                  calibration_batch, progress, scan_data, chunks)
             if cache_path is not None:
                 table.to_json(cache_path)
         return table
@@ -555,9 +563,11 @@ def _scan_units(table: SensitivityTable, todo: list[tuple[str, str]], unit_scan:
 
 def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],
                   calibration_inputs: Any, settings: dict, calibration_batch: tuple | None,
-                  progress: bool, scan_data: _ScanData | None = None) -> SensitivityTable:
+                  progress: bool, scan_data: _ScanData | None = None,
+                  chunks: FisherChunks | None = None) -> SensitivityTable:
     """The ``proxy`` scan: masks (or refitted consumers) and low-rank weights for every unit and level, then one
-    Fisher pass."""
+    Fisher pass (in ``chunks``). The selections and input moments go before the pass, what the allocator freed is
+    handed back after each phase (``utils.memory.release_memory``)."""
     started = time.perf_counter()
     levels = settings['levels']
     modules = dict(model.named_modules())
@@ -575,10 +585,16 @@ def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGr
         prune_masks = {group.name: [selection.masks for selection in selections[group.name]]
                        for group in groups if group.name not in refitted_names}
         prune_weight_changes = _prune_weight_changes(refitted, selections, modules, moments, scan_data)
+        del selections  # the masks kept are in prune_masks
+        release_memory()
         weight_changes = _decompose_changes(layers, levels, modules, settings, moments, scan_data, bar)
+        del moments
+        release_memory()
     prune, decompose = fisher_drops(model, calibration_inputs, prune_masks=prune_masks, weight_changes=weight_changes,
                                     prune_weight_changes=prune_weight_changes, projections=settings['projections'],
-                                    progress=progress)
+                                    chunks=chunks, progress=progress)
+    del prune_masks, weight_changes, prune_weight_changes
+    release_memory()
     return SensitivityTable(levels=list(levels), mode='proxy', baseline=0.0,
                             prune={group.name: prune[group.name] for group in groups}, decompose=decompose,
                             groups={group.name: list(group.members) for group in groups}, settings=settings,

@@ -1,37 +1,56 @@
-"""Peak memory (RSS) of the main job's stages on CIFAR ResNet-110 with a 4x larger calibration set.
+"""Peak memory (RSS) of the main job's stages on ResNet-50-class models, at several calibration sizes.
 
-Trains ResNet-110 on the embedded digits data for one epoch (cached in ``--out``), then runs the main
-job's stages once each with a 256-image calibration batch (the main job uses 64): the sensitivity
-scan, the plan (NaHC at half the FLOPs) and the compression (masks, NNI speedup, low-rank
-replacement) plus ``--finetune-epochs`` of fine-tuning. A sampling thread reads the process's
-resident set size every 10 ms; the script prints the peak of each stage and of the whole run, and
-writes them to ``OUT/memory.json``. Between stages, freed memory is handed back to the system
-(``malloc_trim``), so each stage starts from what is really in use. Nothing is asserted:
+Models: torchvision ResNet-50 (``torchvision:resnet50``) and SE-ResNet-50 (``hmc_plugin.app.models:seresnet50``,
+timm's layout from torchvision parts), random seeded weights, 10 classes, on a generated ImageFolder of
+224x224 crops (``--images-per-class`` per class; 80 % train, from which the calibration batch and the fit
+batches are taken), as ``hmc compress --data imagefolder:DIR`` reads it. The CIFAR ResNets of the zoo work
+too (``--model resnet110 --data digits``).
+
+Stages, run once each in one process, with the default settings (proxy scan, data-aware fit and
+reconstruction on ``max(bn_batches, fit_batches)`` batches of ``--batch-size`` images, NaHC at half the FLOPs):
+
+- ``scan``: the sensitivity scan (masks, input moments and low-rank weights of every unit, the Fisher pass
+  over the calibration batch);
+- ``plan``: grouping, allocation and the measured correction rounds;
+- ``apply_nni`` / ``apply_torch_pruning``: the plan applied with NNI's ModelSpeedup or torch-pruning's
+  shrink (then the refit, the low-rank replacement and the BatchNorm recalibration);
+- ``finetune``: ``--finetune-epochs`` epochs of the torch-pruning model at ``--batch-size``.
+
+A sampling thread reads the process's resident set size every 10 ms; each stage's peak, the RSS before it
+and its seconds go to ``OUT/memory.json`` (one key per model and calibration size, so runs add up).
+Between stages, freed memory is handed back to the system (``malloc_trim``), so each stage starts from
+what is really in use. ``--table`` writes ``OUT/memory.md`` from the JSON. Nothing is asserted:
 recipes/benchmarks/README.md quotes the figures.
 
-    .venv/bin/python recipes/benchmarks/memory.py --out runs/memory [--calibration-size 256] [--finetune-epochs 1]
+    PYTHONPATH=$PWD .venv/bin/python recipes/benchmarks/memory.py --out runs/memory --model torchvision:resnet50 \\
+        --calibration-size 64
+    PYTHONPATH=$PWD .venv/bin/python recipes/benchmarks/memory.py --out runs/memory --table
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
+import json
 import os
 import resource
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from hmc_plugin.app.data import load_digits_data
+from hmc_plugin.app.data import load_digits_data, load_imagefolder_data
 from hmc_plugin.app.models import build_model
-from hmc_plugin.app.workflow import RunSettings, make_compressor, scan, train_or_load_baseline
+from hmc_plugin.app.workflow import RunSettings, make_compressor, scan
 from hmc_plugin.utils.counting import count_params
 from hmc_plugin.utils.store import write_json_atomic
 
 MIB = 1024 * 1024
+STAGES = ('setup', 'scan', 'plan', 'apply_nni', 'apply_torch_pruning', 'finetune')
 
 
 def current_rss() -> int:
@@ -76,46 +95,114 @@ def peak_rss(stage: str, results: dict, interval: float = 0.01):
         peak[0] = max(peak[0], current_rss())
         results[stage] = {'rss_before_mib': round(before / MIB, 1), 'peak_rss_mib': round(peak[0] / MIB, 1),
                           'seconds': round(time.perf_counter() - started, 1)}
-        print(f'{stage:<10} peak RSS {peak[0] / MIB:8.1f} MiB (from {before / MIB:7.1f} MiB) '
+        print(f'{stage:<20} peak RSS {peak[0] / MIB:8.1f} MiB (from {before / MIB:7.1f} MiB) '
               f'in {time.perf_counter() - started:6.1f} s', flush=True)
+
+
+def generated_imagefolder(root: Path, classes: int = 10, per_class: int = 32, size: int = 256) -> Path:
+    """An ImageFolder tree of ``classes x per_class`` seeded PNGs (a class colour under noise), made once."""
+    from PIL import Image
+
+    if root.is_dir() and len(list(root.glob('*/*.png'))) == classes * per_class:
+        return root
+    generator = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f'class{label:02d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = generator.uniform(0, 255, size=3)
+        for index in range(per_class):
+            noise = generator.normal(0, 60, size=(size, size, 3))
+            pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f'{index:03d}.png')
+    return root
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    """Every stage once for one model and calibration size; returns the JSON entry."""
+    settings = RunSettings(model=args.model, calibration_size=args.calibration_size, batch_size=args.batch_size,
+                           finetune_epochs=args.finetune_epochs, methods=('nahc',), threads=args.threads,
+                           **({'memory_budget': args.memory_budget} if args.memory_budget else {}))
+    results: dict = {'model': args.model, 'data': args.data, 'calibration_size': args.calibration_size,
+                     'batch_size': args.batch_size, 'finetune_epochs': args.finetune_epochs, 'torch': torch.__version__,
+                     'memory_budget': args.memory_budget}
+    stages: dict = {}
+    with peak_rss('setup', stages):
+        if args.data == 'digits':
+            splits = load_digits_data()
+        else:
+            splits = load_imagefolder_data(generated_imagefolder(out / 'imagefolder', per_class=args.images_per_class))
+        torch.manual_seed(settings.seed)
+        model = build_model(args.model, splits.num_classes, splits.in_channels).eval()
+    results['params'] = count_params(model)
+    with peak_rss('scan', stages):
+        (out / 'work' / 'sensitivity.json').unlink(missing_ok=True)
+        table = scan(model, splits, settings, out / 'work', progress=False)
+    (out / 'work' / 'sensitivity.json').unlink()  # the next run scans again
+    compressed = None
+    for speedup in ('nni', 'torch_pruning'):
+        compressor = make_compressor(model, splits, settings.replace(speedup=speedup), 'nahc', table=table,
+                                     progress=False)
+        if speedup == 'nni':
+            with peak_rss('plan', stages):
+                plan = compressor.make_plan()
+        else:
+            compressor.plan = copy.deepcopy(plan)
+        compressed = None  # the previous stage's model goes before this one is made
+        with peak_rss(f'apply_{speedup}', stages):
+            compressed, _ = compressor.compress()
+    results['flops_kept'] = plan.measured
+    if args.finetune_epochs:
+        with peak_rss('finetune', stages):
+            compressor.finetune(compressed, max_epochs=args.finetune_epochs)
+    results['stages'] = stages
+    results['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    print(f'whole run            peak RSS {results["peak_rss_mib"]:8.1f} MiB (getrusage ru_maxrss)')
+    return results
+
+
+def markdown(entries: dict) -> str:
+    """The table of every run in ``memory.json``: peak RSS (MiB) per stage."""
+    lines = ['# Peak memory (RSS) per stage', '',
+             'Peak resident set size of one process, MiB, per stage (the RSS before the stage in brackets); '
+             'the data, sizes and settings are in memory.json. Produced by the commands in '
+             'recipes/benchmarks/README.md (Memory).', '',
+             '| model | calibration images | budget | ' + ' | '.join(STAGES[1:]) + ' | whole run |',
+             '|---|---|---|' + '---|' * len(STAGES)]
+    for entry in sorted(entries.values(), key=lambda e: (e['model'], e.get('memory_budget') or 0,
+                                                          e['calibration_size'])):
+        cells = []
+        for stage in STAGES[1:]:
+            figures = entry['stages'].get(stage)
+            cells.append(f"{figures['peak_rss_mib']:.0f} ({figures['rss_before_mib']:.0f})" if figures else '')
+        budget = entry.get('memory_budget') or 'auto'
+        lines.append(f"| {entry['model']} | {entry['calibration_size']} | {budget} | " + ' | '.join(cells)
+                     + f" | {entry['peak_rss_mib']:.0f} |")
+    return '\n'.join(lines) + '\n'
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='runs/memory')
-    parser.add_argument('--model', default='resnet110')
-    parser.add_argument('--calibration-size', type=int, default=256)
+    parser.add_argument('--model', default='torchvision:resnet50')
+    parser.add_argument('--data', default='imagefolder', choices=('imagefolder', 'digits'))
+    parser.add_argument('--images-per-class', type=int, default=40, help='generated images per class (10 classes)')
+    parser.add_argument('--calibration-size', type=int, default=64)
+    parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--finetune-epochs', type=int, default=1)
-    parser.add_argument('--sensitivity', default='proxy', help="scan mode, as the config key 'sensitivity'")
+    parser.add_argument('--memory-budget', type=int, default=None, help='the memory_budget setting (MiB)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--table', action='store_true', help='only write OUT/memory.md from OUT/memory.json')
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {'model': args.model, 'calibration_size': args.calibration_size,
-                     'finetune_epochs': args.finetune_epochs, 'sensitivity': args.sensitivity, 'torch': torch.__version__}
-    settings = RunSettings(model=args.model, train_epochs=1, calibration_size=args.calibration_size,
-                           finetune_epochs=args.finetune_epochs, methods=('nahc',), sensitivity=args.sensitivity,
-                           threads=args.threads)
-    with peak_rss('setup', results):
-        splits = load_digits_data()
-        torch.manual_seed(settings.seed)
-        model = build_model(args.model, splits.num_classes, splits.in_channels)
-        model = train_or_load_baseline(model, splits, settings, out, progress=False)
-    results['params'] = count_params(model)
-    with peak_rss('scan', results):
-        table = scan(model, splits, settings, out, progress=False)  # resumable: delete OUT/sensitivity.json to rescan
-    compressor = make_compressor(model, splits, settings, 'nahc', table=table, progress=False)
-    with peak_rss('plan', results):
-        compressor.make_plan()
-    with peak_rss('compress', results):
-        compressed, _ = compressor.compress()
-        if args.finetune_epochs:
-            compressor.finetune(compressed, max_epochs=args.finetune_epochs)
-    results['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-    results['flops_kept'] = compressor.plan.measured
-    print(f'whole run  peak RSS {results["peak_rss_mib"]:8.1f} MiB (getrusage ru_maxrss)')
-    write_json_atomic(out / 'memory.json', results)
+    path = out / 'memory.json'
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    if not args.table:
+        torch.set_num_threads(args.threads)
+        entry = run(args, out)
+        entries[f'{args.model}@{args.calibration_size}@{args.memory_budget or "auto"}'] = entry
+        write_json_atomic(path, entries)
+    (out / 'memory.md').write_text(markdown(entries))
 
 
 if __name__ == '__main__':

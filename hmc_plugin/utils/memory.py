@@ -1,0 +1,85 @@
+"""Memory budget of the calibration passes: the budget in bytes, a model's activation sizes, freeing memory.
+
+``memory_budget`` (MiB) bounds the working memory of the passes over calibration data (the Fisher pass of the
+``proxy`` scan splits its batch and projections to stay under it); ``None`` picks ``AUTO_BUDGET_MIB``, or a
+quarter of the memory the system has available when that is less.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ['AUTO_BUDGET_MIB', 'MIN_AUTO_BUDGET_MIB', 'available_bytes', 'budget_bytes', 'activation_bytes', 'mib',
+           'release_memory']
+
+AUTO_BUDGET_MIB = 1024
+MIN_AUTO_BUDGET_MIB = 256
+
+_MIB = 1 << 20
+
+
+def mib(size: float) -> int:
+    """``size`` bytes in MiB, rounded up."""
+    return int(math.ceil(size / _MIB))
+
+
+def available_bytes() -> int | None:
+    """Memory the system can still give this process (Linux ``MemAvailable``), or None where it is unknown."""
+    try:
+        with open('/proc/meminfo') as meminfo:
+            for line in meminfo:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def budget_bytes(memory_budget: int | None) -> int:
+    """The budget in bytes: ``memory_budget`` MiB, or the automatic one (``AUTO_BUDGET_MIB``, at most a quarter
+    of the available memory, at least ``MIN_AUTO_BUDGET_MIB``)."""
+    if memory_budget is not None:
+        return int(memory_budget) * _MIB
+    available = available_bytes()
+    automatic = AUTO_BUDGET_MIB * _MIB
+    if available is not None:
+        automatic = min(automatic, max(available // 4, MIN_AUTO_BUDGET_MIB * _MIB))
+    return automatic
+
+
+@torch.no_grad()
+def activation_bytes(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, int]:
+    """``(total, largest)`` bytes of the tensors the leaf modules output for ``example_inputs`` (e.g. batch 1):
+    what one sample's forward pass writes, and its largest single output."""
+    sizes: list[int] = []
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    handles = [module.register_forward_hook(record) for module in model.modules() if not list(module.children())]
+    try:
+        model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(sizes), max(sizes, default=0)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc ``malloc_trim``; else a no-op):
+    after a pass over large activations the allocator otherwise keeps them as resident memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
