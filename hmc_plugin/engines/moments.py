@@ -12,8 +12,8 @@ per named layer,
   the target of a least-squares refit of the layer (Zhang et al. 2016; He et al. 2017).
 
 Rows are unfolded and accumulated a few images at a time (about ``CHUNK_ROWS`` patch rows), so memory is the
-``(D, D)`` moments plus one chunk of patches, whatever the batch size. ``stop_after`` ends each forward pass at that layer (the rest of the
-network is not run).
+``(D, D)`` moments plus one chunk of patches, whatever the batch size. ``stop_after`` ends each forward pass at
+that layer (the rest of the network is not run).
 """
 from __future__ import annotations
 

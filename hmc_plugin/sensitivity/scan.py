@@ -58,7 +58,7 @@ from ..settings import SENSITIVITIES
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
 from ..utils.kl import kl_divergence
-from ..utils.memory import release_memory
+from ..utils.memory import budget_bytes, release_memory
 from .fisher import DEFAULT_PROJECTIONS, FisherChunks, fisher_chunks, fisher_drops
 from .table import DEFAULT_LEVELS, Masks, SensitivityTable
 
@@ -162,7 +162,8 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
         reconstruction (``data.reconstruct``); ``data.bn_batches`` recalibrate the BatchNorms before each
         ``kl`` / ``evaluator`` measurement. None (or a DataFit without batches) scans data-free, as before.
     memory_budget
-        ``proxy`` only: MiB the Fisher pass's activations may take (``fisher.fisher_chunks``; None: automatic).
+        ``proxy`` only: MiB the Fisher pass's activations may take (``fisher.fisher_chunks``; None: automatic);
+        the input moments of the data-aware scan are held up to half of it at once.
         The table does not depend on it beyond floating-point summation order; too small a budget for one
         image raises ``HMCConfigError`` before the scan starts.
     """
@@ -186,7 +187,7 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
             chunks = fisher_chunks(mask_model, calibration_inputs, projections=projections,
                                    memory_budget=memory_budget, levels=len(levels))  # a budget too small fails now
             table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
-                                  calibration_batch, progress, scan_data, chunks)
+                                  calibration_batch, progress, scan_data, chunks, budget_bytes(memory_budget) // 2)
             if cache_path is not None:
                 table.to_json(cache_path)
         return table
@@ -328,7 +329,7 @@ def _refittable(module: nn.Module) -> bool:
                                              and not module.transposed)
 
 
-_MOMENT_BYTES = 1 << 28  # float64 input moments held at once by a scan (one unit's own may exceed it)
+_MOMENT_BYTES = 1 << 28  # float64 input moments held at once by a kl/evaluator scan (one unit's own may exceed it)
 
 
 class _MomentStore:
@@ -336,15 +337,19 @@ class _MomentStore:
 
     ``needs`` lists, unit by unit in scan order, the layers whose moments each unit uses. A missing moment
     starts one ``collect_moments`` pass over the batches for its unit's layers and, while the moments held stay
-    under ``_MOMENT_BYTES``, the next units' layers; a moment is freed after its last use (``release``).
+    under ``held_bytes`` (default ``_MOMENT_BYTES``), the next units' layers; the pass stops after the last of them
+    to run. A moment is freed after its last use (``release``).
     """
 
-    def __init__(self, model: nn.Module, batches: tuple, needs: Sequence[Sequence[str]]):
+    def __init__(self, model: nn.Module, batches: tuple, needs: Sequence[Sequence[str]],
+                 held_bytes: int | None = None):
         self.model, self.batches = model, batches
+        self.held_bytes = _MOMENT_BYTES if held_bytes is None else held_bytes
         self.modules = dict(model.named_modules())
         self.pending = [list(names) for names in needs if names]
         self.uses = Counter(name for names in self.pending for name in names)
         self.loaded: dict[str, torch.Tensor] = {}
+        self._order: dict[str, int] | None = None
 
     def take(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The moments of one unit's layers; call ``release(names)`` once they are used."""
@@ -366,6 +371,24 @@ class _MomentStore:
         module = self.modules[name]
         return 8 * module.weight[0].numel() ** 2  # D = C_in*kh*kw (in_features): one weight row
 
+    def _execution_order(self) -> dict[str, int]:
+        """``{layer: position}`` of the needed layers in one forward pass (one image of the first batch); empty when
+        a layer runs more than once (a pass must then run to the end)."""
+        if self._order is None:
+            calls: dict[str, int] = {}
+            handles = [self.modules[name].register_forward_pre_hook(
+                lambda module, args, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)) for name in self.uses]
+            try:
+                with preserved_modes(self.model), torch.no_grad():
+                    self.model.eval()
+                    self.model(*(tensor[:1] for tensor in batch_inputs(self.batches[0])))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._order = {} if any(count > 1 for count in calls.values()) else \
+                {name: position for position, name in enumerate(calls)}
+        return self._order
+
     def _load(self, missing: list[str]) -> None:
         wanted = list(missing)
         held = sum(self._bytes(name) for name in [*self.loaded, *wanted])
@@ -373,11 +396,14 @@ class _MomentStore:
         for name in dict.fromkeys(upcoming):  # the next units' layers ride along while the budget allows
             if name in self.loaded or name in wanted:
                 continue
-            if held + self._bytes(name) > _MOMENT_BYTES:
+            if held + self._bytes(name) > self.held_bytes:
                 break
             wanted.append(name)
             held += self._bytes(name)
-        moments = collect_moments(self.model, wanted, self.batches)
+        order = self._execution_order()
+        last = max(wanted, key=lambda name: order.get(name, len(order))) if all(name in order for name in wanted) \
+            else None
+        moments = collect_moments(self.model, wanted, self.batches, stop_after=last)
         self.loaded.update({name: layer.input_moment for name, layer in moments.items()})
 
 
@@ -564,9 +590,9 @@ def _scan_units(table: SensitivityTable, todo: list[tuple[str, str]], unit_scan:
 def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],
                   calibration_inputs: Any, settings: dict, calibration_batch: tuple | None,
                   progress: bool, scan_data: _ScanData | None = None,
-                  chunks: FisherChunks | None = None) -> SensitivityTable:
-    """The ``proxy`` scan: masks (or refitted consumers) and low-rank weights for every unit and level, then one
-    Fisher pass (in ``chunks``). The selections and input moments go before the pass, what the allocator freed is
+                  chunks: FisherChunks | None = None, moment_bytes: int | None = None) -> SensitivityTable:
+    """The ``proxy`` scan: masks (or refitted consumers) and low-rank weights for every unit and level (input moments
+    held up to ``moment_bytes`` at once), then one Fisher pass (in ``chunks``). The selections and input moments go before the pass, what the allocator freed is
     handed back after each phase (``utils.memory.release_memory``)."""
     started = time.perf_counter()
     levels = settings['levels']
@@ -581,7 +607,7 @@ def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGr
             by_name = {group.name: group for group in refitted}
             needs = [scan_data.moment_layers('prune', group.name, by_name, modules) for group in refitted]
             needs += [scan_data.moment_layers('decompose', name, by_name, modules) for name in layers]
-            moments = _MomentStore(model, scan_data.batches, needs)
+            moments = _MomentStore(model, scan_data.batches, needs, held_bytes=moment_bytes)
         prune_masks = {group.name: [selection.masks for selection in selections[group.name]]
                        for group in groups if group.name not in refitted_names}
         prune_weight_changes = _prune_weight_changes(refitted, selections, modules, moments, scan_data)
