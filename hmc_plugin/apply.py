@@ -22,6 +22,7 @@ from .errors import HMCConfigError
 from .planning.measure import plan_masks
 from .planning.plan import CompressionPlan
 from .settings import SPEEDUPS
+from .utils.memory import release_memory
 
 __all__ = ['SPEEDUPS', 'DataFit', 'apply_plan']
 
@@ -44,6 +45,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, spe
     if masks:
         model = prune_physically(model, dummy_input, masks) if speedup == 'torch_pruning' else \
             speedup_with_nni(model, dummy_input, masks)
+        release_memory()  # NNI's mask propagation leaves gigabytes of freed tensors in the heap
     if fits:
         fit_to_data(original, model, list(data.batches), ranks=plan.ranks, methods=plan.methods, masks=masks,
                     reconstruct=data.reconstruct, data_aware=data.data_aware, sequential=data.sequential)
@@ -51,4 +53,5 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, spe
         decompose_layers(model, plan.ranks, method=plan.methods)
     if data is not None and data.bn_batches:
         recalibrate_bn(model, data.bn_batches)
+    release_memory()
     return model

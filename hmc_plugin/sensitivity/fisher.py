@@ -309,8 +309,9 @@ def fisher_drops(model: nn.Module, calibration_inputs, *, prune_masks: dict[str,
                                             seed, chunks, progress)
     prune = _unit_drops({group: ('prune', group) for group in prune_masks}, accumulator.channel_scores,
                         accumulator, scale, {group: len(levels) for group, levels in prune_masks.items()})
-    prune.update(_unit_drops({group: ('prune', group) for group in prune_weight_changes}, accumulator.layer_scores,
-                             accumulator, scale, {group: len(levels) for group, levels in prune_weight_changes.items()}))
+    refitted = {group: len(levels) for group, levels in prune_weight_changes.items()}
+    prune.update(_unit_drops({group: ('prune', group) for group in refitted}, accumulator.layer_scores, accumulator,
+                             scale, refitted))
     decompose = _unit_drops({layer: ('decompose', layer) for layer in weight_changes}, accumulator.layer_scores,
                             accumulator, scale, {layer: len(levels) for layer, levels in weight_changes.items()})
     return prune, decompose
@@ -333,14 +334,15 @@ def fisher_chunks(model: nn.Module, calibration_inputs, *, projections: int = DE
         total, largest = activation_bytes(model, tuple(tensor[:1] for tensor in inputs))
     copies = min(classes, projections)
     per_replica = int(PASS_BYTES_PER_ACTIVATION_BYTE * total) + 2 * (levels + 2) * largest  # float64: twice float32
-    budget = budget_bytes(memory_budget)
+    device = inputs[0].device
+    budget = budget_bytes(memory_budget, device)
     replicas = budget // max(per_replica, 1)
     if replicas < 1:
         raise HMCConfigError(
             f'memory_budget={memory_budget!r} ({mib(budget)} MiB) is below what the sensitivity scan needs for one '
             f'calibration image at this input size: about {mib(per_replica)} MiB. Raise memory_budget to at least '
             f'{mib(per_replica) + 1} (MiB), lower the input size (image_size), or use sensitivity="kl"')
-    available = available_bytes()
+    available = available_bytes(device)
     if memory_budget is not None and available is not None and budget > available:
         _logger.warning('memory_budget=%d MiB is more than the %d MiB this system has available: the sensitivity scan '
                         'may be killed for lack of memory; lower memory_budget (or leave it unset for an automatic '

@@ -405,6 +405,7 @@ class _MomentStore:
             else None
         moments = collect_moments(self.model, wanted, self.batches, stop_after=last)
         self.loaded.update({name: layer.input_moment for name, layer in moments.items()})
+        release_memory()  # the pass's unfolded patches
 
 
 @torch.no_grad()
@@ -592,29 +593,36 @@ def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGr
                   progress: bool, scan_data: _ScanData | None = None,
                   chunks: FisherChunks | None = None, moment_bytes: int | None = None) -> SensitivityTable:
     """The ``proxy`` scan: masks (or refitted consumers) and low-rank weights for every unit and level (input moments
-    held up to ``moment_bytes`` at once), then one Fisher pass (in ``chunks``). The selections and input moments go before the pass, what the allocator freed is
-    handed back after each phase (``utils.memory.release_memory``)."""
+    held up to ``moment_bytes`` at once; each refitted group is followed by the decompositions of its consumers, so
+    a layer's moment serves both and goes), then one Fisher pass (in ``chunks``). The selections and moments go
+    before the pass; what the allocator freed is handed back after each phase (``utils.memory.release_memory``)."""
     started = time.perf_counter()
     levels = settings['levels']
     modules = dict(model.named_modules())
+    release_memory()
     with tqdm(total=len(levels) * (1 + len(layers)), desc='HMC sensitivity scan (proxy): masks and low-rank weights',
               disable=not progress, unit='step') as bar:
         selections = _level_selections(model, dummy_input, groups, levels, settings, calibration_batch, bar)
+        release_memory()
         refitted = [group for group in groups if _prices_consumers(group, selections[group.name], scan_data)]
         refitted_names = {group.name for group in refitted}
+        by_name = {group.name: group for group in refitted}
+        order = _proxy_unit_order(refitted, layers)
         moments = None
         if scan_data is not None and scan_data.batches:
-            by_name = {group.name: group for group in refitted}
-            needs = [scan_data.moment_layers('prune', group.name, by_name, modules) for group in refitted]
-            needs += [scan_data.moment_layers('decompose', name, by_name, modules) for name in layers]
+            needs = [scan_data.moment_layers(operator, name, by_name, modules) for operator, name in order]
             moments = _MomentStore(model, scan_data.batches, needs, held_bytes=moment_bytes)
         prune_masks = {group.name: [selection.masks for selection in selections[group.name]]
                        for group in groups if group.name not in refitted_names}
-        prune_weight_changes = _prune_weight_changes(refitted, selections, modules, moments, scan_data)
-        del selections  # the masks kept are in prune_masks
-        release_memory()
-        weight_changes = _decompose_changes(layers, levels, modules, settings, moments, scan_data, bar)
-        del moments
+        prune_weight_changes, weight_changes = {}, {}
+        for operator, name in order:
+            if operator == 'prune':
+                prune_weight_changes.update(_prune_weight_changes([by_name[name]], selections, modules, moments,
+                                                                  scan_data))
+            else:
+                weight_changes.update(_decompose_changes([name], levels, modules, settings, moments, scan_data, bar))
+        weight_changes = {name: weight_changes[name] for name in layers}
+        del selections, moments  # the masks kept are in prune_masks
         release_memory()
     prune, decompose = fisher_drops(model, calibration_inputs, prune_masks=prune_masks, weight_changes=weight_changes,
                                     prune_weight_changes=prune_weight_changes, projections=settings['projections'],
@@ -626,6 +634,17 @@ def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGr
                             groups={group.name: list(group.members) for group in groups}, settings=settings,
                             evaluations=len(levels) * (len(groups) + len(layers)),
                             seconds=time.perf_counter() - started)
+
+
+def _proxy_unit_order(refitted: Sequence[PruningGroup], layers: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(operator, name)]``: each refitted group, then the layers to decompose among its consumers, then the rest."""
+    order, pending = [], list(layers)
+    for group in refitted:
+        order.append(('prune', group.name))
+        consumers = set(group.consumers)
+        order += [('decompose', name) for name in pending if name in consumers]
+        pending = [name for name in pending if name not in consumers]
+    return order + [('decompose', name) for name in pending]
 
 
 def _level_selections(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], levels: list[float],

@@ -2,7 +2,8 @@
 
 ``memory_budget`` (MiB) bounds the working memory of the passes over calibration data (the Fisher pass of the
 ``proxy`` scan splits its batch and projections to stay under it); ``None`` picks ``AUTO_BUDGET_MIB``, or a
-quarter of the memory the system has available when that is less.
+quarter of the memory available where the pass runs (the system's, or the CUDA device's free memory for
+inputs on a CUDA device) when that is less.
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def mib(size: float) -> int:
     return int(math.ceil(size / _MIB))
 
 
-def available_bytes() -> int | None:
-    """Memory the system can still give this process (Linux ``MemAvailable``), or None where it is unknown."""
+def available_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory the system can still give this process (Linux ``MemAvailable``), or a CUDA ``device``'s free memory;
+    None where it is unknown."""
+    if device is not None and torch.device(device).type == 'cuda':
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
         with open('/proc/meminfo') as meminfo:
             for line in meminfo:
@@ -44,12 +48,12 @@ def available_bytes() -> int | None:
         return None
 
 
-def budget_bytes(memory_budget: int | None) -> int:
+def budget_bytes(memory_budget: int | None, device: torch.device | str | None = None) -> int:
     """The budget in bytes: ``memory_budget`` MiB, or the automatic one (``AUTO_BUDGET_MIB``, at most a quarter
-    of the available memory, at least ``MIN_AUTO_BUDGET_MIB``)."""
+    of the memory available on ``device``, at least ``MIN_AUTO_BUDGET_MIB``)."""
     if memory_budget is not None:
         return int(memory_budget) * _MIB
-    available = available_bytes()
+    available = available_bytes(device)
     automatic = AUTO_BUDGET_MIB * _MIB
     if available is not None:
         automatic = min(automatic, max(available // 4, MIN_AUTO_BUDGET_MIB * _MIB))

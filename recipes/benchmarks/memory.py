@@ -16,8 +16,10 @@ reconstruction on ``max(bn_batches, fit_batches)`` batches of ``--batch-size`` i
   shrink (then the refit, the low-rank replacement and the BatchNorm recalibration);
 - ``finetune``: ``--finetune-epochs`` epochs of the torch-pruning model at ``--batch-size``.
 
-A sampling thread reads the process's resident set size every 10 ms; each stage's peak, the RSS before it
-and its seconds go to ``OUT/memory.json`` (one key per model and calibration size, so runs add up).
+The process's allocator is set as the ``hmc`` command sets it (``utils.timing.steady_allocator``: freed
+memory stays in the heap for steady timings) unless ``--default-allocator``. A sampling thread reads the
+process's resident set size every 10 ms; each stage's peak, the RSS before it and its seconds go to
+``OUT/memory.json`` (one key per model and calibration size, so runs add up).
 Between stages, freed memory is handed back to the system (``malloc_trim``), so each stage starts from
 what is really in use. ``--table`` writes ``OUT/memory.md`` from the JSON. Nothing is asserted:
 recipes/benchmarks/README.md quotes the figures.
@@ -48,6 +50,7 @@ from hmc_plugin.app.models import build_model
 from hmc_plugin.app.workflow import RunSettings, make_compressor, scan
 from hmc_plugin.utils.counting import count_params
 from hmc_plugin.utils.store import write_json_atomic
+from hmc_plugin.utils.timing import steady_allocator
 
 MIB = 1024 * 1024
 STAGES = ('setup', 'scan', 'plan', 'apply_nni', 'apply_torch_pruning', 'finetune')
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
                            **({'memory_budget': args.memory_budget} if args.memory_budget else {}))
     results: dict = {'model': args.model, 'data': args.data, 'calibration_size': args.calibration_size,
                      'batch_size': args.batch_size, 'finetune_epochs': args.finetune_epochs, 'torch': torch.__version__,
-                     'memory_budget': args.memory_budget}
+                     'memory_budget': args.memory_budget, 'threads': args.threads,
+                     'allocator': 'default' if args.default_allocator else 'steady'}
     stages: dict = {}
     with peak_rss('setup', stages):
         if args.data == 'digits':
@@ -191,6 +195,8 @@ def main() -> None:
     parser.add_argument('--finetune-epochs', type=int, default=1)
     parser.add_argument('--memory-budget', type=int, default=None, help='the memory_budget setting (MiB)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--default-allocator', action='store_true',
+                        help="glibc's default allocator thresholds instead of the hmc command's steady_allocator")
     parser.add_argument('--table', action='store_true', help='only write OUT/memory.md from OUT/memory.json')
     args = parser.parse_args()
     out = Path(args.out)
@@ -199,6 +205,8 @@ def main() -> None:
     entries = json.loads(path.read_text()) if path.exists() else {}
     if not args.table:
         torch.set_num_threads(args.threads)
+        if not args.default_allocator:
+            steady_allocator()
         entry = run(args, out)
         entries[f'{args.model}@{args.calibration_size}@{args.memory_budget or "auto"}'] = entry
         write_json_atomic(path, entries)
