@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..engines.pruning import preserved_modes
 from ..errors import HMCConfigError, HMCError
 from ..utils.counting import as_input_tuple
-from ..utils.memory import activation_bytes, available_bytes, budget_bytes, mib
+from ..utils.memory import activation_bytes, available_bytes, budget_bytes, mib, trim_heap
 
 __all__ = ['DEFAULT_PROJECTIONS', 'FisherChunks', 'chain_ends', 'fisher_chunks', 'fisher_drops']
 
@@ -61,10 +61,11 @@ DEFAULT_PROJECTIONS = 4
 _logger = logging.getLogger(__name__)
 
 # Bytes a replicated image takes in the forward/backward pass, per byte of its activations (the outputs of
-# every module, batch 1, as ``utils.memory.activation_bytes`` counts them): autograd's saved tensors, this
-# module's copies of the hooked outputs and the gradients of the backward pass. Measured on torchvision
-# ResNet-50 and SE-ResNet-50 at 224x224 (recipes/benchmarks/memory.py).
-PASS_BYTES_PER_ACTIVATION_BYTE = 2.0
+# every leaf module, batch 1, as ``utils.memory.activation_bytes`` counts them): autograd's saved tensors, the
+# hooked outputs kept beside their copies, the gradients and the float64 output changes of the backward pass.
+# Measured: torchvision ResNet-50 at 224x224 (122 MiB of activations per image), 3 replicas per pass, raised
+# the RSS by 1.87 GB over the RSS before the pass, about 5 per replica (recipes/benchmarks/memory.py).
+PASS_BYTES_PER_ACTIVATION_BYTE = 5.0
 
 
 Masks = dict[str, dict[str, Tensor]]
@@ -409,6 +410,7 @@ def _backward_passes(model: nn.Module, inputs: tuple, copies: int, signs: Tensor
                     loss = (logits * rows.reshape((end - first) * n, -1).to(logits.dtype)).sum()
                     torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
                 del replicated, logits, loss
+            trim_heap()
             bar.update(n)
     return scale
 

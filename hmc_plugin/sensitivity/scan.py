@@ -58,7 +58,7 @@ from ..settings import SENSITIVITIES
 from ..utils.counting import as_input_tuple
 from ..utils.fingerprint import inputs_fingerprint, model_fingerprint
 from ..utils.kl import kl_divergence
-from ..utils.memory import budget_bytes, release_memory
+from ..utils.memory import budget_bytes, release_memory, trim_heap
 from .fisher import DEFAULT_PROJECTIONS, FisherChunks, fisher_chunks, fisher_drops
 from .table import DEFAULT_LEVELS, Masks, SensitivityTable
 
@@ -621,6 +621,7 @@ def _fisher_table(model: nn.Module, dummy_input: Any, groups: Sequence[PruningGr
                                                                   scan_data))
             else:
                 weight_changes.update(_decompose_changes([name], levels, modules, settings, moments, scan_data, bar))
+            trim_heap()  # a fitted factorisation's eigenproblems leave hundreds of MB of freed heap
         weight_changes = {name: weight_changes[name] for name in layers}
         del selections, moments  # the masks kept are in prune_masks
         release_memory()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ['AUTO_BUDGET_MIB', 'MIN_AUTO_BUDGET_MIB', 'available_bytes', 'budget_bytes', 'activation_bytes', 'mib',
-           'release_memory']
+           'release_memory', 'trim_heap']
 
 AUTO_BUDGET_MIB = 1024
 MIN_AUTO_BUDGET_MIB = 256
@@ -79,11 +79,16 @@ def activation_bytes(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple
     return sum(sizes), max(sizes, default=0)
 
 
-def release_memory() -> None:
-    """Collect garbage and hand the heap's free pages back to the system (glibc ``malloc_trim``; else a no-op):
-    after a pass over large activations the allocator otherwise keeps them as resident memory."""
-    gc.collect()
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; else a no-op): after a pass over
+    large activations the allocator otherwise keeps them as resident memory, and they fragment pass by pass."""
     try:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def release_memory() -> None:
+    """Collect garbage, then ``trim_heap``."""
+    gc.collect()
+    trim_heap()

@@ -21,12 +21,13 @@ memory stays in the heap for steady timings) unless ``--default-allocator``. A s
 process's resident set size every 10 ms; each stage's peak, the RSS before it and its seconds go to
 ``OUT/memory.json`` (one key per model and calibration size, so runs add up).
 Between stages, freed memory is handed back to the system (``malloc_trim``), so each stage starts from
-what is really in use. ``--table`` writes ``OUT/memory.md`` from the JSON. Nothing is asserted:
-recipes/benchmarks/README.md quotes the figures.
+what is really in use. ``--trace`` prints the peak of each phase inside the stages (masks, refits, fitted
+factors, the Fisher pass; the shrink, fit and recalibration of apply). ``--table`` writes ``OUT/memory.md``
+from the JSON. Nothing is asserted: recipes/benchmarks/README.md quotes the figures.
 
-    PYTHONPATH=$PWD .venv/bin/python recipes/benchmarks/memory.py --out runs/memory --model torchvision:resnet50 \\
-        --calibration-size 64
-    PYTHONPATH=$PWD .venv/bin/python recipes/benchmarks/memory.py --out runs/memory --table
+    .venv/bin/python recipes/benchmarks/memory.py --out recipes/benchmarks/results --work runs/memory --trace \\
+        [--model hmc_plugin.app.models:seresnet50] [--calibration-size 16|64|256]
+    .venv/bin/python recipes/benchmarks/memory.py --out recipes/benchmarks/results --table
 """
 from __future__ import annotations
 
@@ -102,6 +103,56 @@ def peak_rss(stage: str, results: dict, interval: float = 0.01):
               f'in {time.perf_counter() - started:6.1f} s', flush=True)
 
 
+TRACED = {'hmc_plugin.sensitivity.scan': ('_level_selections', '_prune_weight_changes', '_decompose_changes',
+                                         'collect_moments', 'fisher_drops'),
+          'hmc_plugin.apply': ('speedup_with_nni', 'prune_physically', 'fit_to_data', 'decompose_layers',
+                               'recalibrate_bn')}
+
+
+PHASES: dict[str, float] = {}  # traced function -> highest peak RSS (MiB) of its calls
+
+
+def trace_phases(interval: float = 0.005) -> None:
+    """Print the RSS before, the peak and the RSS after every call of the ``TRACED`` functions (``--trace``), and
+    keep each function's highest peak in ``PHASES``."""
+    import functools
+    import importlib
+
+    windows: list[list] = []
+
+    def sample():
+        while True:
+            rss = current_rss()
+            for window in list(windows):
+                window[0] = max(window[0], rss)
+            time.sleep(interval)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+    def traced(module, name):
+        function = getattr(module, name)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            before = current_rss()
+            window = [before]
+            windows.append(window)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                windows.remove(window)
+                PHASES[name] = max(PHASES.get(name, 0.0), round(window[0] / MIB, 1))
+                print(f'  [{name}] {before / MIB:.0f} -> peak {window[0] / MIB:.0f} -> end {current_rss() / MIB:.0f} '
+                      f'MiB, {time.perf_counter() - started:.1f}s', flush=True)
+        setattr(module, name, wrapper)
+
+    for module_name, names in TRACED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            traced(module, name)
+
+
 def generated_imagefolder(root: Path, classes: int = 10, per_class: int = 32, size: int = 256) -> Path:
     """An ImageFolder tree of ``classes x per_class`` seeded PNGs (a class colour under noise), made once."""
     from PIL import Image
@@ -120,8 +171,9 @@ def generated_imagefolder(root: Path, classes: int = 10, per_class: int = 32, si
     return root
 
 
-def run(args: argparse.Namespace, out: Path) -> dict:
-    """Every stage once for one model and calibration size; returns the JSON entry."""
+def run(args: argparse.Namespace, work: Path, save) -> dict:
+    """Every stage once for one model and calibration size; ``save(entry)`` after each stage (a run stopped early
+    keeps its stages, ``'complete': False``); returns the JSON entry."""
     settings = RunSettings(model=args.model, calibration_size=args.calibration_size, batch_size=args.batch_size,
                            finetune_epochs=args.finetune_epochs, methods=('nahc',), threads=args.threads,
                            **({'memory_budget': args.memory_budget} if args.memory_budget else {}))
@@ -130,18 +182,20 @@ def run(args: argparse.Namespace, out: Path) -> dict:
                      'memory_budget': args.memory_budget, 'threads': args.threads,
                      'allocator': 'default' if args.default_allocator else 'steady'}
     stages: dict = {}
+    results.update(stages=stages, phases=PHASES, complete=False)
     with peak_rss('setup', stages):
         if args.data == 'digits':
             splits = load_digits_data()
         else:
-            splits = load_imagefolder_data(generated_imagefolder(out / 'imagefolder', per_class=args.images_per_class))
+            splits = load_imagefolder_data(generated_imagefolder(work / 'imagefolder', per_class=args.images_per_class))
         torch.manual_seed(settings.seed)
         model = build_model(args.model, splits.num_classes, splits.in_channels).eval()
     results['params'] = count_params(model)
     with peak_rss('scan', stages):
-        (out / 'work' / 'sensitivity.json').unlink(missing_ok=True)
-        table = scan(model, splits, settings, out / 'work', progress=False)
-    (out / 'work' / 'sensitivity.json').unlink()  # the next run scans again
+        (work / 'sensitivity.json').unlink(missing_ok=True)
+        table = scan(model, splits, settings, work, progress=False)
+    save(results)
+    (work / 'sensitivity.json').unlink()  # the next run scans again
     compressed = None
     for speedup in ('nni', 'torch_pruning'):
         compressor = make_compressor(model, splits, settings.replace(speedup=speedup), 'nahc', table=table,
@@ -154,11 +208,12 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         compressed = None  # the previous stage's model goes before this one is made
         with peak_rss(f'apply_{speedup}', stages):
             compressed, _ = compressor.compress()
+        save(results)
     results['flops_kept'] = plan.measured
     if args.finetune_epochs:
         with peak_rss('finetune', stages):
             compressor.finetune(compressed, max_epochs=args.finetune_epochs)
-    results['stages'] = stages
+    results['complete'] = True
     results['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
     print(f'whole run            peak RSS {results["peak_rss_mib"]:8.1f} MiB (getrusage ru_maxrss)')
     return results
@@ -179,24 +234,36 @@ def markdown(entries: dict) -> str:
             figures = entry['stages'].get(stage)
             cells.append(f"{figures['peak_rss_mib']:.0f} ({figures['rss_before_mib']:.0f})" if figures else '')
         budget = entry.get('memory_budget') or 'auto'
+        whole = f"{entry['peak_rss_mib']:.0f}" if entry.get('complete', True) else 'stopped'
         lines.append(f"| {entry['model']} | {entry['calibration_size']} | {budget} | " + ' | '.join(cells)
-                     + f" | {entry['peak_rss_mib']:.0f} |")
+                     + f' | {whole} |')
+    traced = [entry for entry in entries.values() if entry.get('phases')]
+    if traced:
+        names = [name for names in TRACED.values() for name in names]
+        lines += ['', 'Peak RSS (MiB) of the phases inside the stages (`--trace`), the highest of their calls:', '',
+                  '| model | calibration images | ' + ' | '.join(f'`{name}`' for name in names) + ' |',
+                  '|---|---|' + '---|' * len(names)]
+        for entry in traced:
+            cells = [f"{entry['phases'][name]:.0f}" if name in entry['phases'] else '' for name in names]
+            lines.append(f"| {entry['model']} | {entry['calibration_size']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='runs/memory')
+    parser.add_argument('--out', default='runs/memory', help='where memory.json and memory.md go')
+    parser.add_argument('--work', default='runs/memory', help='the generated ImageFolder and the scan cache')
     parser.add_argument('--model', default='torchvision:resnet50')
     parser.add_argument('--data', default='imagefolder', choices=('imagefolder', 'digits'))
-    parser.add_argument('--images-per-class', type=int, default=40, help='generated images per class (10 classes)')
+    parser.add_argument('--images-per-class', type=int, default=32, help='generated images per class (10 classes)')
     parser.add_argument('--calibration-size', type=int, default=64)
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--finetune-epochs', type=int, default=1)
     parser.add_argument('--memory-budget', type=int, default=None, help='the memory_budget setting (MiB)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--default-allocator', action='store_true',
                         help="glibc's default allocator thresholds instead of the hmc command's steady_allocator")
+    parser.add_argument('--trace', action='store_true', help='also print the RSS of the phases inside the stages')
     parser.add_argument('--table', action='store_true', help='only write OUT/memory.md from OUT/memory.json')
     args = parser.parse_args()
     out = Path(args.out)
@@ -207,9 +274,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         if not args.default_allocator:
             steady_allocator()
-        entry = run(args, out)
-        entries[f'{args.model}@{args.calibration_size}@{args.memory_budget or "auto"}'] = entry
-        write_json_atomic(path, entries)
+        if args.trace:
+            trace_phases()
+        key = f'{args.model}@{args.calibration_size}@{args.memory_budget or "auto"}'
+
+        def save(entry: dict) -> None:
+            entries[key] = entry
+            write_json_atomic(path, entries)
+            (out / 'memory.md').write_text(markdown(entries))
+
+        save(run(args, Path(args.work), save))
     (out / 'memory.md').write_text(markdown(entries))
 
 
