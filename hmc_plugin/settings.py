@@ -16,7 +16,7 @@ from .errors import HMCConfigError
 from .utils.onnx_runtime import LATENCY_BACKENDS
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
-           'FIT_ORDERS', 'LATENCY_BACKENDS', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
+           'FIT_ORDERS', 'LATENCY_BACKENDS', 'FINETUNE_SCHEDULES', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
 
 MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
 IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')  # torch-pruning importances the pruning engine knows
@@ -25,6 +25,7 @@ COMPRESSOR_IMPORTANCES = tuple(name for name in IMPORTANCES if name != 'taylor')
 SENSITIVITIES = ('proxy', 'kl', 'evaluator')
 RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd', 'best')
 FIT_ORDERS = ('sequential', 'one_pass')
+FINETUNE_SCHEDULES = ('constant', 'cosine')  # the fine-tuning learning rate: kept, or annealed to 0 per epoch
 SPEEDUPS = ('nni', 'torch_pruning')
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
 BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')

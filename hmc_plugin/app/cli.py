@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import HMCConfigError, HMCError
-from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FIT_ORDERS, LATENCY_BACKENDS, MODES, RANK_METHODS,
+from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FINETUNE_SCHEDULES, FIT_ORDERS, LATENCY_BACKENDS, MODES, RANK_METHODS,
                         SENSITIVITIES, HMCSettings, unknown_key_message)
 from .run_settings import RUN_KEY_HELP, RunSettings
 
@@ -35,6 +35,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     for key, kind in (('train_lr', float), ('warmup_epochs', float), ('finetune_lr', float)):
         parser.add_argument('--' + key.replace('_', '-'), type=kind,
                             help=f'{RUN_KEY_HELP[key]} (default {getattr(RunSettings(), key)})')
+    parser.add_argument('--finetune-schedule', choices=FINETUNE_SCHEDULES,
+                        help=f"{RUN_KEY_HELP['finetune_schedule']} (default constant)")
     parser.add_argument('--allow-chance-baseline', action='store_true', default=None,
                         help=RUN_KEY_HELP['allow_chance_baseline'])
     parser.add_argument('--seed', type=int)

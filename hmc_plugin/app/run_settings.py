@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import HMCConfigError
-from ..settings import BUDGET_KEYS, HMCSettings, unknown_key_message
+from ..settings import BUDGET_KEYS, FINETUNE_SCHEDULES, HMCSettings, unknown_key_message
 
 __all__ = ['DEFAULT_BUDGET', 'RunSettings', 'RUN_KEY_HELP']
 
@@ -30,6 +30,7 @@ RUN_KEY_HELP = {
     'allow_chance_baseline': 'go on when the baseline is within 0.05 of chance accuracy (else an error)',
     'finetune_epochs': 'fine-tuning epochs of each compressed model',
     'finetune_lr': 'fine-tuning learning rate (SGD)',
+    'finetune_schedule': "fine-tuning learning rate over the epochs: 'constant' or 'cosine' (annealed to 0)",
     'batch_size': 'batch size of training and fine-tuning',
     'seed': 'seed of the initial weights, the data order and the calibration batch',
     'threads': 'torch threads for training and timing (also the latency budget\'s threads)',
@@ -62,6 +63,7 @@ class RunSettings:
     allow_chance_baseline: bool = False
     finetune_epochs: int = 3
     finetune_lr: float = 0.003
+    finetune_schedule: str = 'constant'
     batch_size: int = 64
     seed: int = 0
     threads: int = 2
@@ -86,6 +88,9 @@ class RunSettings:
         if all(merged[key] is None for key in BUDGET_KEYS):
             merged.update(DEFAULT_BUDGET)
         self.hmc = HMCSettings(**merged)
+        if self.finetune_schedule not in FINETUNE_SCHEDULES:
+            raise HMCConfigError(f'Got finetune_schedule={self.finetune_schedule!r} but expected one of '
+                                 f'{list(FINETUNE_SCHEDULES)}')
 
     def __getattr__(self, name: str) -> Any:
         if name in HMCSettings.keys() and 'hmc' in self.__dict__:

@@ -18,6 +18,9 @@ from nni.compression import TorchEvaluator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import HMCConfigError
+from ..settings import FINETUNE_SCHEDULES
+
 __all__ = ['evaluate_accuracy', 'training_step', 'train', 'warmup_cosine', 'train_baseline', 'make_torch_evaluator']
 
 _logger = logging.getLogger(__name__)
@@ -157,15 +160,27 @@ def _resume(path, key: str, model, optimizer, scheduler, train_loader) -> int:
 
 def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: nn.Module, *, lr: float = 0.01,
                          momentum: float = 0.9, weight_decay: float = 5e-4, dummy_input=None,
-                         progress: bool = True,
+                         progress: bool = True, schedule: str = 'constant', epochs: int | None = None,
                          on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> TorchEvaluator:
     """An NNI ``TorchEvaluator``: SGD (``nni.trace``d), cross-entropy steps on ``train_loader``,
-    accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch."""
+    accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch.
+
+    ``schedule='cosine'`` anneals the rate from ``lr`` towards 0 over ``epochs`` epochs (``CosineAnnealingLR``,
+    stepped after each epoch, so the first epoch runs at ``lr`` and a run cut to fewer steps never steps it);
+    ``'constant'`` keeps ``lr``.
+    """
+    if schedule not in FINETUNE_SCHEDULES:
+        raise HMCConfigError(f'Got finetune_schedule={schedule!r} but expected one of {list(FINETUNE_SCHEDULES)}')
+    if schedule == 'cosine' and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise HMCConfigError(f"finetune_schedule='cosine' needs the number of fine-tuning epochs (an int >= 1), "
+                             f'got finetune_epochs={epochs!r}')
 
     def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
         train(model, optimizers, training_step, train_loader, lr_schedulers, max_steps, max_epochs,
               progress=progress, description='fine-tune', on_epoch_end=on_epoch_end)
 
     optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return TorchEvaluator(training_func, optimizer, training_step, dummy_input=dummy_input,
+    scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, T_max=epochs) \
+        if schedule == 'cosine' else None
+    return TorchEvaluator(training_func, optimizer, training_step, lr_schedulers=scheduler, dummy_input=dummy_input,
                           evaluating_func=lambda model: evaluate_accuracy(model, test_loader))

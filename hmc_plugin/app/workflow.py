@@ -106,6 +106,7 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
     train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
     dummy_input = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr,
+                                     schedule=settings.finetune_schedule, epochs=max(1, settings.finetune_epochs),
                                      dummy_input=dummy_input, progress=progress, on_epoch_end=on_epoch_end)
     entry: dict[str, Any] = {'op_types': list(settings.op_types)}
     if settings.exclude_op_names:
@@ -237,13 +238,17 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
                  on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> float:
     """Fine-tune ``model`` in place for ``settings.finetune_epochs`` epochs (or ``max_steps`` steps) through an NNI
     ``TorchEvaluator`` (``make_torch_evaluator``: SGD at ``settings.finetune_lr``, momentum 0.9, weight decay
-    5e-4, no schedule) and ``nni_api.finetune``, the path of every compressed model; batch order seeded by
-    ``settings.seed``; ``on_epoch_end(model, epoch)`` runs after each epoch (the state after epoch k is the state
-    a k-epoch fine-tune ends in). Leaves the model in eval mode; returns the seconds it took."""
+    5e-4, ``settings.finetune_schedule``; a ``max_steps`` probe at the constant rate) and ``nni_api.finetune``,
+    the path of every compressed model; batch order seeded by ``settings.seed``. ``on_epoch_end(model, epoch)``
+    runs after each epoch: the state after epoch k is the state a k-epoch fine-tune ends in at the constant rate,
+    and after epoch 1 under either schedule (the cosine steps after an epoch). Leaves the model in eval mode;
+    returns the seconds it took."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     train_loader, test_loader = make_loaders(splits, settings.batch_size, seed=settings.seed)
+    schedule = settings.finetune_schedule if max_steps is None else 'constant'  # a probe runs at the plain rate
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr, progress=False,
+                                     schedule=schedule, epochs=max(1, settings.finetune_epochs),
                                      on_epoch_end=on_epoch_end)
     finetune(model, evaluator, original=model, max_steps=max_steps,
              max_epochs=None if max_steps is not None else settings.finetune_epochs)
