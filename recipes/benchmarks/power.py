@@ -406,7 +406,10 @@ def _schedule_words(settings: dict[str, Any]) -> str:
 def render_markdown(report: dict) -> str:
     """``power.md``: a pure function of ``power.json``."""
     settings = report['settings']
-    lines = ['# Powered benchmark: HMC against the strongest pruners, paired over seeds', '',
+    title = '# Powered benchmark: HMC against the strongest pruners, paired over seeds'
+    if settings.get('finetune_schedule', 'constant') != 'constant':
+        title += f', {settings["finetune_schedule"]} fine-tuning'
+    lines = [title, '',
              f'Command: `{report["command"]}` ({report["machine"]}, {report["threads"]} thread(s), commit '
              f'{report.get("commit")}, {report["wall_seconds"] / 60:.1f} min in this invocation; cells cached). '
              f'Seeds {settings["seeds"]}; baselines trained {settings["train_epochs"]} epochs; every method '
