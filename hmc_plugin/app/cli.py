@@ -198,7 +198,7 @@ def _plan_command(model, splits, settings: RunSettings, out: Path, progress: boo
     if not table_path.exists():
         raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
     table = SensitivityTable.from_json(table_path)
-    if settings.methods[0] == 'hmc' and settings.margin == 'auto':
+    if settings.uses_margin_rule(settings.methods[0]):
         plan, margin_rule = plan_by_margin_rule(model, splits, settings, table, cache_path=out / 'margin_rule.json')
         latency_report = margin_rule['latency_budget']
         print(_margin_rule_line(margin_rule))

@@ -52,7 +52,7 @@ class RunSettings:
     data: str = 'digits'
     image_size: int | None = None
     latency_cache: str | None = None
-    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
+    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
     op_types: Sequence[str] = ('Conv2d',)
     exclude_op_names: Sequence[str] = ()
     probe_steps: int = 60
@@ -115,6 +115,11 @@ class RunSettings:
         run = {key: getattr(self, key) for key in self.run_keys()}
         run = {key: list(value) if isinstance(value, tuple) else value for key, value in run.items()}
         return {**run, **self.hmc.as_dict()}
+
+    def uses_margin_rule(self, mode: str) -> bool:
+        """Whether ``mode`` is planned by HMC's margin rule: ``'hmc'`` with margin ``'auto'`` or no margin given (a
+        margin given as a number is that tau; ``'nahc'`` is ``'hmc'`` at tau 0.5)."""
+        return mode == 'hmc' and self.margin in ('auto', None)
 
     def compressor_options(self, mode: str) -> dict[str, Any]:
         """``HMCCompressor`` keyword arguments of ``mode``: HMC's settings, the latency threads, no margin 'auto'."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import HMCConfigError
 from ..settings import FINETUNE_SCHEDULES
 
-__all__ = ['evaluate_accuracy', 'training_step', 'train', 'warmup_cosine', 'train_baseline', 'make_torch_evaluator']
+__all__ = ['evaluate_accuracy', 'correct_per_image', 'training_step', 'train', 'warmup_cosine', 'train_baseline', 'make_torch_evaluator']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable) -> float:
     finally:
         model.train(was_training)
     return correct / max(1, total)
+
+
+@torch.no_grad()
+def correct_per_image(model: nn.Module, loader: Iterable) -> torch.Tensor:
+    """Whether each image of ``loader`` (in its order) is classified right: a bool tensor (N,); restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        hits = [model(images).argmax(1) == labels for images, labels in loader]
+    finally:
+        model.train(was_training)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def training_step(batch, model: nn.Module, *args, **kwargs) -> torch.Tensor:
