@@ -235,7 +235,7 @@ def finetune_budget(settings: dict[str, Any]) -> str:
 # from an Evaluator (the benchmarks always pass it); left out of the cells' keys, so adding one keeps the caches
 UNKEYED_SETTINGS = ('checkpoint', 'calibration_steps')
 # settings added after cells were cached, at the default that behaves as before: left out of the keys at that value
-KEYED_UNLESS_DEFAULT = {'latency_backend': 'torch', 'prune_spread': None}
+KEYED_UNLESS_DEFAULT = {'latency_backend': 'torch', 'prune_spread': None, 'device': 'auto', 'mixed_precision': False}
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:
