@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import HMCConfigError
+from .utils.device import valid_device_spec
 from .utils.onnx_runtime import LATENCY_BACKENDS
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
@@ -147,6 +148,13 @@ class HMCSettings:
                                    optional=False)
     distill_temperature: float = setting(4.0, lambda v: _number(v) and v > 0, 'a number > 0',
                                          'temperature of the distillation loss', optional=False)
+    device: str = setting('auto', valid_device_spec, "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                          "where the scan, the fits, BatchNorm recalibration, fine-tuning and evaluation run "
+                          "('auto': the first CUDA GPU if torch sees one, else the CPU); the model you pass is not "
+                          'moved and the compressed model comes back on its device', optional=False)
+    mixed_precision: bool = setting(False, _flag, 'True or False',
+                                    'fine-tune under torch.autocast in bfloat16 (CPU and CUDA; no loss scaling '
+                                    'needed); weights stay in their dtype', optional=False)
 
     def __post_init__(self):
         for key in self.keys():

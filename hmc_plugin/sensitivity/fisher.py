@@ -127,10 +127,10 @@ def _projections(logits: Tensor, count: int, generator: torch.Generator) -> tupl
     root = probs.sqrt()
     classes = probs.shape[1]
     if classes <= count:  # exact: every row a_c = sqrt(p_c) (e_c - p)
-        eye = torch.eye(classes, dtype=probs.dtype)
+        eye = torch.eye(classes, dtype=probs.dtype, device=probs.device)
         rows = root.T[:, :, None] * (eye[:, None, :] - probs[None, :, :])       # (C, N, C)
         return rows, 1.0
-    signs = torch.randint(0, 2, (count,) + probs.shape, generator=generator).to(probs.dtype) * 2 - 1  # (K, N, C)
+    signs = torch.randint(0, 2, (count,) + probs.shape, generator=generator).to(probs) * 2 - 1  # (K, N, C)
     weighted = signs * root[None]                                              # eps_c sqrt(p_c)
     rows = weighted - weighted.sum(dim=2, keepdim=True) * probs[None]          # sum_c eps_c sqrt(p_c) (e_c - p)
     return rows, 1.0 / count
