@@ -33,19 +33,9 @@ _logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy in [0, 1] over ``loader`` of ``(images, labels)``, on the model's device; restores
-    train/eval mode."""
-    was_training = model.training
-    device = model_device(model)
-    model.eval()
-    correct = total = 0
-    try:
-        for images, labels in loader:
-            images, labels = to_device((images, labels), device)
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
-    finally:
-        model.train(was_training)
-    return correct / max(1, total)
+    train/eval mode (``correct_per_image``, counted)."""
+    hits = correct_per_image(model, loader)
+    return int(hits.sum()) / max(1, len(hits))
 
 
 @torch.no_grad()
