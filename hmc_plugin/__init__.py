@@ -15,6 +15,7 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         HMC setting with its default and check, once), ``utils/`` (``counting``:
                         FLOPs and parameters; ``timing``: latency timers; ``onnx_runtime``: the ONNX Runtime
                         latency backend; ``kl``: output KL; ``memory``: the calibration passes' budget;
+                        ``device``: the device setting resolved;
                         ``store``: the keyed JSON store behind every cache; ``fingerprint``)
 1. engines              ``engines/lowrank`` (tensorly factors -> ``nn.Module`` replacements, data-free
                         or fitted to an input moment), ``engines/pruning`` (torch-pruning groups, masks,
@@ -22,7 +23,8 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         ``engines/datafit`` (refit pruned consumers, data-aware low rank, layer by
                         layer), ``engines/batchnorm`` (BatchNorm recalibration and folding); no planning
 2. sensitivity          ``sensitivity/table`` (``SensitivityTable``), ``sensitivity/scan``
-                        (evaluator, KL and proxy scans), ``sensitivity/fisher`` (one-pass proxy)
+                        (evaluator, KL and proxy scans), ``sensitivity/fisher`` (one-pass proxy),
+                        ``sensitivity/halves`` (a scan's pruning and decomposition halves merged)
 3. planning             ``planning/plan`` (``CompressionPlan``), ``cost``, ``latency`` (cost and
                         latency models), ``grouping``, ``allocation`` (greedy budget allocation),
                         ``measure`` (what a plan keeps), ``targets`` (loops that land on a FLOPs,
@@ -35,7 +37,8 @@ shared                  ``errors`` (the exception family), ``settings`` (``HMCSe
                         fine-tuning path: NNI's Evaluator, optional distillation)
 6. app                  ``app/cli`` (the ``hmc`` command), ``run_settings`` (``RunSettings``),
                         ``workflow``, ``report`` (the one report-row builder), ``data``,
-                        ``models``, ``training``, ``baselines``, ``export``, ``config_keys``
+                        ``models``, ``training``, ``baselines``, ``export``, ``config_keys``,
+                        ``distributed`` (DDP fine-tuning under ``torchrun``)
 7. experiment           ``experiment/trial`` (an NNI trial), ``shared_cache``, ``results``
 ======================  =========================================================================
 

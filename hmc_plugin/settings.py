@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import HMCConfigError
+from .utils.device import valid_device_spec
 from .utils.onnx_runtime import LATENCY_BACKENDS
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
-           'FIT_ORDERS', 'LATENCY_BACKENDS', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
+           'FIT_ORDERS', 'LATENCY_BACKENDS', 'FINETUNE_SCHEDULES', 'DEFAULT_LEVELS', 'BUDGET_KEYS', 'HMCSettings', 'unknown_key_message']
 
 MODES = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
 IMPORTANCES = ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor')  # torch-pruning importances the pruning engine knows
@@ -25,6 +26,7 @@ COMPRESSOR_IMPORTANCES = tuple(name for name in IMPORTANCES if name != 'taylor')
 SENSITIVITIES = ('proxy', 'kl', 'evaluator')
 RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd', 'best')
 FIT_ORDERS = ('sequential', 'one_pass')
+FINETUNE_SCHEDULES = ('constant', 'cosine')  # the fine-tuning learning rate: kept, or annealed to 0 per epoch
 SPEEDUPS = ('nni', 'torch_pruning')
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
 BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')
@@ -151,6 +153,13 @@ class HMCSettings:
                                    optional=False)
     distill_temperature: float = setting(4.0, lambda v: _number(v) and v > 0, 'a number > 0',
                                          'temperature of the distillation loss', optional=False)
+    device: str = setting('auto', valid_device_spec, "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                          "where the scan, the fits, BatchNorm recalibration, fine-tuning and evaluation run "
+                          "('auto': the first CUDA GPU if torch sees one, else the CPU); the model you pass is not "
+                          'moved and the compressed model comes back on its device', optional=False)
+    mixed_precision: bool = setting(False, _flag, 'True or False',
+                                    'fine-tune under torch.autocast in bfloat16 (CPU and CUDA; no loss scaling '
+                                    'needed); weights stay in their dtype', optional=False)
 
     def __post_init__(self):
         for key in self.keys():

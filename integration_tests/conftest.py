@@ -17,7 +17,7 @@ logging.getLogger('nni').setLevel(logging.WARNING)
 SLOW_MODULES = {'test_benchmarks', 'test_cli_recipes', 'test_compressor', 'test_latency_budget', 'test_margin_rule',
                 'test_nni_experiment', 'test_pruning_speedup', 'test_reliability', 'test_reliability_layers',
                 'test_sensitivity_plan', 'test_settings_flow', 'test_torchvision_family', 'test_baseline_training',
-                'test_warmup_benchmark', 'test_data_aware', 'test_nni_user_flow'}
+                'test_warmup_benchmark', 'test_data_aware', 'test_nni_user_flow', 'test_distributed'}
 
 
 def pytest_collection_modifyitems(items):

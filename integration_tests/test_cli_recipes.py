@@ -63,6 +63,11 @@ def test_report_on_digits_writes_every_file_with_the_documented_rows(digits_repo
     nahc = report['methods'][-1]
     assert abs(nahc['flops_after'] / nahc['flops_before'] - 0.5) <= 0.02
     assert {'name', 'group', 'prune_ratio', 'ranks'} <= set(nahc['layers'][0])
+    prune = report['methods'][1]
+    assert 'paired_vs_prune' not in prune and nahc['paired_vs_prune']['images'] > 0
+    assert abs(nahc['paired_vs_prune']['mean_pp'] - 100 * (nahc['acc_after'] - prune['acc_after'])) < 1e-9
+    assert nahc['paired_vs_prune']['low_pp'] <= nahc['paired_vs_prune']['mean_pp'] <= nahc['paired_vs_prune']['high_pp']
+    assert printed_table(printed)['nahc']['fine-tuned − prune, pp [95 % CI]'].startswith(('+', '-'))
     model, plan = load_compressed(tmp_path / 'compressed_nahc.pt')
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 

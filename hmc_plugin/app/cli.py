@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import HMCConfigError, HMCError
-from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FIT_ORDERS, LATENCY_BACKENDS, MODES, RANK_METHODS,
-                        SENSITIVITIES, HMCSettings, unknown_key_message)
+from ..settings import (BUDGET_KEYS, COMPRESSOR_IMPORTANCES, FINETUNE_SCHEDULES, FIT_ORDERS, LATENCY_BACKENDS, MODES,
+                        RANK_METHODS, SENSITIVITIES, HMCSettings, unknown_key_message)
 from .run_settings import RUN_KEY_HELP, RunSettings
 
 __all__ = ['build_parser', 'main']
@@ -35,12 +35,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     for key, kind in (('train_lr', float), ('warmup_epochs', float), ('finetune_lr', float)):
         parser.add_argument('--' + key.replace('_', '-'), type=kind,
                             help=f'{RUN_KEY_HELP[key]} (default {getattr(RunSettings(), key)})')
+    parser.add_argument('--finetune-schedule', choices=FINETUNE_SCHEDULES,
+                        help=f"{RUN_KEY_HELP['finetune_schedule']} (default constant)")
     parser.add_argument('--allow-chance-baseline', action='store_true', default=None,
                         help=RUN_KEY_HELP['allow_chance_baseline'])
     parser.add_argument('--seed', type=int)
     parser.add_argument('--threads', type=int, help='torch threads for training and latency (default 2)')
     parser.add_argument('--calibration-size', type=int, help='images in the proxy calibration batch (default 64)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    meaning = {key: meaning for key, _, _, meaning in HMCSettings.table()}
+    parser.add_argument('--device', help=f"'auto' (default), 'cpu', 'cuda' or 'cuda:N': {meaning['device']}")
+    parser.add_argument('--mixed-precision', action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{meaning['mixed_precision']} (default off)")
     _add_data(parser)
 
 
@@ -141,10 +147,14 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 def _load(args, settings):
     import torch
 
+    from ..utils.device import resolve_device
     from ..utils.timing import steady_allocator
     from .data import parse_data_spec
     from .models import build_model
 
+    from . import distributed
+
+    distributed.start(resolve_device(settings.device))  # a GPU asked for and missing fails before any work
     torch.set_num_threads(settings.threads)
     steady_allocator()  # timings (reports, target_latency) independent of what the process allocated before
     splits = parse_data_spec(settings.data, settings.image_size)
@@ -154,27 +164,39 @@ def _load(args, settings):
 
 
 def _run(args: argparse.Namespace) -> None:
-    settings = _settings(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet
-    model, splits = _load(args, settings)
-    command = 'hmc ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
-    if args.command == 'report':
-        _report_command(model, splits, settings, out, progress, command)
-        return
-    from .workflow import train_or_load_baseline
+    from . import distributed
 
-    model = train_or_load_baseline(model, splits, settings, out, progress)
-    run = {'scan': _scan_command, 'plan': _plan_command, 'compress': _compress_command}[args.command]
-    run(model, splits, settings, out, progress, command, args)
+    settings = _settings(args)
+    if distributed.launched() and args.command not in ('compress', 'report'):
+        raise HMCError(f'hmc {args.command} runs in one process; under torchrun use hmc compress or hmc report '
+                       f'(rank 0 scans and plans, every rank fine-tunes)')
+    out = Path(args.out)
+    model, splits = _load(args, settings)
+    try:
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+        progress = not args.quiet and distributed.is_main()
+        command = 'hmc ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+        if args.command == 'report':
+            _report_command(model, splits, settings, out, progress, command)
+            return
+        from .workflow import train_or_load_baseline
+
+        model = train_or_load_baseline(model, splits, settings, out, progress)
+        run = {'scan': _scan_command, 'plan': _plan_command, 'compress': _compress_command}[args.command]
+        run(model, splits, settings, out, progress, command, args)
+    finally:
+        distributed.finish()
 
 
 def _report_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str) -> None:
+    from . import distributed
     from .report import format_table, write_report
     from .workflow import compare_methods
 
     rows, _ = compare_methods(model, splits, settings, out, progress)
+    if not distributed.is_main():
+        return
     write_report(out, rows, settings.as_dict(), [command])
     print(format_table(rows))
     print(f'\nWrote {out}/report.json, report.md, plan.json, pareto.png, sensitivity.png and the compressed model.')
@@ -197,7 +219,7 @@ def _plan_command(model, splits, settings: RunSettings, out: Path, progress: boo
     if not table_path.exists():
         raise HMCError(f'{table_path} not found: run `hmc scan --out {out}` first (same --model/--data)')
     table = SensitivityTable.from_json(table_path)
-    if settings.methods[0] == 'hmc' and settings.margin == 'auto':
+    if settings.uses_margin_rule(settings.methods[0]):
         plan, margin_rule = plan_by_margin_rule(model, splits, settings, table, cache_path=out / 'margin_rule.json')
         latency_report = margin_rule['latency_budget']
         print(_margin_rule_line(margin_rule))
@@ -215,21 +237,28 @@ def _plan_command(model, splits, settings: RunSettings, out: Path, progress: boo
 def _compress_command(model, splits, settings: RunSettings, out: Path, progress: bool, command: str, args) -> None:
     from ..planning.plan import CompressionPlan
     from ..sensitivity.table import SensitivityTable
+    from . import distributed
     from .export import save_compressed
     from .report import format_table, write_report
     from .workflow import compress_and_measure, make_compressor, scan, uncompressed_row
 
     if args.plan:
         plan = CompressionPlan.from_json(args.plan)
-        compressor = make_compressor(model, splits, settings, plan.mode, plan=plan, progress=progress)
+        compressor = make_compressor(model, splits, settings, plan.mode, plan=plan, progress=progress,
+                                     data_parallel=distributed.active())
         compressed, _ = compressor.compress(max_epochs=settings.finetune_epochs or None)
+        if not distributed.is_main():
+            return
         save_compressed(compressed, out / 'compressed.pt', plan)
         print(plan.table())
     else:
-        table_path = out / 'sensitivity.json'
-        table = SensitivityTable.from_json(table_path) if table_path.exists() else scan(model, splits, settings, out,
-                                                                                         progress)
+        table_path, table = out / 'sensitivity.json', None  # under torchrun only rank 0 scans and plans
+        if distributed.is_main():
+            table = SensitivityTable.from_json(table_path) if table_path.exists() else scan(model, splits, settings,
+                                                                                             out, progress)
         row, compressed, plan = compress_and_measure(model, splits, settings, settings.methods[0], table, progress, out)
+        if not distributed.is_main():
+            return
         rows = [uncompressed_row(model, splits, settings, latencies=row), row]
         write_report(out, rows, settings.as_dict(), [command])
         plan.to_json(out / 'plan.json')

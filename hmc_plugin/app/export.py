@@ -19,6 +19,7 @@ from ..engines.batchnorm import fold_batchnorm
 from ..errors import HMCConfigError, UntraceableModelError
 from ..planning.plan import CompressionPlan
 from ..utils.counting import as_input_tuple
+from ..utils.device import model_device, to_device
 
 __all__ = ['save_compressed', 'load_compressed', 'export_onnx', 'check_onnx']
 
@@ -56,7 +57,7 @@ def export_onnx(model: nn.Module, dummy_input: Any, path: str | os.PathLike, ops
     (``engines.batchnorm.fold_batchnorm``; a model ``torch.fx`` cannot trace is exported unfolded, with a
     warning). ``model`` itself is not changed.
     """
-    inputs = as_input_tuple(dummy_input)
+    inputs = to_device(as_input_tuple(dummy_input), model_device(model))
     names = ['input'] + [f'input_{i}' for i in range(1, len(inputs))]
     if fold_bn:
         try:
@@ -91,8 +92,8 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, 
     model.eval()
     try:
         with torch.no_grad():
-            expected = model(inputs)
+            expected = model(to_device(inputs, model_device(model))).cpu()
     finally:
         model.train(was_training)
-    got = session.run(None, {'input': inputs.numpy()})[0]
+    got = session.run(None, {'input': inputs.cpu().numpy()})[0]
     return float((torch.from_numpy(got) - expected).abs().max())

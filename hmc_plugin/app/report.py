@@ -9,10 +9,12 @@ divides into the speed-up it prints.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from ..planning.plan import CompressionPlan
@@ -21,7 +23,7 @@ from ..utils.jsonio import write_json
 from ..utils.timing import machine_description
 
 __all__ = ['ROW_KEYS', 'LATENCY_KEYS', 'TABLE_COLUMNS', 'latency_fields', 'size_fields', 'method_row',
-           'uncompressed_row', 'flops_kept', 'params_kept', 'speedup', 'format_table', 'markdown_table',
+           'uncompressed_row', 'flops_kept', 'params_kept', 'speedup', 'paired_difference', 'format_table', 'markdown_table',
            'plot_pareto', 'write_report']
 
 ROW_KEYS = ('model', 'mode', 'target_flops', 'params_before', 'params_after', 'flops_before', 'flops_after',
@@ -99,6 +101,18 @@ def speedup(row: dict[str, Any], batch: int = 1) -> float | None:
     return None if before is None or after is None else before / after
 
 
+def paired_difference(correct: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean per-image accuracy difference ``correct - reference`` (bool tensors (N,), the same images), in percentage
+    points, with its 95 % interval (1.96 standard errors of the N per-image differences)."""
+    if correct.shape != reference.shape or correct.ndim != 1 or len(correct) == 0:
+        raise ValueError(f'paired_difference needs two (N,) tensors over the same images, got {tuple(correct.shape)} '
+                         f'and {tuple(reference.shape)}')
+    difference = correct.double() - reference.double()
+    mean = float(difference.mean()) * 100
+    half = 1.96 * float(difference.std()) / math.sqrt(len(difference)) * 100 if len(difference) > 1 else 0.0
+    return {'mean_pp': mean, 'low_pp': mean - half, 'high_pp': mean + half, 'images': len(difference)}
+
+
 # (header, row key, format)
 TABLE_COLUMNS = (
     ('method', 'mode', '{}'),
@@ -114,6 +128,7 @@ TABLE_COLUMNS = (
     ('latency kept pred. / meas.', 'latency_budget', '{}'),
     ('acc zero-shot', 'acc_zero_shot', '{:.4f}'),
     ('acc fine-tuned', 'acc_after', '{:.4f}'),
+    ('fine-tuned − prune, pp [95 % CI]', 'paired_vs_prune', '{}'),
 )
 
 
@@ -128,6 +143,10 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
         budget = row.get('latency_budget')
         value = None if not budget else '{:.3f} / {:.3f} (b{})'.format(budget['predicted'], budget['measured'],
                                                                        budget['batch'])
+    elif key == 'paired_vs_prune':  # hmc report with prune among the methods (workflow.compare_methods)
+        paired = row.get('paired_vs_prune')
+        value = None if not paired else '{:+.1f} [{:+.1f}, {:+.1f}]'.format(paired['mean_pp'], paired['low_pp'],
+                                                                          paired['high_pp'])
     else:
         value = row.get(key)
     return '-' if value is None else fmt.format(value)

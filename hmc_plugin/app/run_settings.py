@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import HMCConfigError
-from ..settings import BUDGET_KEYS, HMCSettings, unknown_key_message
+from ..settings import BUDGET_KEYS, FINETUNE_SCHEDULES, HMCSettings, unknown_key_message
 
 __all__ = ['DEFAULT_BUDGET', 'RunSettings', 'RUN_KEY_HELP']
 
@@ -30,6 +30,7 @@ RUN_KEY_HELP = {
     'allow_chance_baseline': 'go on when the baseline is within 0.05 of chance accuracy (else an error)',
     'finetune_epochs': 'fine-tuning epochs of each compressed model',
     'finetune_lr': 'fine-tuning learning rate (SGD)',
+    'finetune_schedule': "fine-tuning learning rate over the epochs: 'constant' or 'cosine' (annealed to 0)",
     'batch_size': 'batch size of training and fine-tuning',
     'seed': 'seed of the initial weights, the data order and the calibration batch',
     'threads': 'torch threads for training and timing (also the latency budget\'s threads)',
@@ -51,7 +52,7 @@ class RunSettings:
     data: str = 'digits'
     image_size: int | None = None
     latency_cache: str | None = None
-    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc')
+    methods: Sequence[str] = ('prune', 'decompose', 'ahc', 'nahc', 'hmc')
     op_types: Sequence[str] = ('Conv2d',)
     exclude_op_names: Sequence[str] = ()
     probe_steps: int = 60
@@ -62,6 +63,7 @@ class RunSettings:
     allow_chance_baseline: bool = False
     finetune_epochs: int = 3
     finetune_lr: float = 0.003
+    finetune_schedule: str = 'constant'
     batch_size: int = 64
     seed: int = 0
     threads: int = 2
@@ -86,6 +88,9 @@ class RunSettings:
         if all(merged[key] is None for key in BUDGET_KEYS):
             merged.update(DEFAULT_BUDGET)
         self.hmc = HMCSettings(**merged)
+        if self.finetune_schedule not in FINETUNE_SCHEDULES:
+            raise HMCConfigError(f'Got finetune_schedule={self.finetune_schedule!r} but expected one of '
+                                 f'{list(FINETUNE_SCHEDULES)}')
 
     def __getattr__(self, name: str) -> Any:
         if name in HMCSettings.keys() and 'hmc' in self.__dict__:
@@ -110,6 +115,11 @@ class RunSettings:
         run = {key: getattr(self, key) for key in self.run_keys()}
         run = {key: list(value) if isinstance(value, tuple) else value for key, value in run.items()}
         return {**run, **self.hmc.as_dict()}
+
+    def uses_margin_rule(self, mode: str) -> bool:
+        """Whether ``mode`` is planned by HMC's margin rule: ``'hmc'`` with margin ``'auto'`` or no margin given (a
+        margin given as a number is that tau; ``'nahc'`` is ``'hmc'`` at tau 0.5)."""
+        return mode == 'hmc' and self.margin in ('auto', None)
 
     def compressor_options(self, mode: str) -> dict[str, Any]:
         """``HMCCompressor`` keyword arguments of ``mode``: HMC's settings, the latency threads, no margin 'auto'."""

@@ -5,6 +5,7 @@ loops serve the demo, the recipes and the tests, and show the shape an NNI user 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,24 +19,40 @@ from nni.compression import TorchEvaluator
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ['evaluate_accuracy', 'training_step', 'train', 'warmup_cosine', 'train_baseline', 'make_torch_evaluator']
+from ..errors import HMCConfigError
+from ..settings import FINETUNE_SCHEDULES
+from ..utils.device import model_device, to_device
+from . import distributed
+
+__all__ = ['evaluate_accuracy', 'correct_per_image', 'training_step', 'train', 'warmup_cosine', 'train_baseline',
+           'make_torch_evaluator']
 
 _logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy in [0, 1] over ``loader`` of ``(images, labels)``; restores train/eval mode."""
+    """Top-1 accuracy in [0, 1] over ``loader`` of ``(images, labels)``, on the model's device; restores
+    train/eval mode (``correct_per_image``, counted)."""
+    hits = correct_per_image(model, loader)
+    return int(hits.sum()) / max(1, len(hits))
+
+
+@torch.no_grad()
+def correct_per_image(model: nn.Module, loader: Iterable) -> torch.Tensor:
+    """Whether each image of ``loader`` (in its order) is classified right: a bool tensor (N,) on the CPU, computed on
+    the model's device; restores the mode."""
     was_training = model.training
+    device = model_device(model)
     model.eval()
-    correct = total = 0
+    hits = []
     try:
         for images, labels in loader:
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
+            images, labels = to_device((images, labels), device)
+            hits.append((model(images).argmax(1) == labels).cpu())
     finally:
         model.train(was_training)
-    return correct / max(1, total)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def training_step(batch, model: nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -50,17 +67,21 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable,
           on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> None:
     """Run ``step_fn(batch, model) -> loss`` with ``optimizer`` for ``max_epochs`` epochs or ``max_steps`` steps.
 
-    NNI's ``training_func`` signature minus the loader; one epoch when both limits are None.
-    ``on_epoch_end(model, epoch)`` (epoch counted from 1) runs after every complete epoch.
+    NNI's ``training_func`` signature minus the loader; one epoch when both limits are None. Batches move to the
+    model's device. ``on_epoch_end(model, epoch)`` (epoch counted from 1) runs after every complete epoch. A
+    loader with a ``DistributedSampler`` gets ``set_epoch(epoch)`` before each epoch (its shuffle changes per epoch).
     """
     epochs = max_epochs if max_epochs is not None else (1 if max_steps is None else 10 ** 9)
     steps = 0
+    device = model_device(model)
     model.train()
     for epoch in range(epochs):
+        if hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
+            loader.sampler.set_epoch(epoch)
         with tqdm(loader, desc=f'{description} epoch {epoch + 1}', disable=not progress, leave=False) as bar:
             for batch in bar:
                 optimizer.zero_grad()
-                loss = step_fn(batch, model)
+                loss = step_fn(to_device(batch, device), model)
                 loss.backward()
                 optimizer.step()
                 steps += 1
@@ -107,6 +128,7 @@ def train_baseline(model: nn.Module, train_loader, test_loader: Iterable, *, epo
         with tqdm(train_loader, desc=f'train baseline epoch {epoch + 1}/{epochs}', disable=not progress,
                   leave=False) as bar:
             for images, labels in bar:
+                images, labels = to_device((images, labels), model_device(model))
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(images), labels)
                 loss.backward()
@@ -157,15 +179,32 @@ def _resume(path, key: str, model, optimizer, scheduler, train_loader) -> int:
 
 def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: nn.Module, *, lr: float = 0.01,
                          momentum: float = 0.9, weight_decay: float = 5e-4, dummy_input=None,
-                         progress: bool = True,
-                         on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> TorchEvaluator:
+                         progress: bool = True, schedule: str = 'constant', epochs: int | None = None,
+                         on_epoch_end: Callable[[nn.Module, int], None] | None = None,
+                         data_parallel: bool = False) -> TorchEvaluator:
     """An NNI ``TorchEvaluator``: SGD (``nni.trace``d), cross-entropy steps on ``train_loader``,
-    accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch."""
+    accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch.
+
+    ``schedule='cosine'`` anneals the rate from ``lr`` towards 0 over ``epochs`` epochs (``CosineAnnealingLR``,
+    stepped after each epoch, so the first epoch runs at ``lr`` and a run cut to fewer steps never steps it);
+    ``'constant'`` keeps ``lr``. ``data_parallel``: under ``torchrun``, every rank trains the model wrapped in
+    ``DistributedDataParallel`` (``app.distributed.data_parallel``; give each rank its shard,
+    ``distributed.shard_loader``).
+    """
+    if schedule not in FINETUNE_SCHEDULES:
+        raise HMCConfigError(f'Got finetune_schedule={schedule!r} but expected one of {list(FINETUNE_SCHEDULES)}')
+    if schedule == 'cosine' and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise HMCConfigError(f"finetune_schedule='cosine' needs the number of fine-tuning epochs (an int >= 1), "
+                             f'got finetune_epochs={epochs!r}')
 
     def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-        train(model, optimizers, training_step, train_loader, lr_schedulers, max_steps, max_epochs,
-              progress=progress, description='fine-tune', on_epoch_end=on_epoch_end)
+        epoch_end = None if on_epoch_end is None else (lambda trained, epoch: on_epoch_end(model, epoch))
+        with (distributed.data_parallel(model) if data_parallel else contextlib.nullcontext(model)) as trained:
+            train(trained, optimizers, training_step, train_loader, lr_schedulers, max_steps, max_epochs,
+                  progress=progress, description='fine-tune', on_epoch_end=epoch_end)
 
     optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return TorchEvaluator(training_func, optimizer, training_step, dummy_input=dummy_input,
+    scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, T_max=epochs) \
+        if schedule == 'cosine' else None
+    return TorchEvaluator(training_func, optimizer, training_step, lr_schedulers=scheduler, dummy_input=dummy_input,
                           evaluating_func=lambda model: evaluate_accuracy(model, test_loader))

@@ -161,7 +161,8 @@ def _energy_rank(matrix: torch.Tensor, fraction: float) -> int:
     """Smallest rank whose singular values keep ``fraction`` of the squared Frobenius norm."""
     energy = torch.linalg.svdvals(matrix) ** 2
     cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
-    return int(torch.searchsorted(cumulative, torch.tensor(fraction - 1e-12, dtype=cumulative.dtype))) + 1
+    threshold = torch.tensor(fraction - 1e-12, dtype=cumulative.dtype, device=cumulative.device)
+    return int(torch.searchsorted(cumulative, threshold)) + 1
 
 
 def _vbmf_rank(matrix: torch.Tensor) -> int:

@@ -161,7 +161,7 @@ def run_trial(parameters: dict[str, Any], options: TrialOptions, *,
         out.mkdir(parents=True, exist_ok=True)
         compressor.plan.to_json(out / 'plan.json')
         write_json({'parameters': parameters, 'settings': settings.as_dict(), 'options': dataclasses.asdict(options),
-                    'scan': str(scan.path), 'epoch_accuracies': epoch_accuracies, 'row': row, 'result': result},
+                    'scan': [str(path) for path in scan.paths], 'epoch_accuracies': epoch_accuracies, 'row': row, 'result': result},
                    out / 'result.json')
     return result
 

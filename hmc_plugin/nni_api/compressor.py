@@ -26,10 +26,12 @@ from ..planning.measure import plan_masks
 from ..planning.plan import CompressionPlan
 from ..planning.targets import plan_for_latency, plan_for_target, reachable_fraction, unreachable_message
 from ..sensitivity.fisher import fisher_chunks
+from ..sensitivity.halves import NEUTRAL_IMPORTANCE, NEUTRAL_RANK_METHOD, PARTS
 from ..sensitivity.scan import scan_sensitivity, zeroed_by_masks
 from ..sensitivity.table import SensitivityTable
 from ..settings import HMCSettings, unknown_key_message
 from ..utils.counting import as_input_tuple
+from ..utils.device import model_device, resolve_device, to_device
 from ..utils.fingerprint import model_fingerprint
 from .calibration import gather_calibration_batches
 from .config import settings_from_config_list, validate_config_list
@@ -116,9 +118,15 @@ class HMCCompressor(Pruner):
     latency_cache
         JSON file of per-layer CPU times for ``target_latency`` (default ``$HMC_LATENCY_CACHE`` or
         ``~/.cache/hmc_plugin/latency.json``), shared by every plan on this machine.
-    mode, target_flops, ..., distill_temperature
+    mode, target_flops, ..., distill_temperature, device, mixed_precision
         Keyword-only: any ``HMCSettings`` field, overriding the ``config_list`` (a budget given here
         replaces the config's). An unknown keyword raises ``HMCConfigError`` with a "did you mean".
+        ``device`` (``'auto'``, ``'cpu'``, ``'cuda'``, ``'cuda:N'``): where the scan, the fits, the BatchNorm
+        recalibration and fine-tuning run. On a device other than the model's, HMC works on a copy there (inputs
+        and calibration batches moved with it); ``model`` stays where it is, and the compressed model and masks
+        come back on ``model``'s device. The evaluator's ``training_func`` must move batches to the device of the
+        model it is given (``hmc_plugin.app.training.train`` does). A CUDA device torch cannot see is an
+        ``HMCConfigError``.
 
     Examples
     --------
@@ -166,7 +174,8 @@ class HMCCompressor(Pruner):
                  data_aware: bool | None = None, reconstruct: bool | None = None, fit_batches: int | None = None,
                  fit_order: str | None = None, calibration_steps: int | None = None,
                  memory_budget: int | None = None, distill: bool | None = None,
-                 distill_alpha: float | None = None, distill_temperature: float | None = None, **unknown):
+                 distill_alpha: float | None = None, distill_temperature: float | None = None,
+                 device: str | None = None, mixed_precision: bool | None = None, **unknown):
         arguments = dict(locals())
         # Everything that can fail on user input happens before NNI wraps the model.
         _refuse_unknown_keywords(unknown)
@@ -191,12 +200,13 @@ class HMCCompressor(Pruner):
             raise HMCConfigError(f"sensitivity={self.settings.sensitivity!r} needs calibration data: pass "
                                  'calibration_inputs (a small batch of real inputs), a calibration_loader, or an '
                                  'evaluator whose training steps HMC can read them from')
+        self.device, self._home = resolve_device(self.settings.device), model_device(model)
         _check_finite(model)
         _check_runs(model, dummy_input, 'dummy_input')
         self.dummy_input = dummy_input
         self._tied = _tied_layers(model)
         self.layers, self.max_ratios = self._select_layers(model, normalised)
-        self._weights_before = model_fingerprint(model)
+        self._user_model, self._weights_before = model, model_fingerprint(model)
         self.groups = find_pruning_groups(model, dummy_input)
         self._check_traceable(model, plan)
         self._warn_unhandled(model)
@@ -207,6 +217,7 @@ class HMCCompressor(Pruner):
             # a memory_budget too small for the scan is an error now, not after the masks and moments
             fisher_chunks(model, self.calibration_inputs, memory_budget=self.settings.memory_budget,
                           levels=len(self.settings.levels))
+        model = self._on_device(model)
         self._reference = copy.deepcopy(model)  # unwrapped twin: masks and low-rank weights are computed on it
         self.sensitivity = sensitivity_table
         self.plan = plan
@@ -220,6 +231,16 @@ class HMCCompressor(Pruner):
         super().__init__(model, nni_config, evaluator)
 
     # -- config ----------------------------------------------------------------------------------
+
+    def _on_device(self, model: nn.Module) -> nn.Module:
+        """The model HMC works on: ``model`` itself on its own device, else a copy on ``self.device`` (the user's
+        model is never moved); the inputs and calibration batches move with it."""
+        if self.device == self._home:
+            return model
+        self.dummy_input = to_device(self.dummy_input, self.device)
+        self.calibration_inputs = to_device(self.calibration_inputs, self.device)
+        self._batches = [to_device(batch, self.device) for batch in self._batches]
+        return copy.deepcopy(model).to(self.device)
 
     def _calibration_data(self, model: nn.Module, evaluator: Evaluator | None, calibration_inputs: Any,
                           scan_needs_data: bool) -> Any:
@@ -400,7 +421,8 @@ class HMCCompressor(Pruner):
         finally:
             if self._is_wrapped:
                 self.unwrap_model()
-            if model_fingerprint(self.bound_model) != self._weights_before:  # never expected; guard the promise
+            watched = {id(model): model for model in (self.bound_model, self._user_model)}.values()
+            if any(model_fingerprint(model) != self._weights_before for model in watched):  # never expected
                 raise RuntimeError('HMCCompressor changed the weights of the model it was given; please report this')
 
     def unwrap_model(self) -> None:
@@ -429,7 +451,8 @@ class HMCCompressor(Pruner):
         _check_compressed_runs(compressed, self.dummy_input)
         if max_steps is not None or max_epochs is not None:
             self.finetune(compressed, max_steps, max_epochs)
-        self.compressed_model = compressed
+        self.compressed_model = compressed.to(self._home)  # the device the user's model is on
+        self.masks = to_device(self.masks, self._home)
 
     def data_fit(self) -> DataFit | None:
         """How the calibration data is used (``engines.datafit.DataFit``): None when there is none."""
@@ -438,20 +461,28 @@ class HMCCompressor(Pruner):
     def get_masks(self):
         return self.masks
 
-    def scan(self) -> SensitivityTable:
-        """Run (or resume from ``cache_path``) the sensitivity scan on the wrapped model; the model is unchanged."""
+    def scan(self, part: str = 'both') -> SensitivityTable:
+        """Run (or resume from ``cache_path``) the sensitivity scan on the wrapped model; the model is unchanged.
+
+        ``part``: ``'both'``, or one half (``sensitivity.halves``): ``'prune'`` (the groups, scanned with any
+        ``rank_method`` alike) or ``'decompose'`` (the layers, with any ``importance`` alike).
+        """
+        if part not in PARTS:
+            raise HMCConfigError(f'Got part={part!r} but expected one of {PARTS}')
         if not self._is_wrapped:
             self.wrap_model()
-        groups = self._eligible_groups()
-        layers = self._decomposable_layers(self.bound_model)
+        groups = self._eligible_groups() if part != 'decompose' else []
+        layers = self._decomposable_layers(self.bound_model) if part != 'prune' else []
+        importance = self.settings.importance if part != 'decompose' else NEUTRAL_IMPORTANCE
+        rank_method = self.settings.rank_method if part != 'prune' else NEUTRAL_RANK_METHOD
         mode = self.settings.sensitivity
         if mode == 'evaluator':
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
         try:
             return scan_sensitivity(self.bound_model, self.dummy_input, groups=groups, layers=layers, mode=mode,
                                     eval_fn=self._evaluate if mode == 'evaluator' else None, calibration_inputs=self.calibration_inputs,
-                                    levels=self.settings.levels, importance=self.settings.importance,
-                                    round_to=self.settings.round_to, rank_method=self.settings.rank_method,
+                                    levels=self.settings.levels, importance=importance,
+                                    round_to=self.settings.round_to, rank_method=rank_method,
                                     cache_path=self.cache_path, progress=self.progress,
                                     mask_context=self._nni_mask_context, mask_model=self._reference,
                                     weight_owner=self._module_wrappers.__getitem__, data=self.data_fit(),
@@ -498,11 +529,18 @@ class HMCCompressor(Pruner):
         return plan
 
     def finetune(self, compressed: nn.Module, max_steps: int | None = None, max_epochs: int | None = None) -> None:
-        """Train ``compressed`` in place through the evaluator (``nni_api.finetune``), distilling from the
-        original model when ``distill`` is set."""
-        finetune(compressed, self.evaluator, original=self.bound_model, max_steps=max_steps, max_epochs=max_epochs,
-                 distill=self.settings.distill, distill_alpha=self.settings.distill_alpha,
-                 distill_temperature=self.settings.distill_temperature)
+        """Train ``compressed`` in place through the evaluator (``nni_api.finetune``) on ``device``, distilling from
+        the original model when ``distill`` is set, under bfloat16 autocast with ``mixed_precision``; it is back on
+        its own device afterwards."""
+        where = model_device(compressed)
+        compressed.to(self.device)
+        try:
+            finetune(compressed, self.evaluator, original=self.bound_model, max_steps=max_steps, max_epochs=max_epochs,
+                     distill=self.settings.distill, distill_alpha=self.settings.distill_alpha,
+                     distill_temperature=self.settings.distill_temperature,
+                     mixed_precision=self.settings.mixed_precision)
+        finally:
+            compressed.to(where)
 
 
 def _refuse_unknown_keywords(unknown: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ conv it replaces). A latency budget (``target_latency``) is allocated on times m
   layers' times, shared among the layers by the size of their outputs and shrinking with their output
   channels;
 - measurements are cached on disk (:class:`LatencyCache`) by machine, torch version, batch, threads, backend
-  (``'torch'``, or ``'onnxruntime'`` and its version: ``utils.onnx_runtime``), layer shape and replacement, so a second plan on the same machine measures nothing new. The side-by-side
+  (``'torch'``, or ``'onnxruntime'`` and its version: ``utils.onnx_runtime``), on a GPU by its name and the
+  torch and CUDA versions (a model on CUDA is timed there, with CUDA events), layer shape and replacement, so a
+  second plan on the same machine measures nothing new. The side-by-side
   timings of whole compressed models that ``planning.targets.plan_for_latency`` checks its plans with are cached too,
   by the compressed architecture: the same budget planned twice takes the same corrections and gives the
   same plan (HMC's prune-only candidate is prune-only's plan).
@@ -33,7 +35,9 @@ from torch import nn
 
 from ..engines.lowrank import decomposable, replacement_architecture
 from ..engines.pruning import kept_channels
+from ..errors import HMCConfigError
 from ..utils.counting import as_input_tuple, forward_with_hooks
+from ..utils.device import accelerator_label, model_device
 from ..utils.store import JsonStore, key_of
 from ..utils.onnx_runtime import backend_label
 from ..utils.timing import machine_description, measure_latency, measure_latency_side_by_side
@@ -162,6 +166,11 @@ class LatencyModel:
                  cache: LatencyCache | str | os.PathLike | None = None, backend: str = 'torch'):
         self.backend = backend
         self.backend_label = backend_label(backend)  # an unknown backend or a missing runtime fails first
+        self.device = model_device(model)
+        if self.device.type != 'cpu' and backend != 'torch':
+            raise HMCConfigError(f"Got latency_backend={backend!r} with the model on {self.device}: ONNX Runtime times "
+                                 f"on the CPU here; use latency_backend='torch' on a GPU, or device='cpu'")
+        self.accelerator = accelerator_label(self.device)
         self.cost = cost
         self.levels = sorted(float(level) for level in levels)
         self.batch = int(batch)
@@ -195,7 +204,8 @@ class LatencyModel:
 
     def _prefix(self) -> str:
         backend = f'|backend {self.backend_label}' if self.backend_label else ''  # torch keys as they were
-        return f'{self.machine}|batch {self.batch}|threads {self.threads}{backend}'
+        accelerator = f'|device {self.accelerator}' if self.accelerator else ''  # CPU keys as they were
+        return f'{self.machine}|batch {self.batch}|threads {self.threads}{backend}{accelerator}'
 
     def _model_key(self, model: nn.Module, dummy_input: Any) -> str:
         return f'{self._prefix()}|model {_architecture(model, dummy_input)}'
@@ -246,13 +256,13 @@ class LatencyModel:
     def _input(self, layer: LayerCost, in_channels: int) -> torch.Tensor:
         size = self.input_sizes[layer.name]
         if layer.kind == 'linear':
-            return torch.randn(self.batch, *size, in_channels)
-        return torch.randn(self.batch, in_channels, *size)
+            return torch.randn(self.batch, *size, in_channels, device=self.device)
+        return torch.randn(self.batch, in_channels, *size, device=self.device)
 
     def _dense_ms(self, name: str, in_channels: int, out_channels: int) -> float:
         layer = self.cost.layers[name]
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, 'dense'),
-                              lambda: _time_ms(self._shape(layer, in_channels, out_channels),
+                              lambda: _time_ms(self._shape(layer, in_channels, out_channels).to(self.device),
                                                self._input(layer, in_channels), self.threads, self.backend))
 
     def _decomposed_ms(self, name: str, in_channels: int, out_channels: int, level: float) -> float:
@@ -263,7 +273,7 @@ class LatencyModel:
         replacement = f'{method} {tuple(ranks)}'
         return self.cache.get(self._layer_key(layer, in_channels, out_channels, replacement),
                               lambda: _time_ms(replacement_architecture(
-                                  self._shape(layer, in_channels, out_channels), ranks, method),
+                                  self._shape(layer, in_channels, out_channels), ranks, method).to(self.device),
                                   self._input(layer, in_channels), self.threads, self.backend))
 
     # -- prediction ----------------------------------------------------------------------------------
@@ -321,6 +331,7 @@ class LatencyModel:
 
     def describe(self) -> dict[str, Any]:
         return {'batch': self.batch, 'threads': self.threads, 'backend': self.backend, 'machine': self.machine,
+                **({'device': self.accelerator} if self.accelerator else {}),
                 'original_ms': self.original_ms, 'cache': str(self.cache.path), 'new_measurements': self.cache.measured}
 
 

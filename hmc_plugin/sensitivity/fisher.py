@@ -168,10 +168,10 @@ def _projections(logits: Tensor, count: int, signs: Tensor | None) -> tuple[Tens
     root = probs.sqrt()
     classes = probs.shape[1]
     if classes <= count:  # exact: every row a_c = sqrt(p_c) (e_c - p)
-        eye = torch.eye(classes, dtype=probs.dtype)
+        eye = torch.eye(classes, dtype=probs.dtype, device=probs.device)
         rows = root.T[:, :, None] * (eye[:, None, :] - probs[None, :, :])       # (C, N, C)
         return rows, 1.0
-    weighted = signs.to(probs.dtype) * root[None]                                              # eps_c sqrt(p_c)
+    weighted = signs.to(probs) * root[None]                                    # eps_c sqrt(p_c)
     rows = weighted - weighted.sum(dim=2, keepdim=True) * probs[None]          # sum_c eps_c sqrt(p_c) (e_c - p)
     return rows, 1.0 / count
 

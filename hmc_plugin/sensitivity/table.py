@@ -76,7 +76,7 @@ class SensitivityTable:
             ax.set_yscale('symlog', linthresh=1e-3)  # drops span orders of magnitude
             ax.set_xlabel("fraction of the layer's FLOPs removed")
             ax.grid(alpha=0.3)
-            if len(curves) <= 12:
+            if 0 < len(curves) <= 12:
                 ax.legend(fontsize=6)
         axes[0].set_ylabel(f'metric drop ({self.mode})')
         fig.suptitle('HMC sensitivity scan (colour: depth, shallow to deep)')

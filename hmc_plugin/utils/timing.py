@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .counting import as_input_tuple
+from .device import synchronize
 from .onnx_runtime import backend_label, onnx_runner
 
 __all__ = ['steady_allocator', 'measure_latency', 'measure_latency_side_by_side', 'machine_description']
@@ -64,7 +65,7 @@ def _torch_threads(num_threads: int) -> Iterator[None]:
 def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 21,
                     num_threads: int = 2, min_seconds: float = 0.0, max_repeats: int | None = None,
                     backend: str = 'torch') -> float:
-    """Median wall time of one forward pass in milliseconds, on CPU, in eval mode.
+    """Median wall time of one forward pass in milliseconds, on CPU (on CUDA inputs: GPU time), in eval mode.
 
     ``warmup`` untimed runs first, then ``repeats`` timed ones (more, up to ``max_repeats``, until
     ``min_seconds`` were timed: for layers of unknown cost). ``num_threads`` is fixed for the measurement
@@ -86,9 +87,13 @@ def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: An
     ``warmup`` untimed rounds, then ``repeats`` timed rounds; with ``min_seconds`` > 0, as many rounds as the
     first one says make up that much time, between ``repeats`` and ``max_repeats``. ``num_threads`` is fixed
     and restored after. Eval mode during, modes restored after. ``backend``: ``'torch'`` (eager PyTorch) or
-    ``'onnxruntime'`` (each model exported and run as a deployment runs it: ``utils.onnx_runtime``).
+    ``'onnxruntime'`` (each model exported and run as a deployment runs it: ``utils.onnx_runtime``). Inputs on a
+    CUDA device are timed there, with CUDA events after a synchronisation (``num_threads`` then only fixes the
+    host's threads).
     """
     inputs = as_input_tuple(example_inputs)
+    device = next((item.device for item in inputs if isinstance(item, torch.Tensor)), torch.device('cpu'))
+    timed_run = _cuda_timed_run if device.type == 'cuda' and backend == 'torch' else _wall_timed_run
     modes = [model.training for model in models]
     times: list[list[float]] = [[] for _ in models]
     try:
@@ -106,9 +111,7 @@ def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: An
             rounds, done = repeats, 0
             while done < rounds:
                 for index, run in enumerate(runners):
-                    start = time.perf_counter()
-                    run()
-                    times[index].append(time.perf_counter() - start)
+                    times[index].append(timed_run(run, device))
                 if done == 0 and min_seconds > 0:
                     first = sum(model_times[0] for model_times in times)
                     rounds = min(max(repeats, math.ceil(min_seconds / max(first, 1e-6))), max(repeats, max_repeats or 0))
@@ -117,6 +120,24 @@ def measure_latency_side_by_side(models: Sequence[nn.Module], example_inputs: An
         for model, mode in zip(models, modes):
             model.train(mode)
     return [statistics.median(model_times) * 1000.0 for model_times in times]
+
+
+def _wall_timed_run(run, device: torch.device) -> float:
+    """Seconds ``run()`` takes by the wall clock (CPU work is done when it returns)."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _cuda_timed_run(run, device: torch.device) -> float:
+    """Seconds the GPU spends on ``run()``: CUDA events around it, after the queue before it has drained."""
+    synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
 
 
 def machine_description() -> str:

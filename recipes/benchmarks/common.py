@@ -235,7 +235,8 @@ def finetune_budget(settings: dict[str, Any]) -> str:
 # from an Evaluator (the benchmarks always pass it); left out of the cells' keys, so adding one keeps the caches
 UNKEYED_SETTINGS = ('checkpoint', 'calibration_steps')
 # settings added after cells were cached, at the default that behaves as before: left out of the keys at that value
-KEYED_UNLESS_DEFAULT = {'latency_backend': 'torch', 'prune_spread': None, 'memory_budget': None}
+KEYED_UNLESS_DEFAULT = {'latency_backend': 'torch', 'prune_spread': None, 'finetune_schedule': 'constant',
+                        'device': 'auto', 'mixed_precision': False, 'memory_budget': None}
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:

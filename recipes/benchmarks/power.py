@@ -3,9 +3,12 @@
 For each (model, data set, seed) the baseline is trained once and scanned once (proxy sensitivity, the quality
 suite's settings). Then, for each budget and method, the model is compressed, measured before fine-tuning
 (test accuracy, KL(original || compressed) per test image in nats) and fine-tuned ``max(--finetune-epochs)``
-epochs (SGD lr 0.01, momentum 0.9, no schedule, the same batch order for every method of a seed), measured again
-after each epoch of ``--finetune-epochs``: the state after epoch 1 of that run is bit for bit the state a 1-epoch
-fine-tune ends in (``workflow.sgd_finetune``), so one run gives both columns.
+epochs (SGD lr 0.01, momentum 0.9, the same batch order for every method of a seed; ``--finetune-schedule``
+``constant`` (default) or ``cosine``, annealed to 0 over ``max(--finetune-epochs)`` epochs, stepped per epoch),
+measured again after each epoch of ``--finetune-epochs``: the state after epoch 1 of that run is bit for bit the
+state a 1-epoch fine-tune ends in (``workflow.sgd_finetune``), so one run gives both columns. A cosine run may
+measure only epoch 1 and the last epoch (in between, the rate is not a shorter run's), and writes
+``power_cosine.{json,md}``.
 
 Methods (every one gets the same calibration data: its pruned consumers refitted and its BatchNorm statistics
 re-estimated on the same training batches, HMC's defaults):
@@ -87,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--methods', default=','.join(METHODS))
     parser.add_argument('--train-epochs', type=int, default=common.TRAIN_EPOCHS)
     parser.add_argument('--finetune-epochs', default='1,5', help='epochs after which the fine-tuned model is measured')
+    parser.add_argument('--finetune-schedule', default='constant', choices=('constant', 'cosine'),
+                        help="the fine-tuning rate over the epochs (the margin rule's probes always run at the "
+                             'constant rate)')
     parser.add_argument('--probe-steps', type=int, default=60, help="fine-tuning steps of each margin-rule candidate")
     parser.add_argument('--latency-batch', type=int, default=64)
     parser.add_argument('--threads', type=int, default=1)
@@ -97,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.models, args.data, args.seeds, args.budgets = 'resnet20', 'digits', '0,1', 'flops:0.5'
         args.methods, args.train_epochs, args.finetune_epochs, args.probe_steps = 'hmc,prune,tp_l2', 1, '1', 2
+    epochs = sorted(int(epoch) for epoch in args.finetune_epochs.split(','))
+    if args.finetune_schedule == 'cosine' and not set(epochs) <= {1, max(epochs)}:
+        raise SystemExit(f'--finetune-epochs {args.finetune_epochs} with --finetune-schedule cosine: only epoch 1 and '
+                         f'the last are what a run of that length ends in; measure e.g. 1,{max(epochs)}')
     return args
 
 
@@ -208,7 +218,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 settings = common.replace(
                     common.settings_for(model_name, seed, train_epochs=args.train_epochs, threads=args.threads,
                                         data=data), speedup='torch_pruning', probe_steps=args.probe_steps,
-                    latency_batch=args.latency_batch, latency_cache=str(out / 'latency.json'))
+                    latency_batch=args.latency_batch, latency_cache=str(out / 'latency.json'),
+                    finetune_schedule=args.finetune_schedule)
                 work = out / data / model_name / f'seed{seed}'
                 if args.cached_only and not (work / 'baseline.pt').exists():
                     missing.append(f'{data} {model_name} seed {seed} (no baseline: every cell)')
@@ -250,8 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings_out = {'models': args.models.split(','), 'data': args.data.split(','), 'seeds': seeds,
                     'budgets': [f'{kind}:{target:g}' for kind, target in budgets], 'methods': methods, 'epochs': epochs,
                     'train_epochs': args.train_epochs, 'train_lr': common.TRAIN_LR, 'finetune_lr': common.FINETUNE_LR,
-                    'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
-    report = {**common.header('power', settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
+                    'finetune_schedule': args.finetune_schedule, 'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
+    suite = 'power' if args.finetune_schedule == 'constant' else f'power_{args.finetune_schedule}'
+    report = {**common.header(suite, settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
               'cells': cells, 'missing': missing}
     report['summary'] = summarise(cells, epochs)
     return report
@@ -385,14 +397,24 @@ def cell_table(row: dict) -> str:
     return markdown_table(header, lines)
 
 
+def _schedule_words(settings: dict[str, Any]) -> str:
+    if settings.get('finetune_schedule', 'constant') == 'constant':
+        return 'no schedule'
+    return f'cosine to 0 over {max(settings["epochs"])} epochs, stepped per epoch'
+
+
 def render_markdown(report: dict) -> str:
     """``power.md``: a pure function of ``power.json``."""
     settings = report['settings']
-    lines = ['# Powered benchmark: HMC against the strongest pruners, paired over seeds', '',
+    title = '# Powered benchmark: HMC against the strongest pruners, paired over seeds'
+    if settings.get('finetune_schedule', 'constant') != 'constant':
+        title += f', {settings["finetune_schedule"]} fine-tuning'
+    lines = [title, '',
              f'Command: `{report["command"]}` ({report["machine"]}, {report["threads"]} thread(s), commit '
              f'{report.get("commit")}, {report["wall_seconds"] / 60:.1f} min in this invocation; cells cached). '
              f'Seeds {settings["seeds"]}; baselines trained {settings["train_epochs"]} epochs; every method '
-             f'fine-tuned the same way (SGD lr {settings["finetune_lr"]}, no schedule, the seed\'s batch order), '
+             f'fine-tuned the same way (SGD lr {settings["finetune_lr"]}, '
+             f'{_schedule_words(settings)}, the seed\'s batch order), '
              f'measured after {", ".join(map(str, settings["epochs"]))} epoch(s); 0 = zero-shot (after the '
              f'calibration steps every method gets). Accuracy on the test split, mean ± sample std over seeds; KL = '
              f'KL(original || compressed) per test image. "HMC − it": the paired difference per seed, its mean and '
