@@ -29,13 +29,14 @@ __all__ = ['SPEEDUPS', 'DataFit', 'apply_plan']
 
 def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, speedup: str = 'nni',
                masks: dict | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-               data: DataFit | None = None) -> nn.Module:
+               data: DataFit | None = None, memory_budget: int | None = None) -> nn.Module:
     """Compress ``model`` in place by ``plan`` and return it (the same object for ``torch_pruning``).
 
     ``masks`` may be given (e.g. from ``plan_masks``) to skip recomputing them; ``calibration`` is the labelled
     batch of ``importance='taylor'``. ``data`` turns on the data-aware steps (module docstring); ``None`` is the
     data-free apply. Applying the same plan with the same data to a fresh copy of the same architecture with
-    the same weights gives the same model.
+    the same weights gives the same model. ``memory_budget`` (MiB) bounds NNI's sparsity inference
+    (``engines.pruning.nni_batch_size``) and the data-aware fit (``engines.datafit.fit_to_data``).
     """
     if speedup not in SPEEDUPS:
         raise HMCConfigError(f'Got speedup={speedup!r} but expected one of {SPEEDUPS}')
@@ -44,11 +45,12 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, dummy_input: Any, *, spe
     original = copy.deepcopy(model) if fits else None
     if masks:
         model = prune_physically(model, dummy_input, masks) if speedup == 'torch_pruning' else \
-            speedup_with_nni(model, dummy_input, masks)
+            speedup_with_nni(model, dummy_input, masks, memory_budget=memory_budget)
         release_memory()  # NNI's mask propagation leaves gigabytes of freed tensors in the heap
     if fits:
         fit_to_data(original, model, list(data.batches), ranks=plan.ranks, methods=plan.methods, masks=masks,
-                    reconstruct=data.reconstruct, data_aware=data.data_aware, sequential=data.sequential)
+                    reconstruct=data.reconstruct, data_aware=data.data_aware, sequential=data.sequential,
+                    memory_budget=memory_budget)
     elif plan.ranks:
         decompose_layers(model, plan.ranks, method=plan.methods)
     if data is not None and data.bn_batches:

@@ -33,6 +33,7 @@ from ..errors import HMCConfigError
 from .lowrank import decompose_module
 from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows
 from .pruning import preserved_modes
+from ..utils.memory import budget_bytes, mib
 
 __all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
 
@@ -40,6 +41,10 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 1e-3  # lam as a fraction of the mean input energy tr(S) / D
 TARGET_BYTES_LIMIT = 2 * 2 ** 30  # the one-pass sequential fit keeps the original's outputs (float16) up to this size
+# The one-pass fit runs all calibration images at once: besides the targets it holds a few activations of the
+# largest layer per image (a layer's input, its output and a residual), so it is taken only when
+# images * (targets + ONE_PASS_LIVE_ACTIVATIONS * largest output) fits the memory budget.
+ONE_PASS_LIVE_ACTIVATIONS = 4
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ def ridge_fit(cross: torch.Tensor, input_moment: torch.Tensor, ridge: float = DE
     dim = input_moment.shape[0]
     lam = ridge * float(torch.trace(input_moment)) / dim
     lam = lam if lam > 0 else 1e-12
-    system = input_moment + lam * torch.eye(dim, dtype=input_moment.dtype, device=input_moment.device)
+    system = input_moment.clone()
+    system.diagonal().add_(lam)  # S + lam I without a (D, D) identity: D = 4608 is 170 MB in float64
     return torch.linalg.solve(system, cross.T).T  # S symmetric: (S^-1 cross^T)^T = cross S^-1
 
 
@@ -101,15 +107,20 @@ def _kept_outputs(mask: dict[str, torch.Tensor] | None, channels: int) -> torch.
 
 
 def _execution_order(original: nn.Module, pruned: nn.Module, names: set[str], refit: set[str],
-                     example: tuple) -> tuple[list[str], int]:
-    """``names`` in the order ``pruned``'s forward pass reaches them, and the bytes per input sample of the
-    original's outputs at the ``refit`` layers (what the one-pass fit keeps)."""
+                     example: tuple) -> tuple[list[str], int, int]:
+    """``names`` in the order ``pruned``'s forward pass reaches them, the bytes per input sample of the
+    original's outputs at the ``refit`` layers (what the one-pass fit keeps), and of its largest leaf output."""
     order: list[str] = []
     sizes: list[int] = []
+    outputs: list[int] = [0]
     handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None)
                for name, module in pruned.named_modules() if name in names]
     handles += [module.register_forward_hook(lambda m, a, output: sizes.append(output.numel() * 2))
                 for name, module in original.named_modules() if name in refit]
+    handles += [module.register_forward_hook(
+        lambda m, a, output: outputs.append(output.numel() * output.element_size())
+        if isinstance(output, torch.Tensor) else None)
+        for module in original.modules() if not list(module.children())]
     try:
         with _eval_mode(pruned), _eval_mode(original):
             pruned(*example)
@@ -121,7 +132,7 @@ def _execution_order(original: nn.Module, pruned: nn.Module, names: set[str], re
     missed = [name for name, _ in pruned.named_modules() if name in names and name not in order]
     if missed:
         raise HMCConfigError(f"Layer '{missed[0]}' never ran on the calibration batches; it cannot be fitted to data")
-    return order, sum(sizes) // batch
+    return order, sum(sizes) // batch, max(outputs) // batch
 
 
 def _warn_few_samples(name: str, moments: LayerMoments) -> None:
@@ -141,7 +152,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], *,
                 ranks: dict[str, tuple[int, ...]] | None = None, methods: dict[str, str] | None = None,
                 masks: dict[str, dict[str, torch.Tensor]] | None = None, reconstruct: bool = True,
-                data_aware: bool = True, sequential: bool = True, ridge: float = DEFAULT_RIDGE) -> dict[str, Any]:
+                data_aware: bool = True, sequential: bool = True, ridge: float = DEFAULT_RIDGE,
+                memory_budget: int | None = None) -> dict[str, Any]:
     """Refit the consumers of pruned channels and replace the layers of ``ranks`` by data-aware factors, in place.
 
     Parameters
@@ -160,6 +172,9 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         Turn the refit of consumers, or the data-aware fit of the factors (data-free HOOI/SVD instead), off.
     sequential
         Fit each layer on the inputs of the model compressed so far (default), or all from one pass.
+    memory_budget
+        MiB the sequential fit may hold (None: ``utils.memory.budget_bytes``' automatic budget): all layers in
+        one forward pass over every image when that fits, else one pass per layer, batch by batch (slower).
 
     Returns
     -------
@@ -201,16 +216,21 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         fit_layer(name, None)
     if not needs_data:
         return report
-    order, bytes_per_input = _execution_order(original, pruned, needs_data, set(refit), _first_inputs(batches))
+    order, bytes_per_input, largest = _execution_order(original, pruned, needs_data, set(refit),
+                                                       _first_inputs(batches))
+    images = sum(len(batch_inputs(batch)[0]) for batch in batches)
+    one_pass_bytes = images * (bytes_per_input + ONE_PASS_LIVE_ACTIVATIONS * largest)
+    budget = budget_bytes(memory_budget, _first_inputs(batches)[0].device)
     if not sequential:
         snapshot = collect_moments(pruned, order, batches, reference=original if refit else None)
         for name in order:
             fit_layer(name, snapshot.pop(name))
-    elif bytes_per_input * sum(len(batch_inputs(batch)[0]) for batch in batches) <= TARGET_BYTES_LIMIT:
+    elif bytes_per_input * images <= TARGET_BYTES_LIMIT and one_pass_bytes <= budget:
         _fit_in_one_pass(original, pruned, order, set(refit), batches, fit_layer)
     else:
-        _logger.info('Fitting layer by layer: the original outputs of the refitted layers on %d batches exceed %d MB',
-                     len(batches), TARGET_BYTES_LIMIT // 2 ** 20)
+        _logger.info('Fitting layer by layer (one forward pass per layer): fitting all %d layers in one pass over '
+                     '%d images would take about %d MiB, above the memory budget of %d MiB', len(order), images,
+                     mib(one_pass_bytes), mib(budget))
         for name in order:
             fit_layer(name, collect_moments(pruned, [name], batches, reference=original if name in refit else None,
                                             stop_after=name)[name])

@@ -448,7 +448,7 @@ def _calibration(module: nn.Module, input_moment, target, layer_name: str, metho
         'target', target, [(out_features, features), tuple(weight.shape)], 'check the refitted weight', layer_name,
         method)
     moment = moment.to(device=weight.device, dtype=torch.float64)
-    moment = (moment + moment.T) / 2
+    moment = _symmetrised(moment)
     if (moment.diagonal() < 0).any():
         raise LayerCompressionError(f"Got input_moment for layer '{layer_name}' with negative diagonal entries but "
                                     "expected E[x x^T] (symmetric positive semi-definite)", layer_name=layer_name,
@@ -457,10 +457,15 @@ def _calibration(module: nn.Module, input_moment, target, layer_name: str, metho
     return _Calibration(matrix, moment, None if method == 'cp' else matrix @ moment)  # cp fits data-free
 
 
+def _symmetrised(matrix: torch.Tensor) -> torch.Tensor:
+    """``(matrix + matrix^T) / 2`` with one (D, D) temporary instead of two (the same bits: halving is exact)."""
+    return (matrix + matrix.T).mul_(0.5)
+
+
 def _whitened_svd_basis(data: _Calibration) -> torch.Tensor:
     """Eigenvectors ``(C_out, C_out)`` of ``B S B^T``, largest eigenvalue first (left singular vectors of B S^{1/2})."""
     gram = data.weighted @ data.target.T
-    return torch.linalg.eigh((gram + gram.T) / 2)[1].flip(1)
+    return torch.linalg.eigh(_symmetrised(gram))[1].flip(1)
 
 
 def _whitened_svd_factors(data: _Calibration, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,9 +484,11 @@ def _ridge_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     moment that is not PSD needs it)."""
     size = len(matrix)
     ridge = (_RIDGE * matrix.trace().abs() / size).clamp_min(torch.finfo(matrix.dtype).tiny)
-    identity = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(matrix + ridge * identity)
+        shifted = matrix.clone()
+        shifted.diagonal().add_(ridge)  # matrix + ridge I, without a (D, D) identity
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             return factor
         ridge = ridge * 100
@@ -507,10 +514,10 @@ def _tucker2_given_input(data: _Calibration, kernel_size: tuple[int, int], u_in:
     projected_moment = torch.einsum('csm,cb->bsm', moment_projected.reshape(in_features, area, size), u_in)
     projected_moment = projected_moment.reshape(size, size)  # P S P^T
     cross = torch.einsum('ocs,cb->obs', data.weighted.reshape(out_features, in_features, area), u_in)  # B S P^T
-    factor = _ridge_cholesky((projected_moment + projected_moment.T) / 2)  # L L^T = M
+    factor = _ridge_cholesky(_symmetrised(projected_moment))  # L L^T = M
     scaled_cross = torch.linalg.solve_triangular(factor, cross.reshape(out_features, size).T, upper=False)  # L^-1 (.)^T
     response = scaled_cross.T @ scaled_cross  # B S P^T M^{-1} P S B^T = B* M B*^T
-    values, vectors = torch.linalg.eigh((response + response.T) / 2)
+    values, vectors = torch.linalg.eigh(_symmetrised(response))
     u_out = vectors.flip(1)[:, :r_out]
     core = torch.linalg.solve_triangular(factor.T, scaled_cross @ u_out, upper=True).T  # U_out^T B*
     return core.reshape(r_out, r_in, *kernel_size), u_out, -float(values.flip(0)[:r_out].sum())
@@ -522,7 +529,7 @@ def _channel_whitening(data: _Calibration, in_features: int) -> tuple[torch.Tens
     area = data.moment.shape[0] // in_features
     blocks = data.moment.reshape(in_features, area, in_features, area)
     channel_moment = blocks.diagonal(dim1=1, dim2=3).mean(-1)
-    values, vectors = torch.linalg.eigh((channel_moment + channel_moment.T) / 2)
+    values, vectors = torch.linalg.eigh(_symmetrised(channel_moment))
     values = values.clamp_min((_RIDGE * values.max()).clamp_min(torch.finfo(values.dtype).tiny))
     return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
 

@@ -447,7 +447,7 @@ class HMCCompressor(Pruner):
         compressed = copy.deepcopy(self.bound_model)
         self.masks = plan_masks(compressed, self.plan, self.dummy_input)
         compressed = apply_plan(compressed, self.plan, self.dummy_input, speedup=self.settings.speedup,
-                                masks=self.masks, data=self.data_fit())
+                                masks=self.masks, data=self.data_fit(), memory_budget=self.settings.memory_budget)
         _check_compressed_runs(compressed, self.dummy_input)
         if max_steps is not None or max_epochs is not None:
             self.finetune(compressed, max_steps, max_epochs)

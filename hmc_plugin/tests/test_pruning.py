@@ -306,3 +306,22 @@ def test_nni_speedup_of_a_train_mode_model_keeps_bn_statistics_and_mode():
     speedup_with_nni(model, dummy_input, masks)
     assert torch.equal(model.layer2[0].bn1.running_mean, running_mean)
     assert model.training and model.layer1[0].bn1.training
+
+
+def test_nni_sparsity_inference_batch_follows_the_memory_budget_and_leaves_the_result_alone():
+    from hmc_plugin.engines.pruning import NNI_BATCH_SIZE, channel_masks, nni_batch_size, speedup_with_nni
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    dummy_input = torch.zeros(1, 3, 32, 32)
+    assert nni_batch_size(model, dummy_input) == NNI_BATCH_SIZE  # a CIFAR ResNet fits NNI's default batch
+    assert nni_batch_size(model, dummy_input, memory_budget=1) == 2  # 1 MiB: the smallest batch, never less
+    masks = channel_masks(model, dummy_input, {'conv1': 0.5, 'layer1.0.conv1': 0.5, 'layer2.1.conv1': 0.25,
+                                               'layer3.0.conv1': 0.5})
+    probe = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for budget in (None, 1):
+        pruned = speedup_with_nni(copy.deepcopy(model), dummy_input, masks, memory_budget=budget)
+        with torch.no_grad():
+            outputs.append(pruned(probe))
+        assert pruned.layer2[1].conv1.out_channels == 24
+    assert torch.equal(outputs[0], outputs[1])

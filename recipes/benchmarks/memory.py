@@ -171,6 +171,16 @@ def generated_imagefolder(root: Path, classes: int = 10, per_class: int = 32, si
     return root
 
 
+def _commit() -> str:
+    """The project's commit, with ``-dirty`` for uncommitted changes ('unknown' outside a git checkout)."""
+    import subprocess
+    try:
+        return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
 def run(args: argparse.Namespace, work: Path, save) -> dict:
     """Every stage once for one model and calibration size; ``save(entry)`` after each stage (a run stopped early
     keeps its stages, ``'complete': False``); returns the JSON entry."""
@@ -180,7 +190,8 @@ def run(args: argparse.Namespace, work: Path, save) -> dict:
     results: dict = {'model': args.model, 'data': args.data, 'calibration_size': args.calibration_size,
                      'batch_size': args.batch_size, 'finetune_epochs': args.finetune_epochs, 'torch': torch.__version__,
                      'memory_budget': args.memory_budget, 'threads': args.threads,
-                     'allocator': 'default' if args.default_allocator else 'steady'}
+                     'allocator': 'default' if args.default_allocator else 'steady', 'code': _commit(),
+                     'started': time.strftime('%Y-%m-%dT%H:%M:%S')}
     stages: dict = {}
     results.update(stages=stages, phases=PHASES, complete=False)
     with peak_rss('setup', stages):
@@ -278,7 +289,8 @@ def main() -> None:
             trace_phases()
         key = f'{args.model}@{args.calibration_size}@{args.memory_budget or "auto"}'
 
-        def save(entry: dict) -> None:
+        def save(entry: dict) -> None:  # re-read: runs of other models and sizes may write the same file meanwhile
+            entries.update(json.loads(path.read_text()) if path.exists() else {})
             entries[key] = entry
             write_json_atomic(path, entries)
             (out / 'memory.md').write_text(markdown(entries))
