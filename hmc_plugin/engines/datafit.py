@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import HMCConfigError
+from ..utils.memory import budget_bytes, mib
 from .lowrank import decompose_module
 from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows
 from .pruning import preserved_modes
-from ..utils.memory import budget_bytes, mib
 
 __all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
 
