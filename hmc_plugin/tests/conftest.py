@@ -18,6 +18,20 @@ def model() -> nn.Module:
     return net.eval()
 
 
+@pytest.fixture(scope='module')
+def model_and_inputs() -> tuple[nn.Module, torch.Tensor]:
+    """CIFAR ResNet-20 in eval mode with random BN statistics and scales (activations and outputs not degenerate),
+    and 16 random 16x16 inputs: what the Fisher pass and its chunking are checked on."""
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model, torch.randn(16, 3, 16, 16)
+
+
 @pytest.fixture(scope='session')
 def trained_resnet56():
     """ResNet-56 trained 3 epochs on 16x16 digits (test accuracy checked > 0.5), 512 calibration images of the

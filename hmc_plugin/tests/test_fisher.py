@@ -3,26 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from hmc_plugin.app.models import resnet20
 from hmc_plugin.engines.lowrank import low_rank_weight, low_rank_weights
 from hmc_plugin.engines.pruning import find_pruning_groups, group_channel_masks, group_channel_selections
 from hmc_plugin.errors import HMCError
 from hmc_plugin.sensitivity.fisher import chain_ends, fisher_drops
 from hmc_plugin.sensitivity.scan import scan_sensitivity
 from hmc_plugin.utils.fingerprint import model_fingerprint
-
-
-@pytest.fixture(scope='module')
-def model_and_inputs():
-    torch.manual_seed(0)
-    model = resnet20(num_classes=10).eval()
-    # Non-trivial BN statistics so activations and outputs are not degenerate.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-    return model, torch.randn(16, 3, 16, 16)
 
 
 def test_chain_ends_are_the_batchnorms_after_the_convs(model_and_inputs):

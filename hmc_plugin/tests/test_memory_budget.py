@@ -22,18 +22,6 @@ from hmc_plugin.utils.memory import activation_bytes, budget_bytes
 RELATIVE = 1e-6
 
 
-@pytest.fixture(scope='module')
-def model_and_inputs():
-    torch.manual_seed(0)
-    model = resnet20(num_classes=10).eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-    return model, torch.randn(16, 3, 16, 16)
-
-
 def _assert_close(chunked: dict, whole: dict) -> None:
     assert chunked.keys() == whole.keys()
     for name, drops in whole.items():
