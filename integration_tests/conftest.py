@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ logging.getLogger('nni').setLevel(logging.WARNING)
 SLOW_MODULES = {'test_benchmarks', 'test_cli_recipes', 'test_compressor', 'test_latency_budget', 'test_margin_rule',
                 'test_nni_experiment', 'test_pruning_speedup', 'test_reliability', 'test_reliability_layers',
                 'test_sensitivity_plan', 'test_settings_flow', 'test_torchvision_family', 'test_baseline_training',
-                'test_warmup_benchmark', 'test_data_aware', 'test_nni_user_flow', 'test_distributed'}
+                'test_warmup_benchmark', 'test_data_aware', 'test_nni_user_flow', 'test_distributed',
+                'test_nni_remote'}
 
 
 def pytest_collection_modifyitems(items):
@@ -61,3 +63,33 @@ def trained_resnet20(trained_resnet20_state):
 @pytest.fixture
 def dummy_input():
     return torch.zeros(1, 3, 32, 32)
+
+
+@pytest.fixture(scope='session')
+def chromium_driver_paths():
+    """(chromium, chromedriver), installed from Debian's packages when missing."""
+    from nni_harness import install_debian_packages
+
+    install_debian_packages(['chromium', 'chromium-driver'], ['chromium', 'chromedriver'])
+    chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
+    assert chromium and driver, 'apt-get installed chromium and chromium-driver but they are not on PATH'
+    return chromium, driver
+
+
+@pytest.fixture
+def browser(chromium_driver_paths, tmp_path):
+    """Headless Chromium through Selenium, with the paths given (nothing is downloaded)."""
+    from nni_harness import CHROMIUM_FLAGS
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = chromium_driver_paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "chromium-profile"}'):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -8,25 +8,21 @@ shared cache are the test's own.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
 from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.experiment.results import TrialOutcome, format_front, pareto_front
 from hmc_plugin.experiment.trial import FINAL_KEYS, TrialOptions, trial_settings
+from nni_harness import RunningExperiment
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / 'recipes' / 'nni_experiment'
-VENV_BIN = Path(sys.executable).parent
 # Tiny trials: 1-epoch baseline on 256 images, small calibration batch, 3 latency repeats.
 # a 4-step baseline is at chance: these tests run NNI's plumbing, so they go on past the chance-level check
 TRIAL_ARGS = ('--train-epochs 1 --train-images 256 --test-images 180 --calibration-size 16 --latency-repeats 3 '
@@ -42,15 +38,6 @@ SEARCH_SPACE = {
 }
 TRIALS = 3
 DONE_WITHIN_S = 240
-CHROMIUM_FLAGS = ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-                  '--window-size=1920,1080')
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def test_pareto_front_keeps_the_undominated_trials_cheapest_first():
@@ -79,78 +66,19 @@ def test_trial_settings_map_the_search_space_onto_run_settings():
         trial_settings({'finetune_epochs': 1.5}, options)
 
 
-class RunningExperiment:
-    """Handles of the experiment under test: its ID, port, folders and environment."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.home = root / 'home'
-        self.working_dir = root / 'experiments'
-        self.port = _free_loopback_port()
-        self.env = {**os.environ, 'HOME': str(self.home), 'OMP_NUM_THREADS': '1',
-                    'MPLCONFIGDIR': str(root / 'matplotlib')}
-        self.id: str | None = None
-        self.seconds = 0.0  # from launch to DONE
-        self.stopped = False
-
-    def rest(self, api: str):
-        response = requests.get(f'http://127.0.0.1:{self.port}/api/v1/nni/{api}', timeout=20)
-        response.raise_for_status()
-        return response.json()
-
-    def processes(self) -> list[psutil.Process]:
-        """The NNI manager of this experiment and everything it started (tuner, trials), found in /proc."""
-        found = []
-        for process in psutil.process_iter(['pid', 'cmdline', 'status']):
-            try:
-                cmdline = ' '.join(process.info['cmdline'] or [])
-                environ = process.environ() if process.info['status'] != psutil.STATUS_ZOMBIE else {}
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            if (f'--experiment-id {self.id}' in cmdline or str(self.working_dir) in cmdline
-                    or environ.get('NNI_EXP_ID') == self.id):
-                found.append(process)
-        return found
-
-    def stop(self) -> subprocess.CompletedProcess:
-        self.stopped = True
-        return subprocess.run([str(VENV_BIN / 'nnictl'), 'stop', self.id], env=self.env, capture_output=True,
-                              text=True, timeout=90)
-
-    def trial_logs(self) -> str:
-        logs = []
-        for path in sorted(self.working_dir.glob(f'{self.id}/environments/*/trials/*/trial.log')):
-            logs.append(f'--- {path}\n' + path.read_text()[-3000:])
-        return '\n'.join(logs)
-
-
 @pytest.fixture(scope='module')
 def experiment(tmp_path_factory):
     """Start the experiment with recipes/nni_experiment/launch.py --detach and wait for it through REST."""
     run = RunningExperiment(tmp_path_factory.mktemp('nni_experiment'))
     search_space = run.root / 'search_space.json'
     search_space.write_text(json.dumps(SEARCH_SPACE))
-    started = time.monotonic()
-    launched = subprocess.run(
-        [sys.executable, str(RECIPE / 'launch.py'), '--port', str(run.port), '--max-trials', str(TRIALS),
-         '--concurrency', '1', '--tuner', 'GridSearch', '--search-space', str(search_space),
-         '--experiment-dir', str(run.working_dir), '--trial-args', TRIAL_ARGS, '--detach'],
-        env=run.env, capture_output=True, text=True, timeout=120)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    run.id = run.rest('experiment')['id']
-    assert run.id in launched.stdout
     try:
-        status = None
-        while time.monotonic() - started < DONE_WITHIN_S:
-            status = run.rest('check-status')['status']
-            if status in ('DONE', 'ERROR', 'STOPPED'):  # NO_MORE_TRIAL: the last trial still runs
-                break
-            time.sleep(2)
-        run.seconds = time.monotonic() - started
-        assert status == 'DONE', f'experiment status {status} after {run.seconds:.0f} s\n{run.trial_logs()}'
+        run.launch([str(RECIPE / 'launch.py'), '--max-trials', str(TRIALS), '--concurrency', '1', '--tuner',
+                    'GridSearch', '--search-space', str(search_space), '--trial-args', TRIAL_ARGS],
+                   trials_root=run.working_dir, done_within_s=DONE_WITHIN_S)
         yield run
     finally:
-        if not run.stopped:
+        if run.id and not run.stopped:
             run.stop()
 
 
@@ -212,45 +140,6 @@ def test_pareto_command_prints_the_front_and_writes_a_png(experiment):
     best = max(finals, key=lambda trial: finals[trial]['default'])
     assert f'Best default: trial {best}' in result.stdout
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 10_000
-
-
-@pytest.fixture(scope='session')
-def chromium_driver_paths():
-    """(chromium, chromedriver), installed from Debian's packages when missing."""
-    chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
-    if chromium and driver:
-        return chromium, driver
-    apt = shutil.which('apt-get')
-    if apt is None:
-        pytest.skip('chromium/chromium-driver are missing and apt-get is not available to install them')
-    prefix = [] if os.geteuid() == 0 else (['sudo', '-n'] if shutil.which('sudo') else None)
-    if prefix is None:
-        pytest.skip('chromium/chromium-driver are missing and apt-get needs root (no sudo available)')
-    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
-    install = [*prefix, apt, 'install', '-y', 'chromium', 'chromium-driver']
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run([*prefix, apt, 'update'], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-    chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
-    assert chromium and driver, 'apt-get installed chromium and chromium-driver but they are not on PATH'
-    return chromium, driver
-
-
-@pytest.fixture
-def browser(chromium_driver_paths, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = chromium_driver_paths
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "chromium-profile"}'):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)  # given paths: nothing is downloaded
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _web_ui_number(value: float) -> str:

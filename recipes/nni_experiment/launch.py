@@ -3,9 +3,12 @@
 Loads ``config.yml`` (the same file ``nnictl create --config`` takes), runs the trials with this
 interpreter, and by default waits for the experiment to finish, prints the Pareto front and keeps the
 web UI open until Ctrl-C (which stops the experiment). ``--detach`` starts it and returns at once: stop it
-later with ``nnictl stop ID``.
+later with ``nnictl stop ID``. ``--remote USER@HOST[:PORT]`` (repeatable) runs the trials on those machines
+over SSH instead (NNI's ``remote`` training service), with a ``--cache-dir`` they all reach.
 
     .venv/bin/python recipes/nni_experiment/launch.py --port 8080 --max-trials 20
+    .venv/bin/python recipes/nni_experiment/launch.py --remote me@10.0.0.2 --remote me@10.0.0.3 \
+        --ssh-key ~/.ssh/id_ed25519 --nni-manager-ip 10.0.0.1 --cache-dir /shared/hmc_cache --concurrency 2
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from nni.experiment import Experiment, ExperimentConfig, RunMode
+from nni.experiment import Experiment, ExperimentConfig, RemoteConfig, RemoteMachineConfig, RunMode
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,19 +34,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tuner', help="NNI tuner name, e.g. TPE, Random, GridSearch (default: the config's)")
     parser.add_argument('--experiment-dir', help="NNI's experiment working directory (default: the config's, "
                                                  '~/nni-experiments); the shared cache goes in its hmc_cache/')
+    parser.add_argument('--cache-dir', help='baselines and scans shared by the trials (default: hmc_cache/ in the '
+                                            'experiment directory); with --remote, a folder every machine reaches')
     parser.add_argument('--trial-args', default='', help="extra trial.py options, e.g. '--train-epochs 5 --threads 2'")
+    remote = parser.add_argument_group('remote machines (NNI\'s remote training service over SSH)')
+    remote.add_argument('--remote', action='append', metavar='USER@HOST[:PORT]', type=remote_machine,
+                        help='run the trials on this machine over SSH (repeat for more machines)')
+    remote.add_argument('--ssh-key', default='~/.ssh/id_rsa', help='private key for every --remote machine '
+                                                                   '(default ~/.ssh/id_rsa)')
+    remote.add_argument('--remote-python', default=str(Path(sys.executable).parent),
+                        help="folder of the python with hmc_plugin installed on the machines (default: this "
+                             "interpreter's folder, i.e. the same path there)")
+    remote.add_argument('--nni-manager-ip', help="address at which the machines reach this one (default: NNI's guess)")
     parser.add_argument('--detach', action='store_true', help='start the experiment and return (stop it with nnictl stop ID)')
     parser.add_argument('--exit-when-done', action='store_true', help='stop the experiment once it is done')
     return parser
 
 
+def remote_machine(spec: str) -> dict:
+    """``'USER@HOST[:PORT]'`` -> ``{'user', 'host', 'port'}`` (port 22 by default)."""
+    user, at, address = spec.rpartition('@')
+    host, colon, port = address.partition(':')
+    if not (at and user and host) or (colon and not port.isdigit()):
+        raise argparse.ArgumentTypeError(f'expected USER@HOST or USER@HOST:PORT, got {spec!r}')
+    return {'user': user, 'host': host, 'port': int(port) if colon else 22}
+
+
 def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
-    """``config.yml`` with the overrides from the command line and this interpreter as the trials' Python."""
+    """``config.yml`` with the overrides from the command line; the trials run this interpreter locally, or the
+    ``--remote-python`` one on each ``--remote`` machine."""
     config = ExperimentConfig.load(args.config)
     if args.experiment_dir:
         config.experiment_working_directory = str(Path(args.experiment_dir).expanduser().resolve())
-    cache_dir = Path(config.experiment_working_directory).expanduser() / 'hmc_cache'
-    config.trial_command = ' '.join([shlex.quote(sys.executable), 'trial.py', '--cache-dir', shlex.quote(str(cache_dir)),
+    cache_dir = args.cache_dir or Path(config.experiment_working_directory).expanduser() / 'hmc_cache'
+    python = shlex.quote(sys.executable)
+    if args.remote:  # NNI puts --remote-python first on each machine's PATH
+        config.training_service = RemoteConfig(machine_list=[
+            RemoteMachineConfig(**machine, ssh_key_file=str(Path(args.ssh_key).expanduser()),
+                                python_path=args.remote_python) for machine in args.remote])
+        if args.nni_manager_ip:
+            config.nni_manager_ip = args.nni_manager_ip
+        python = 'python'
+    config.trial_command = ' '.join([python, 'trial.py', '--cache-dir', shlex.quote(str(cache_dir)),
                                      args.trial_args]).strip()
     if args.search_space:
         config.search_space = json.loads(Path(args.search_space).read_text())
