@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import HMCConfigError
-from .utils.device import valid_device_spec
+from .utils.device import DEVICE_CHOICES, valid_device_spec
 from .utils.onnx_runtime import LATENCY_BACKENDS
 
 __all__ = ['MODES', 'IMPORTANCES', 'COMPRESSOR_IMPORTANCES', 'SENSITIVITIES', 'RANK_METHODS', 'SPEEDUPS',
@@ -154,10 +154,12 @@ class HMCSettings:
                                    optional=False)
     distill_temperature: float = setting(4.0, lambda v: _number(v) and v > 0, 'a number > 0',
                                          'temperature of the distillation loss', optional=False)
-    device: str = setting('auto', valid_device_spec, "'auto', 'cpu', 'cuda' or 'cuda:N'",
-                          "where the scan, the fits, BatchNorm recalibration, fine-tuning and evaluation run "
-                          "('auto': the first CUDA GPU if torch sees one, else the CPU); the model you pass is not "
-                          'moved and the compressed model comes back on its device', optional=False)
+    device: str = setting('model', valid_device_spec, DEVICE_CHOICES,
+                          "where the scan, the fits, BatchNorm recalibration, fine-tuning and evaluation run: "
+                          "'model' (HMCCompressor's default) where the model you pass is, so your evaluator's "
+                          "functions get the model where they expect it; 'auto' (the hmc command's default) the first "
+                          "CUDA GPU if torch sees one, else the CPU. The model you pass is not moved and the "
+                          'compressed model comes back on its device', optional=False)
     mixed_precision: bool = setting(False, _flag, 'True or False',
                                     'fine-tune under torch.autocast in bfloat16 (CPU and CUDA; no loss scaling '
                                     'needed); weights stay in their dtype', optional=False)

@@ -44,7 +44,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--calibration-size', type=int, help='images in the proxy calibration batch (default 64)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     meaning = {key: meaning for key, _, _, meaning in HMCSettings.table()}
-    parser.add_argument('--device', help=f"'auto' (default), 'cpu', 'cuda' or 'cuda:N': {meaning['device']}")
+    parser.add_argument('--device', help=f"'auto' (default here), 'model', 'cpu', 'cuda' or 'cuda:N': {meaning['device']}")
     parser.add_argument('--mixed-precision', action=argparse.BooleanOptionalAction, default=None,
                         help=f"{meaning['mixed_precision']} (default off)")
     _add_data(parser)

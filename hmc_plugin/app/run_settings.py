@@ -11,6 +11,8 @@ from ..settings import BUDGET_KEYS, FINETUNE_SCHEDULES, HMCSettings, unknown_key
 __all__ = ['DEFAULT_BUDGET', 'RunSettings', 'RUN_KEY_HELP']
 
 DEFAULT_BUDGET = {'target_flops': 0.5}  # a run that names no budget keeps half the FLOPs
+# A run builds its model on the CPU and moves it itself, so its HMC settings start from a GPU when there is one.
+RUN_HMC_DEFAULTS = {'device': 'auto'}
 
 # run key -> what it means (the config-key table and the CLI's help come from here)
 RUN_KEY_HELP = {
@@ -81,7 +83,7 @@ class RunSettings:
                 value = values.get(spec.name, default)
                 setattr(self, spec.name, tuple(value) if isinstance(value, list) else value)
         hmc_values = {key: value for key, value in values.items() if key in HMCSettings.keys()}
-        merged = (hmc or HMCSettings()).as_dict()
+        merged = (hmc or HMCSettings(**RUN_HMC_DEFAULTS)).as_dict()
         if any(hmc_values.get(key) is not None for key in BUDGET_KEYS):
             merged.update(dict.fromkeys(BUDGET_KEYS))
         merged.update(hmc_values)

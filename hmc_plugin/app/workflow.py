@@ -63,7 +63,7 @@ def train_or_load_baseline(model: nn.Module, splits: DataSplits, settings: RunSe
     so an interrupted training resumes). Then ``check_baseline``. The model is moved to the run's ``device``
     first: the run's models live there (this is the run's own model, never a user's). Under ``torchrun`` rank 0
     does this and the other ranks receive its weights."""
-    model.to(resolve_device(settings.device))
+    model.to(resolve_device(settings.device, model=model))
     if distributed.active():
         if distributed.is_main():
             _baseline(model, splits, settings, out_dir, progress)

@@ -200,7 +200,7 @@ class HMCCompressor(Pruner):
             raise HMCConfigError(f"sensitivity={self.settings.sensitivity!r} needs calibration data: pass "
                                  'calibration_inputs (a small batch of real inputs), a calibration_loader, or an '
                                  'evaluator whose training steps HMC can read them from')
-        self.device, self._home = resolve_device(self.settings.device), model_device(model)
+        self.device, self._home = resolve_device(self.settings.device, model=model), model_device(model)
         _check_finite(model)
         _check_runs(model, dummy_input, 'dummy_input')
         self.dummy_input = dummy_input

@@ -1,5 +1,6 @@
-"""The device setting on a machine without a GPU: 'cpu', 'auto' (the CPU there), a refused 'cuda', the user's model
-never moved, and bfloat16 mixed-precision fine-tuning."""
+"""The device setting on a machine without a GPU: 'model' (HMCCompressor's default: where the model is), 'cpu', 'auto'
+(the CPU there; the hmc command's default), a refused 'cuda', the user's model never moved, and bfloat16
+mixed-precision fine-tuning."""
 import copy
 
 import nni
@@ -10,6 +11,7 @@ from torch import nn
 
 from hmc_plugin import HMCCompressor
 from hmc_plugin.app.cli import main
+from hmc_plugin.app.run_settings import RunSettings
 from hmc_plugin.app.training import train, training_step
 from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.nni_api import compressor as compressor_module
@@ -46,7 +48,17 @@ def _evaluator(model, images, labels):
 def test_cpu_and_auto_resolve_to_the_cpu_without_a_gpu(no_gpu):
     assert resolve_device('cpu') == torch.device('cpu')
     assert resolve_device('auto') == torch.device('cpu')
-    assert HMCSettings().device == 'auto'
+    assert RunSettings().device == 'auto' and RunSettings(target_flops=0.3).device == 'auto'
+
+
+def test_the_compressor_default_stays_on_the_models_device_even_beside_a_gpu(monkeypatch):
+    """With a GPU visible, 'auto' would hand the user's evaluator a CUDA copy of a CPU model; 'model' does not."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert HMCSettings().device == 'model'
+    assert resolve_device('model', model=Chain()) == torch.device('cpu')
+    assert resolve_device('model', model=Chain().to(torch.float64)) == torch.device('cpu')
+    assert resolve_device('auto') == torch.device('cuda', 0)
 
 
 @pytest.mark.parametrize('spec', ['cuda', 'cuda:1'])
@@ -60,7 +72,7 @@ def test_a_missing_gpu_index_and_a_bad_spec_are_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     with pytest.raises(HMCConfigError, match=r"device='cuda:2' but only 1 CUDA GPU"):
         resolve_device('cuda:2')
-    with pytest.raises(HMCConfigError, match=r"device='gpu' but expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+    with pytest.raises(HMCConfigError, match=r"device='gpu' but expected 'model', 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         HMCSettings(device='gpu')
 
 
@@ -80,7 +92,7 @@ def test_compressor_refuses_cuda_before_touching_the_model(no_gpu):
     assert model_fingerprint(model) == before and not any('_nni_wrapper' in name for name, _ in model.named_modules())
 
 
-@pytest.mark.parametrize('device', ['cpu', 'auto'])
+@pytest.mark.parametrize('device', ['cpu', 'auto', 'model'])
 def test_cpu_and_auto_compress_and_fine_tune_in_place(no_gpu, device):
     torch.manual_seed(0)
     model = Chain().eval()
@@ -94,7 +106,7 @@ def test_cpu_and_auto_compress_and_fine_tune_in_place(no_gpu, device):
 
 def test_another_device_works_on_a_copy_and_returns_to_the_users_device(no_gpu, monkeypatch):
     """'cpu:0' is a device other than 'cpu' to torch, so the copy-and-return path runs on a CPU-only machine."""
-    monkeypatch.setattr(compressor_module, 'resolve_device', lambda spec: torch.device('cpu', 0))
+    monkeypatch.setattr(compressor_module, 'resolve_device', lambda spec, **_: torch.device('cpu', 0))
     torch.manual_seed(0)
     model = Chain().eval()
     images, labels = _data()

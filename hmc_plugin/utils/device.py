@@ -1,5 +1,6 @@
 """Devices: the ``device`` setting resolved to a ``torch.device``, a model's device, tensors moved there, and the
-accelerator's name for cache keys. ``'auto'`` is the first CUDA GPU when one is visible, else the CPU."""
+accelerator's name for cache keys. ``'model'`` is where the model already is (nothing moves); ``'auto'`` is the first
+CUDA GPU when one is visible, else the CPU."""
 from __future__ import annotations
 
 import re
@@ -10,25 +11,30 @@ from torch import nn
 
 from ..errors import HMCConfigError
 
-__all__ = ['DEVICE_PATTERN', 'valid_device_spec', 'resolve_device', 'model_device', 'to_device', 'synchronize',
+__all__ = ['DEVICE_PATTERN', 'DEVICE_CHOICES', 'valid_device_spec', 'resolve_device', 'model_device', 'to_device', 'synchronize',
            'accelerator_label']
 
-DEVICE_PATTERN = re.compile(r'auto|cpu|cuda(:\d+)?')
+DEVICE_PATTERN = re.compile(r'model|auto|cpu|cuda(:\d+)?')
+DEVICE_CHOICES = "'model', 'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
 def valid_device_spec(value: Any) -> bool:
-    """``'auto'``, ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` (the settings check; availability is ``resolve_device``'s)."""
+    """``'model'``, ``'auto'``, ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` (the settings check; availability is
+    ``resolve_device``'s)."""
     return isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) is not None
 
 
-def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+def resolve_device(spec: str, local_rank: int | None = None, model: nn.Module | None = None) -> torch.device:
     """The ``torch.device`` of a ``device`` setting, or ``HMCConfigError`` naming the key when it is not there.
 
-    ``'auto'``: ``cuda`` (``cuda:local_rank`` under ``torchrun``) when ``torch.cuda.is_available()``, else ``cpu``.
-    ``'cuda'`` is ``cuda:local_rank`` too when ``local_rank`` is given.
+    ``'model'``: ``model``'s own device (the CPU without a model). ``'auto'``: ``cuda`` (``cuda:local_rank`` under
+    ``torchrun``) when ``torch.cuda.is_available()``, else ``cpu``. ``'cuda'`` is ``cuda:local_rank`` too when
+    ``local_rank`` is given.
     """
     if not valid_device_spec(spec):
-        raise HMCConfigError(f"Got device={spec!r} but expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise HMCConfigError(f'Got device={spec!r} but expected {DEVICE_CHOICES}')
+    if spec == 'model':
+        return model_device(model) if model is not None else torch.device('cpu')
     if spec == 'cpu' or (spec == 'auto' and not torch.cuda.is_available()):
         return torch.device('cpu')
     if not torch.cuda.is_available():
