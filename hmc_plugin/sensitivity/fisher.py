@@ -66,6 +66,9 @@ _logger = logging.getLogger(__name__)
 # Measured: torchvision ResNet-50 at 224x224 (122 MiB of activations per image), 3 replicas per pass, raised
 # the RSS by 1.87 GB over the RSS before the pass, about 5 per replica (recipes/benchmarks/memory.py).
 PASS_BYTES_PER_ACTIVATION_BYTE = 5.0
+# Bytes of the per-sample weight gradients built at once (``_weight_grad_scores``, float32): one sample of
+# ResNet-50's widest conv (2.4 M weights, 4 projections) takes 38 MiB.
+WEIGHT_GRAD_BLOCK_BYTES = 128 * 2 ** 20
 
 
 Masks = dict[str, dict[str, Tensor]]
@@ -198,13 +201,62 @@ def _layer_changes(weight_changes: dict[str, list[Tensor]],
 
 
 def _unit_scores(module: nn.Module, layer_input: Tensor, grad: Tensor, changes: list[Tensor | None]) -> Tensor:
-    """``g . delta`` per level, projection and sample ``(levels, K, N)`` for weight changes of ``module``."""
+    """``g . delta`` per level, projection and sample ``(levels, K, N)`` for weight changes of ``module``: one
+    output change per level (``_delta_output``). The general path; ``_weight_grad_scores`` replaces it where it can."""
     changes = [torch.zeros_like(module.weight) if change is None else change for change in changes]
     deltas = torch.stack([_delta_output(module, layer_input, change) for change in changes])  # (levels, N, ...)
     scores = torch.einsum('kn...,ln...->lkn', grad.double(), deltas.double())                 # (levels, K, N)
     # A copy, not einsum's view: the pass keeps every layer's scores until it ends, and keeping the views took
     # about 1 GB more peak RSS on a ResNet-50 at 224x224 (2 images, 4 levels, 2 units per conv) than copies.
     return scores.clone()
+
+
+def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
+                        unit_changes: dict[Unit, list[Tensor | None]]) -> dict[Unit, Tensor] | None:
+    """``{unit: (levels, K, N)}`` scores ``g . layer(x; dW)`` of every unit changing ``module``, from its per-sample
+    weight gradients; None where only ``_unit_scores`` applies (grouped convs, padding modes other than zeros,
+    ``padding='same'``).
+
+    The output change is linear in the weight change, so ``g . layer(x; dW) = dW . G`` with ``G = d(g . layer(x))
+    / dW`` (in the layer's dtype, float32 for half types): one gradient per sample and projection prices every unit and
+    level of the layer, where ``_unit_scores`` runs one convolution per unit and level (and again for every block
+    of projections). ``G (K, n, O, D)`` is built a few samples at a time, the unfolded input patches ``(n, D, R)``
+    times the output gradients ``(K, n, O, R)`` summed over the ``R`` output positions, within
+    ``WEIGHT_GRAD_BLOCK_BYTES``.
+    """
+    weight = module.weight
+    projections, samples, outputs = grad.shape[0], grad.shape[1], weight.shape[0]
+    work = torch.float32 if layer_input.dtype in (torch.float16, torch.bfloat16) else layer_input.dtype
+    if isinstance(module, nn.Linear):  # rows R: every position of the leading dims
+        grads = grad.reshape(projections, samples, -1, outputs).transpose(2, 3)            # (K, N, O, R)
+        patches = layer_input.reshape(samples, -1, weight.shape[1]).transpose(1, 2)         # (N, D, R)
+    elif (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == 'zeros'
+          and not isinstance(module.padding, str)):
+        grads = grad.reshape(projections, samples, outputs, -1)                              # (K, N, O, R)
+        patches = None
+    else:
+        return None
+    per_sample = WEIGHT_GRAD_BLOCK_BYTES // (4 * projections * weight.numel() + 4 * grads[:, :1].numel())
+    if per_sample < 1:  # a weight too large for one sample's gradients (a huge Linear): one output change per level
+        return None
+    scores = {unit: torch.empty(len(changes), projections, samples, dtype=torch.float64, device=grad.device)
+              for unit, changes in unit_changes.items()}
+    for start in range(0, samples, per_sample):
+        stop = min(start + per_sample, samples)
+        if patches is None:  # (n, D, R), D in the order of the flattened weight (O, D)
+            block = F.unfold(layer_input[start:stop].to(work), module.kernel_size, module.dilation, module.padding,
+                             module.stride)
+        else:
+            block = patches[start:stop].to(work)
+        weight_grads = torch.matmul(grads[:, start:stop].to(work), block.transpose(1, 2).unsqueeze(0))  # (K, n, O, D)
+        weight_grads = weight_grads.flatten(2)                                               # (K, n, P)
+        del block
+        for unit, changes in unit_changes.items():
+            for level, change in enumerate(changes):
+                scores[unit][level, :, start:stop] = (0.0 if change is None else
+                                                      weight_grads @ change.detach().reshape(-1).to(work))
+        del weight_grads
+    return scores
 
 
 def _channel_scores(grad: Tensor, activation: Tensor, channel_sets: list[tuple[str, list[Tensor]]]
@@ -239,8 +291,11 @@ def _hooks(modules: dict[str, nn.Module], channel_sets: ChannelSets, layer_chang
                     for group, scores in _channel_scores(grad, activation, channel_sets[name]).items():
                         accumulator.channel_scores.setdefault((('prune', group), name), []).append(scores.cpu())
                 if layer_input is not None:
-                    for unit, changes in layer_changes[name].items():
-                        scores = _unit_scores(module, layer_input, grad, changes)
+                    by_unit = _weight_grad_scores(module, layer_input, grad, layer_changes[name])
+                    if by_unit is None:
+                        by_unit = {unit: _unit_scores(module, layer_input, grad, changes)
+                                   for unit, changes in layer_changes[name].items()}
+                    for unit, scores in by_unit.items():
                         accumulator.layer_scores.setdefault((unit, name), []).append(scores.cpu())
 
             output.register_hook(on_grad)

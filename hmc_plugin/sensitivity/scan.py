@@ -693,7 +693,7 @@ def _consumer_changes(selection: GroupSelection, modules: dict[str, nn.Module],
     for name, keep in selection.consumer_keep.items():
         weight = modules[name].weight.detach()
         if name in refitted:
-            changes[name] = refitted[name] - weight
+            changes[name] = (refitted[name] - weight).contiguous()  # the Fisher pass reads it flattened
         elif not bool(keep.all()):  # a consumer that is not refitted only loses its pruned inputs
             shape = [1] * weight.dim()
             shape[1] = -1
@@ -715,7 +715,8 @@ def _decompose_changes(layers: Sequence[str], levels: list[float], modules: dict
             moments.release([name])  # its weights are computed: the moment goes
         else:
             weights = low_rank_weights(module, specs, method=method, layer_name=name)
-        weight_changes[name] = [weight - module.weight.detach() for weight in weights]
+        # contiguous: the Fisher pass reads each change flattened, once per pass
+        weight_changes[name] = [(weight - module.weight.detach()).contiguous() for weight in weights]
         bar.update(len(levels))
     return weight_changes
 

@@ -133,3 +133,42 @@ def test_a_group_cannot_be_priced_by_masks_and_weight_changes_at_once(model_and_
     with pytest.raises(HMCError, match='layer1.0.conv1'):
         fisher_drops(model, inputs, prune_masks={'layer1.0.conv1': [selection.masks]},
                      prune_weight_changes={'layer1.0.conv1': [_zeroed_inputs(model, selection)]}, progress=False)
+
+
+@pytest.mark.parametrize('layer, shape', [
+    (nn.Conv2d(6, 8, 3, stride=2, padding=1), (3, 6, 9, 9)),
+    (nn.Conv2d(6, 8, (3, 1), padding=(2, 0), dilation=2), (3, 6, 7, 5)),
+    (nn.Conv2d(6, 8, 1, bias=False), (3, 6, 4, 4)),
+    (nn.Linear(6, 8), (3, 6)),
+    (nn.Linear(6, 8), (3, 5, 6)),
+])
+def test_weight_gradient_scores_equal_one_output_change_per_level(layer, shape):
+    """g . layer(x; dW) priced by the per-sample weight gradients equals the output change path, level by level."""
+    from hmc_plugin.sensitivity.fisher import _unit_scores, _weight_grad_scores
+
+    torch.manual_seed(0)
+    layer = layer.double()
+    inputs = torch.randn(*shape, dtype=torch.float64)
+    outputs = layer(inputs)
+    grad = torch.randn((4,) + outputs.shape, dtype=torch.float64)  # (K, N, ...): 4 projections
+    changes = {('decompose', 'a'): [torch.randn_like(layer.weight) for _ in range(3)],
+               ('prune', 'b'): [None, torch.randn_like(layer.weight)]}
+    fast = _weight_grad_scores(layer, inputs, grad, changes)
+    for unit, levels in changes.items():
+        torch.testing.assert_close(fast[unit], _unit_scores(layer, inputs, grad, levels), rtol=1e-10, atol=1e-10)
+    # float32 layers: the gradients in float32, the dot products in float64
+    layer32, inputs32, grad32 = layer.float(), inputs.float(), grad.float()
+    changes32 = {unit: [None if c is None else c.float() for c in levels] for unit, levels in changes.items()}
+    fast32 = _weight_grad_scores(layer32, inputs32, grad32, changes32)
+    for unit, levels in changes32.items():
+        torch.testing.assert_close(fast32[unit], _unit_scores(layer32, inputs32, grad32, levels), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_gradient_scores_leave_grouped_convs_to_the_output_change_path():
+    from hmc_plugin.sensitivity.fisher import _weight_grad_scores
+
+    grouped, circular = nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode='circular')
+    for layer in (grouped, circular):
+        inputs = torch.randn(2, 4, 6, 6)
+        grad = torch.randn((4,) + layer(inputs).shape)
+        assert _weight_grad_scores(layer, inputs, grad, {('decompose', 'x'): [torch.zeros_like(layer.weight)]}) is None
