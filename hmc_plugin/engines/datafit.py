@@ -201,6 +201,7 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
     def fit_layer(name: str, moments: LayerMoments | None) -> nn.Module | None:
         """Refit and/or decompose one layer of ``pruned``; return its replacement (None: changed in place)."""
         module = pruned.get_submodule(name)
+        trim_heap()  # the pass's freed activations and unfolded patches, before the fit's (D, D) copies
         if moments is not None:
             report['samples'][name] = moments.samples
             _warn_few_samples(name, moments)
