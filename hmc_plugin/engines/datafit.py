@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import HMCConfigError
-from ..utils.memory import budget_bytes, mib
-from .lowrank import decompose_module
+from ..utils.memory import budget_bytes, mib, trim_heap
+from .lowrank import decompose_module, symmetrise_
 from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows
 from .pruning import preserved_modes
 
@@ -42,9 +42,11 @@ _logger = logging.getLogger(__name__)
 DEFAULT_RIDGE = 1e-3  # lam as a fraction of the mean input energy tr(S) / D
 TARGET_BYTES_LIMIT = 2 * 2 ** 30  # the one-pass sequential fit keeps the original's outputs (float16) up to this size
 # The one-pass fit runs all calibration images at once: besides the targets it holds a few activations of the
-# largest layer per image (a layer's input, its output and a residual), so it is taken only when
-# images * (targets + ONE_PASS_LIVE_ACTIVATIONS * largest output) fits the memory budget.
+# largest layer per image (a layer's input, its output and a residual), and while it fits a layer, that layer's
+# float64 (D, D) input moment and up to two working copies of it (the refit's factorisation; the factors'
+# projections); it is taken only when all of that, for the widest layer, fits the memory budget.
 ONE_PASS_LIVE_ACTIVATIONS = 4
+FIT_MOMENT_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,11 @@ def ridge_fit(cross: torch.Tensor, input_moment: torch.Tensor, ridge: float = DE
     dim = input_moment.shape[0]
     lam = ridge * float(torch.trace(input_moment)) / dim
     lam = lam if lam > 0 else 1e-12
-    system = input_moment.clone()
+    system = input_moment.T.clone().T  # column-major, as LAPACK factorises it: in place, not in a second copy
     system.diagonal().add_(lam)  # S + lam I without a (D, D) identity: D = 4608 is 170 MB in float64
-    return torch.linalg.solve(system, cross.T).T  # S symmetric: (S^-1 cross^T)^T = cross S^-1
+    pivots = torch.empty(dim, dtype=torch.int32, device=system.device)
+    factor, pivots = torch.linalg.lu_factor(system, out=(system, pivots))
+    return torch.linalg.lu_solve(factor, pivots, cross.T).T  # S symmetric: (S^-1 cross^T)^T = cross S^-1
 
 
 def refit_layers(original: nn.Module, pruned: nn.Module) -> list[str]:
@@ -133,6 +137,14 @@ def _execution_order(original: nn.Module, pruned: nn.Module, names: set[str], re
     if missed:
         raise HMCConfigError(f"Layer '{missed[0]}' never ran on the calibration batches; it cannot be fitted to data")
     return order, sum(sizes) // batch, max(outputs) // batch
+
+
+def _one_pass_bytes(pruned: nn.Module, names: list[str], images: int, bytes_per_input: int, largest: int) -> int:
+    """Bytes the one-pass fit of ``names`` holds at most over ``images``: per image the targets
+    (``bytes_per_input``) and ``ONE_PASS_LIVE_ACTIVATIONS`` outputs of ``largest`` bytes, plus the fit of the
+    widest layer, ``FIT_MOMENT_COPIES`` float64 (D, D) moments (D: its input length, ``C_in*kh*kw``)."""
+    widest = max(pruned.get_submodule(name).weight[0].numel() for name in names)
+    return images * (bytes_per_input + ONE_PASS_LIVE_ACTIVATIONS * largest) + FIT_MOMENT_COPIES * 8 * widest ** 2
 
 
 def _warn_few_samples(name: str, moments: LayerMoments) -> None:
@@ -189,6 +201,7 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
     def fit_layer(name: str, moments: LayerMoments | None) -> nn.Module | None:
         """Refit and/or decompose one layer of ``pruned``; return its replacement (None: changed in place)."""
         module = pruned.get_submodule(name)
+        trim_heap()  # the pass's freed activations and unfolded patches, before the fit's (D, D) copies
         if moments is not None:
             report['samples'][name] = moments.samples
             _warn_few_samples(name, moments)
@@ -205,8 +218,10 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
                                 module.weight.shape[0], cross.shape[0])
         if name not in ranks:
             return None
+        # the fit owns the moment and is done with it after this: symmetrised in place, the factors take it uncopied
+        input_moment = symmetrise_(moments.input_moment) if data_aware and moments is not None else None
         replacement = decompose_module(module, tuple(ranks[name]), methods.get(name, 'auto'), name,
-                                       input_moment=moments.input_moment if data_aware and moments is not None else None)
+                                       input_moment=input_moment)
         _set_submodule(pruned, name, replacement)
         report['decomposed'].append(name)
         return replacement
@@ -219,7 +234,7 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
     order, bytes_per_input, largest = _execution_order(original, pruned, needs_data, set(refit),
                                                        _first_inputs(batches))
     images = sum(len(batch_inputs(batch)[0]) for batch in batches)
-    one_pass_bytes = images * (bytes_per_input + ONE_PASS_LIVE_ACTIVATIONS * largest)
+    one_pass_bytes = _one_pass_bytes(pruned, order, images, bytes_per_input, largest)
     budget = budget_bytes(memory_budget, _first_inputs(batches)[0].device)
     if not sequential:
         snapshot = collect_moments(pruned, order, batches, reference=original if refit else None)
@@ -234,6 +249,7 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         for name in order:
             fit_layer(name, collect_moments(pruned, [name], batches, reference=original if name in refit else None,
                                             stop_after=name)[name])
+            trim_heap()  # a layer's (D, D) moments and their solves leave hundreds of MB of freed heap
     return report
 
 
@@ -254,6 +270,7 @@ def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], r
         finally:
             for handle in handles:
                 handle.remove()
+    trim_heap()  # the original's activations over all images, freed
     handles = {}
 
     def refit_hook(name):
@@ -262,6 +279,7 @@ def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], r
             accumulator = MomentAccumulator()
             accumulator.add_inputs(module, args[0], targets.pop(name, None), name)
             replacement = fit_layer(name, accumulator.result())
+            trim_heap()  # a layer's (D, D) moments and their solves leave hundreds of MB of freed heap
             return (replacement if replacement is not None else module)(*args)
         return hook
 

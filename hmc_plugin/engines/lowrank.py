@@ -52,10 +52,11 @@ from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
 
 from ..errors import LayerCompressionError
+from .moments import all_finite
 
 __all__ = ['METHODS', 'RankSpec', 'default_method', 'method_for', 'decomposable', 'flops_ratio', 'replacement_params',
            'resolve_ranks', 'round_ranks', 'Tucker2Conv2d', 'CPConv2d', 'SVDConv2d', 'SVDLinear', 'decompose_module',
-           'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers']
+           'replacement_architecture', 'low_rank_weight', 'low_rank_weights', 'decompose_layers', 'symmetrise_']
 
 _logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def _checked_tensor(key: str, value, shapes: list[tuple[int, ...]], non_finite: 
         expected = ' or '.join(str(shape) for shape in shapes)
         raise LayerCompressionError(f"Got {key} of shape {tuple(value.shape)} for layer '{layer_name}' but expected "
                                     f"{expected}", layer_name=layer_name, method=method)
-    if not torch.isfinite(value).all():
+    if not all_finite(value):
         raise LayerCompressionError(f"Got {key} for layer '{layer_name}' with NaN or Inf entries: {non_finite}",
                                     layer_name=layer_name, method=method)
     return value
@@ -448,7 +449,8 @@ def _calibration(module: nn.Module, input_moment, target, layer_name: str, metho
         'target', target, [(out_features, features), tuple(weight.shape)], 'check the refitted weight', layer_name,
         method)
     moment = moment.to(device=weight.device, dtype=torch.float64)
-    moment = _symmetrised(moment)
+    if not torch.equal(moment, moment.T):  # a caller's symmetric moment (symmetrise_) is used without a copy
+        moment = _symmetrised(moment)
     if (moment.diagonal() < 0).any():
         raise LayerCompressionError(f"Got input_moment for layer '{layer_name}' with negative diagonal entries but "
                                     "expected E[x x^T] (symmetric positive semi-definite)", layer_name=layer_name,
@@ -460,6 +462,17 @@ def _calibration(module: nn.Module, input_moment, target, layer_name: str, metho
 def _symmetrised(matrix: torch.Tensor) -> torch.Tensor:
     """``(matrix + matrix^T) / 2`` with one (D, D) temporary instead of two (the same bits: halving is exact)."""
     return (matrix + matrix.T).mul_(0.5)
+
+
+def symmetrise_(matrix: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``matrix`` (D, D) replaced by ``(matrix + matrix^T) / 2`` in place, ``block`` rows at a time: the bits of the
+    symmetrisation a data-aware fit applies, without its (D, D) copy. Returns ``matrix``."""
+    for start in range(0, matrix.shape[0], block):
+        stop = start + block
+        average = (matrix[start:stop, start:] + matrix[start:, start:stop].T).mul_(0.5)
+        matrix[start:stop, start:].copy_(average)
+        matrix[start:, start:stop].copy_(average.T)
+    return matrix
 
 
 def _whitened_svd_basis(data: _Calibration) -> torch.Tensor:
@@ -510,11 +523,13 @@ def _tucker2_given_input(data: _Calibration, kernel_size: tuple[int, int], u_in:
     in_features, r_in = u_in.shape
     area = features // in_features
     size = r_in * area
-    moment_projected = torch.einsum('dcs,cb->dbs', data.moment.reshape(features, in_features, area), u_in)  # S P^T
+    # S P^T as (P S)^T, S symmetric: one product of S's rows as they lie, not a permuted (D, D) copy of S
+    moment_projected = (u_in.T @ data.moment.reshape(in_features, area * features)).reshape(size, features).T
     projected_moment = torch.einsum('csm,cb->bsm', moment_projected.reshape(in_features, area, size), u_in)
     projected_moment = projected_moment.reshape(size, size)  # P S P^T
+    del moment_projected  # (D, r_in*kh*kw): freed before the factorisation's copies
     cross = torch.einsum('ocs,cb->obs', data.weighted.reshape(out_features, in_features, area), u_in)  # B S P^T
-    factor = _ridge_cholesky(_symmetrised(projected_moment))  # L L^T = M
+    factor = _ridge_cholesky(symmetrise_(projected_moment))  # L L^T = M
     scaled_cross = torch.linalg.solve_triangular(factor, cross.reshape(out_features, size).T, upper=False)  # L^-1 (.)^T
     response = scaled_cross.T @ scaled_cross  # B S P^T M^{-1} P S B^T = B* M B*^T
     values, vectors = torch.linalg.eigh(_symmetrised(response))

@@ -28,7 +28,8 @@ from torch import nn
 from ..errors import HMCConfigError
 from ..utils.counting import as_input_tuple
 
-__all__ = ['LayerMoments', 'MomentAccumulator', 'unfold_patches', 'output_rows', 'collect_moments', 'batch_inputs']
+__all__ = ['LayerMoments', 'MomentAccumulator', 'unfold_patches', 'output_rows', 'collect_moments', 'batch_inputs',
+           'all_finite']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ class LayerMoments:
     input_moment: torch.Tensor
     cross: torch.Tensor | None
     samples: int
+
+
+def all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
+    """Whether every entry of ``tensor`` is finite, checked about ``block`` entries at a time along dim 0:
+    ``isfinite`` of a whole (D, D) float64 moment, or of a chunk of unfolded patches, makes a copy and a mask."""
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, block * max(tensor.shape[0], 1) // max(tensor.numel(), 1))  # rows of about block entries
+    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
 
 
 def batch_inputs(batch: Any) -> tuple:
@@ -99,18 +109,17 @@ class MomentAccumulator:
         self.samples = 0
 
     def add(self, rows: torch.Tensor, targets: torch.Tensor | None, name: str) -> None:
-        if not torch.isfinite(rows).all():
+        if not all_finite(rows):
             raise HMCConfigError(f"The inputs of layer '{name}' hold NaN or Inf on the calibration data; the data-aware "
                                  f'operators cannot fit to them. Check the calibration inputs (and the layers before '
                                  f"'{name}'), or turn the data-aware fit off (data_aware=False, reconstruct=False)")
-        # float32 products of CHUNK_ROWS rows (relative error ~1e-6), summed in float64
+        # float32 products of CHUNK_ROWS rows (relative error ~1e-6), summed in float64, in place: a float64 sum
+        # takes the float32 product exactly, so no (D, D) float64 copy of it is made
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS].float()
-            moment = (chunk.T @ chunk).double()
-            self.moment = moment if self.moment is None else self.moment + moment
+            self.moment = _added(self.moment, chunk.T @ chunk)
             if targets is not None:
-                cross = (targets[start:start + CHUNK_ROWS].float().T @ chunk).double()
-                self.cross = cross if self.cross is None else self.cross + cross
+                self.cross = _added(self.cross, targets[start:start + CHUNK_ROWS].float().T @ chunk)
         self.samples += rows.shape[0]
 
     def add_inputs(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None, name: str) -> None:
@@ -126,8 +135,17 @@ class MomentAccumulator:
             self.add(rows, part, name)
 
     def result(self) -> LayerMoments:
+        """The moments: the sums divided by the row count in place and handed over (the accumulator is empty
+        after), so no second (D, D) float64 copy is held."""
         scale = 1.0 / max(self.samples, 1)
-        return LayerMoments(self.moment * scale, None if self.cross is None else self.cross * scale, self.samples)
+        moment, cross, samples = self.moment, self.cross, self.samples
+        self.moment, self.cross, self.samples = None, None, 0
+        return LayerMoments(moment.mul_(scale), None if cross is None else cross.mul_(scale), samples)
+
+
+def _added(total: torch.Tensor | None, product: torch.Tensor) -> torch.Tensor:
+    """``total + product`` in float64, into ``total`` (the same bits as ``total + product.double()``)."""
+    return product.double() if total is None else total.add_(product)
 
 
 @torch.no_grad()

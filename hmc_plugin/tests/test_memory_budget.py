@@ -1,6 +1,7 @@
 """memory_budget: the Fisher pass and the moment passes in chunks give the same results, chunks follow the budget,
-and a budget too small for one image fails before anything runs."""
+a budget too small for one image fails before anything runs, and the data-aware fit counts its moments."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from torch import nn
 
 from hmc_plugin.app.models import resnet20
 from hmc_plugin.engines import moments as moments_module
-from hmc_plugin.engines.datafit import DataFit
-from hmc_plugin.engines.lowrank import low_rank_weight
-from hmc_plugin.engines.moments import collect_moments
+from hmc_plugin.engines.datafit import DEFAULT_RIDGE, DataFit, fit_to_data, ridge_fit
+from hmc_plugin.engines.lowrank import low_rank_weight, symmetrise_
+from hmc_plugin.engines.moments import MomentAccumulator, collect_moments
 from hmc_plugin.engines.pruning import find_pruning_groups, group_channel_masks
 from hmc_plugin.errors import HMCConfigError
 from hmc_plugin.sensitivity.fisher import FisherChunks, fisher_chunks, fisher_drops
@@ -128,3 +129,57 @@ def test_moments_unfolded_a_few_images_at_a_time_match_the_whole_batch(monkeypat
             expected = getattr(whole[name], field)
             torch.testing.assert_close(getattr(pieces[name], field), expected, rtol=RELATIVE,
                                        atol=RELATIVE * float(expected.abs().max()))
+
+
+def _three_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 8, 3)).eval()
+
+
+def test_the_one_pass_fit_counts_the_widest_layers_moments_against_the_budget(caplog):
+    """Two 8x8 images: the activations take kilobytes, but fitting conv '2' holds its (576, 576) float64 moment and
+    its working copies (8 MB): a 4 MiB budget fits layer by layer, a 16 MiB one in one pass, to the same factors."""
+    original = _three_convs()
+    batches = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))]
+    fitted = {}
+    for budget in (4, 16):
+        fitted[budget] = copy.deepcopy(original)
+        with caplog.at_level(logging.INFO, logger='hmc_plugin.engines.datafit'):
+            caplog.clear()
+            report = fit_to_data(original, fitted[budget], batches, ranks={'2': (16, 16)}, memory_budget=budget)
+        assert report['decomposed'] == ['2']
+        assert ('Fitting layer by layer' in caplog.text) == (budget == 4), caplog.text
+    for key, value in fitted[16].state_dict().items():
+        torch.testing.assert_close(fitted[4].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_fit_gives_the_dense_solve_and_leaves_the_moment_unchanged():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(300, 40, generator=generator, dtype=torch.float64)
+    moment, cross = inputs.T @ inputs / 300, torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    moment[0, 39] += 1e-9  # not exactly symmetric, as summed float32 products are not
+    before = moment.clone()
+    lam = DEFAULT_RIDGE * float(torch.trace(moment)) / 40
+    expected = torch.linalg.solve(moment + lam * torch.eye(40, dtype=torch.float64), cross.T).T
+    assert torch.equal(ridge_fit(cross, moment), expected)
+    assert torch.equal(moment, before)
+
+
+@pytest.mark.parametrize('size', [1, 7, 512, 1030])
+def test_symmetrising_in_place_gives_the_bits_of_the_copy(size):
+    matrix = torch.randn(size, size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    expected = (matrix + matrix.T) * 0.5
+    assert symmetrise_(matrix) is matrix
+    assert torch.equal(matrix, expected)
+
+
+def test_moments_summed_in_place_are_handed_over_once():
+    rows = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    accumulator = MomentAccumulator()
+    accumulator.add(rows[:20], None, 'layer')
+    accumulator.add(rows[20:], None, 'layer')
+    moments = accumulator.result()
+    expected = ((rows[:20].T @ rows[:20]).double() + (rows[20:].T @ rows[20:]).double()) * (1.0 / 50)
+    assert torch.equal(moments.input_moment, expected) and moments.samples == 50
+    assert accumulator.moment is None and accumulator.samples == 0  # nothing kept: no second (D, D) copy
