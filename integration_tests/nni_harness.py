@@ -155,5 +155,9 @@ class LoopbackSshServer:
         return [f'{self.user}@{host}:{self.port}' for host in self.HOSTS]
 
     def close(self) -> None:
+        """Stop ``sshd`` and remove the throwaway keys (the server's and the client's) and the key list."""
         self.process.terminate()
         self.process.wait(timeout=20)
+        for key in ('host_key', 'client_key', 'authorized_keys'):
+            for path in (self.root / key, self.root / f'{key}.pub'):
+                path.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ def ssh_server(tmp_path_factory):
         yield server
     finally:
         server.close()
+    assert server.process.poll() is not None and not list(server.root.glob('*key*')), 'sshd or a key is left'
 
 
 @pytest.fixture(scope='module')
