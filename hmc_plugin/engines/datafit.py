@@ -205,17 +205,8 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         if moments is not None:
             report['samples'][name] = moments.samples
             _warn_few_samples(name, moments)
-        if name in refit and moments is not None:
-            kept = _kept_outputs(masks.get(name), module.weight.shape[0])
-            cross = moments.cross if kept is None else moments.cross[kept]
-            if cross.shape[0] == module.weight.shape[0]:
-                module.weight.data = ridge_fit(cross, moments.input_moment, ridge).reshape(
-                    module.weight.shape).to(module.weight.dtype)
-                report['refitted'].append(name)
-            else:  # the speedup removed output channels the masks do not name: which ones stayed is unknown
-                _logger.warning('Not refitting %s: it has %d output channels but its masks keep %d (the speedup removed '
-                                'channels the masks did not name); its weights stay as the speedup left them', name,
-                                module.weight.shape[0], cross.shape[0])
+        if name in refit and moments is not None and _refit_consumer(module, name, moments, masks.get(name), ridge):
+            report['refitted'].append(name)
         if name not in ranks:
             return None
         # the fit owns the moment and is done with it after this: symmetrised in place, the factors take it uncopied
@@ -231,26 +222,50 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         fit_layer(name, None)
     if not needs_data:
         return report
-    order, bytes_per_input, largest = _execution_order(original, pruned, needs_data, set(refit),
-                                                       _first_inputs(batches))
-    images = sum(len(batch_inputs(batch)[0]) for batch in batches)
-    one_pass_bytes = _one_pass_bytes(pruned, order, images, bytes_per_input, largest)
-    budget = budget_bytes(memory_budget, _first_inputs(batches)[0].device)
+    _fit_with_data(original, pruned, batches, needs_data, set(refit), fit_layer, sequential, memory_budget)
+    trim_heap()  # the last layer's (D, D) moments and solves (each layer's fit trims before it starts)
+    return report
+
+
+def _refit_consumer(module: nn.Module, name: str, moments: LayerMoments, mask: dict[str, torch.Tensor] | None,
+                    ridge: float) -> bool:
+    """Replace ``module``'s weight by the ridge fit of its original outputs (the rows ``mask`` keeps) from the
+    inputs it now gets; False (a warning, the weight left) when its outputs do not match the mask's."""
+    kept = _kept_outputs(mask, module.weight.shape[0])
+    cross = moments.cross if kept is None else moments.cross[kept]
+    if cross.shape[0] != module.weight.shape[0]:  # the speedup removed channels the masks do not name
+        _logger.warning('Not refitting %s: it has %d output channels but its masks keep %d (the speedup removed '
+                        'channels the masks did not name); its weights stay as the speedup left them', name,
+                        module.weight.shape[0], cross.shape[0])
+        return False
+    module.weight.data = ridge_fit(cross, moments.input_moment, ridge).reshape(module.weight.shape).to(
+        module.weight.dtype)
+    return True
+
+
+def _fit_with_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], names: set[str], refit: set[str],
+                   fit_layer, sequential: bool, memory_budget: int | None) -> None:
+    """``fit_layer(name, moments)`` for every layer of ``names`` in forward order: from one pass of the pruned
+    model (``sequential=False``), else sequentially in one pass over all images when it fits ``memory_budget``,
+    else one forward pass per layer."""
+    order, bytes_per_input, largest = _execution_order(original, pruned, names, refit, _first_inputs(batches))
     if not sequential:
         snapshot = collect_moments(pruned, order, batches, reference=original if refit else None)
         for name in order:
             fit_layer(name, snapshot.pop(name))
-    elif bytes_per_input * images <= TARGET_BYTES_LIMIT and one_pass_bytes <= budget:
-        _fit_in_one_pass(original, pruned, order, set(refit), batches, fit_layer)
-    else:
-        _logger.info('Fitting layer by layer (one forward pass per layer): fitting all %d layers in one pass over '
-                     '%d images would take about %d MiB, above the memory budget of %d MiB', len(order), images,
-                     mib(one_pass_bytes), mib(budget))
-        for name in order:
-            fit_layer(name, collect_moments(pruned, [name], batches, reference=original if name in refit else None,
-                                            stop_after=name)[name])
-            trim_heap()  # a layer's (D, D) moments and their solves leave hundreds of MB of freed heap
-    return report
+        return
+    images = sum(len(batch_inputs(batch)[0]) for batch in batches)
+    one_pass_bytes = _one_pass_bytes(pruned, order, images, bytes_per_input, largest)
+    budget = budget_bytes(memory_budget, _first_inputs(batches)[0].device)
+    if bytes_per_input * images <= TARGET_BYTES_LIMIT and one_pass_bytes <= budget:
+        _fit_in_one_pass(original, pruned, order, refit, batches, fit_layer)
+        return
+    _logger.info('Fitting layer by layer (one forward pass per layer): fitting all %d layers in one pass over '
+                 '%d images would take about %d MiB, above the memory budget of %d MiB', len(order), images,
+                 mib(one_pass_bytes), mib(budget))
+    for name in order:
+        fit_layer(name, collect_moments(pruned, [name], batches, reference=original if name in refit else None,
+                                        stop_after=name)[name])
 
 
 def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], refit: set[str],
@@ -279,7 +294,6 @@ def _fit_in_one_pass(original: nn.Module, pruned: nn.Module, order: list[str], r
             accumulator = MomentAccumulator()
             accumulator.add_inputs(module, args[0], targets.pop(name, None), name)
             replacement = fit_layer(name, accumulator.result())
-            trim_heap()  # a layer's (D, D) moments and their solves leave hundreds of MB of freed heap
             return (replacement if replacement is not None else module)(*args)
         return hook
 

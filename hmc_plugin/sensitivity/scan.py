@@ -184,17 +184,27 @@ def scan_sensitivity(model: nn.Module, dummy_input: Any, *, groups: Sequence[Pru
     table = _load_cache(cache_path, settings)
     if mode == 'proxy':
         if table is None or not table.is_complete():
-            chunks = fisher_chunks(mask_model, calibration_inputs, projections=projections,
-                                   memory_budget=memory_budget, levels=len(levels))  # a budget too small fails now
-            table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
-                                  calibration_batch, progress, scan_data, chunks, budget_bytes(memory_budget) // 2)
-            if cache_path is not None:
-                table.to_json(cache_path)
+            table = _proxy_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings,
+                                 calibration_batch, progress, scan_data, projections, memory_budget, cache_path)
         return table
     modules = dict(mask_model.named_modules())
     unit_scan = _UnitScan(mask_model, dummy_input, groups, settings, calibration_batch, mask_context,
                           _weight_owner(weight_owner, model, modules), modules, scan_data)
     return _measured_table(model, table, unit_scan, eval_fn, calibration_inputs, cache_path, progress)
+
+
+def _proxy_table(mask_model: nn.Module, dummy_input: Any, groups: Sequence[PruningGroup], layers: Sequence[str],
+                 calibration_inputs: Any, settings: dict, calibration_batch: Any, progress: bool,
+                 scan_data: _ScanData | None, projections: int, memory_budget: int | None,
+                 cache_path: str | os.PathLike | None) -> SensitivityTable:
+    """The ``proxy`` scan's table (the Fisher pass; input moments held up to half the budget), cached when asked."""
+    chunks = fisher_chunks(mask_model, calibration_inputs, projections=projections, memory_budget=memory_budget,
+                           levels=len(settings['levels']))  # a budget too small fails now, before any work
+    table = _fisher_table(mask_model, dummy_input, groups, layers, calibration_inputs, settings, calibration_batch,
+                          progress, scan_data, chunks, budget_bytes(memory_budget) // 2)
+    if cache_path is not None:
+        table.to_json(cache_path)
+    return table
 
 
 def _scan_both_decompositions(model: nn.Module, dummy_input: Any, *, groups: Sequence[PruningGroup],
