@@ -34,6 +34,9 @@ __all__ = ['LayerMoments', 'MomentAccumulator', 'unfold_patches', 'output_rows',
 _logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 16_384
+# Columns per panel of a moment's upper triangle (``_add_upper_gram``): the products skip the blocks below the
+# diagonal, about 45 % of a (4608, 4608) moment's work.
+PANEL_COLUMNS = 512
 
 
 @dataclass
@@ -101,7 +104,10 @@ class _Stop(Exception):
 
 
 class MomentAccumulator:
-    """Sums of ``x x^T`` (and ``y x^T``) over the rows it is given; ``result()`` divides by their count."""
+    """Sums of ``x x^T`` (and ``y x^T``) over the rows it is given; ``result()`` divides by their count.
+
+    ``x x^T`` is summed in panels of its upper triangle (``_add_upper_gram``); ``result()`` mirrors them.
+    """
 
     def __init__(self):
         self.moment: torch.Tensor | None = None
@@ -117,7 +123,7 @@ class MomentAccumulator:
         # takes the float32 product exactly, so no (D, D) float64 copy of it is made
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS].float()
-            self.moment = _added(self.moment, chunk.T @ chunk)
+            self.moment = _add_upper_gram(self.moment, chunk)
             if targets is not None:
                 self.cross = _added(self.cross, targets[start:start + CHUNK_ROWS].float().T @ chunk)
         self.samples += rows.shape[0]
@@ -140,7 +146,29 @@ class MomentAccumulator:
         scale = 1.0 / max(self.samples, 1)
         moment, cross, samples = self.moment, self.cross, self.samples
         self.moment, self.cross, self.samples = None, None, 0
-        return LayerMoments(moment.mul_(scale), None if cross is None else cross.mul_(scale), samples)
+        return LayerMoments(_mirrored_upper(moment).mul_(scale), None if cross is None else cross.mul_(scale),
+                            samples)
+
+
+def _add_upper_gram(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``total += rows^T rows`` (float64 ``(D, D)``, in place) on the panels of the upper triangle only: rows
+    ``[s, s + PANEL_COLUMNS)`` from column ``s`` on, each a float32 product of ``rows (n, D)`` (the diagonal blocks
+    whole). ``_mirrored_upper`` fills the rest once the sum is complete."""
+    features = rows.shape[1]
+    if total is None:
+        total = torch.zeros((features, features), dtype=torch.float64, device=rows.device)
+    for start in range(0, features, PANEL_COLUMNS):
+        stop = min(start + PANEL_COLUMNS, features)
+        total[start:stop, start:].add_(rows[:, start:stop].T @ rows[:, start:])
+    return total
+
+
+def _mirrored_upper(total: torch.Tensor) -> torch.Tensor:
+    """``total`` with the blocks below its diagonal panels copied from above (in place): exactly symmetric."""
+    for start in range(0, total.shape[0], PANEL_COLUMNS):
+        stop = min(start + PANEL_COLUMNS, total.shape[0])
+        total[stop:, start:stop].copy_(total[start:stop, stop:].T)
+    return total
 
 
 def _added(total: torch.Tensor | None, product: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ model's output distribution from the original's is, to second order,
 (exact); otherwise ``projections`` random +-1 combinations of the rows (Hutchinson's estimator,
 unbiased). The projections run as one replicated batch, so one backward pass gives every ``g``. Within
 ``memory_budget`` (``utils.memory``) the calibration batch, and when one image's replicas do not fit, the
-projections, are split into chunks (``fisher_chunks``); the signs are drawn once for the whole batch, so the
-estimate depends on the chunking only through the order of floating-point sums.
+projections, are split into chunks (``fisher_chunks``); a chunk's projection blocks share its one forward pass
+(one backward pass each). The signs are drawn once for the whole batch, so the estimate depends on the chunking
+only through the order of floating-point sums.
 
 The perturbations, from the original activations of the calibration batch:
 
@@ -110,6 +111,17 @@ class FisherChunks:
     samples: int
     directions: int
     pass_bytes: int
+
+
+@dataclass
+class _PassShape:
+    """The current pass, as the hooks read it: ``replicas`` of each image in the forward pass, ``projections``
+    carried by this backward pass (the first ones of the replicas), and whether more than one backward pass shares
+    the forward pass (``shared``: the hooks keep what every one of them needs, e.g. a layer's unfolded input)."""
+
+    replicas: int = 1
+    projections: int = 1
+    shared: bool = False
 
 
 def _pruned_channels(module: nn.Module, mask: Tensor) -> Tensor:
@@ -212,7 +224,8 @@ def _unit_scores(module: nn.Module, layer_input: Tensor, grad: Tensor, changes: 
 
 
 def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
-                        unit_changes: dict[Unit, list[Tensor | None]]) -> dict[Unit, Tensor] | None:
+                        unit_changes: dict[Unit, list[Tensor | None]],
+                        unfolded: dict[int, Tensor] | None = None) -> dict[Unit, Tensor] | None:
     """``{unit: (levels, K, N)}`` scores ``g . layer(x; dW)`` of every unit changing ``module``, from its per-sample
     weight gradients; None where only ``_unit_scores`` applies (grouped convs, padding modes other than zeros,
     ``padding='same'``).
@@ -222,7 +235,8 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
     level of the layer, where ``_unit_scores`` runs one convolution per unit and level (and again for every block
     of projections). ``G (K, n, O, D)`` is built a few samples at a time, the unfolded input patches ``(n, D, R)``
     times the output gradients ``(K, n, O, R)`` summed over the ``R`` output positions, within
-    ``WEIGHT_GRAD_BLOCK_BYTES``.
+    ``WEIGHT_GRAD_BLOCK_BYTES``. ``unfolded`` (a dict kept across the backward passes of one forward pass) keeps the
+    patches of each block for the next pass instead of unfolding the input again.
     """
     weight = module.weight
     projections, samples, outputs = grad.shape[0], grad.shape[1], weight.shape[0]
@@ -243,13 +257,17 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
               for unit, changes in unit_changes.items()}
     for start in range(0, samples, per_sample):
         stop = min(start + per_sample, samples)
-        if patches is None:  # (n, D, R), D in the order of the flattened weight (O, D)
+        if unfolded is not None and start in unfolded:
+            block = unfolded[start]
+        elif patches is None:  # (n, D, R), D in the order of the flattened weight (O, D)
             block = F.unfold(layer_input[start:stop].to(work), module.kernel_size, module.dilation, module.padding,
                              module.stride)
         else:
             block = patches[start:stop].to(work)
         weight_grads = torch.matmul(grads[:, start:stop].to(work), block.transpose(1, 2).unsqueeze(0))  # (K, n, O, D)
         weight_grads = weight_grads.flatten(2)                                               # (K, n, P)
+        if unfolded is not None:
+            unfolded[start] = block
         del block
         for unit, changes in unit_changes.items():
             for level, change in enumerate(changes):
@@ -271,27 +289,29 @@ def _channel_scores(grad: Tensor, activation: Tensor, channel_sets: list[tuple[s
 
 @contextlib.contextmanager
 def _hooks(modules: dict[str, nn.Module], channel_sets: ChannelSets, layer_changes: LayerChanges,
-           copies: list[int], accumulator: _Accumulator) -> Iterator[None]:
-    """Record, per pass, the pruned channels' scores ``sum_hw g * a`` and layer scores ``sum g * delta`` per unit
-    and level; ``copies[0]`` is the pass's number of projections (replicas of the chunk)."""
+           shape: _PassShape, accumulator: _Accumulator) -> Iterator[None]:
+    """Record, per backward pass, the pruned channels' scores ``sum_hw g * a`` and layer scores ``sum g * delta``
+    per unit and level; ``shape`` is the current pass's (the replicas past its projections carry zero gradients
+    and are left out)."""
 
     def forward_hook(name):
         def hook(module, inputs, output):
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
-            samples = output.shape[0] // copies[0]
+            samples = output.shape[0] // shape.replicas
             # A view, no copy: autograd keeps the layer's input for its own backward pass anyway (and
             # refuses to run if it was modified in place), so the output changes are computed there.
             layer_input = inputs[0].detach()[:samples] if name in layer_changes else None
             activation = output.detach()[:samples]
+            unfolded = {} if shape.shared and layer_input is not None else None  # this forward pass's patches
 
             def on_grad(grad: Tensor) -> None:
-                grad = grad.detach().reshape((-1, samples) + tuple(grad.shape[1:]))  # (K, N, ...)
+                grad = grad.detach().reshape((-1, samples) + tuple(grad.shape[1:]))[:shape.projections]  # (K, N, ...)
                 if name in channel_sets:
                     for group, scores in _channel_scores(grad, activation, channel_sets[name]).items():
                         accumulator.channel_scores.setdefault((('prune', group), name), []).append(scores.cpu())
                 if layer_input is not None:
-                    by_unit = _weight_grad_scores(module, layer_input, grad, layer_changes[name])
+                    by_unit = _weight_grad_scores(module, layer_input, grad, layer_changes[name], unfolded)
                     if by_unit is None:
                         by_unit = {unit: _unit_scores(module, layer_input, grad, changes)
                                    for unit, changes in layer_changes[name].items()}
@@ -434,40 +454,49 @@ def _fisher_scores(model: nn.Module, inputs: tuple, modules: dict[str, nn.Module
     channel_sets = _channel_sets(prune_masks, ends, modules)
     blocks = [(start, min(start + chunks.directions, copies)) for start in range(0, copies, chunks.directions)]
     accumulator = _Accumulator(blocks=len(blocks))
-    pass_copies = [copies]
-    with _hooks(modules, channel_sets, layer_changes, pass_copies, accumulator):
+    shape = _PassShape()
+    with _hooks(modules, channel_sets, layer_changes, shape, accumulator):
         signs = _signs(copies, inputs[0].shape[0], classes, torch.Generator().manual_seed(seed))
-        scale = _backward_passes(model, inputs, copies, signs, chunks.samples, blocks, pass_copies, progress)
+        scale = _backward_passes(model, inputs, copies, signs, chunks.samples, blocks, shape, progress)
     return accumulator, scale
 
 
 def _backward_passes(model: nn.Module, inputs: tuple, copies: int, signs: Tensor | None, chunk: int,
-                     blocks: list[tuple[int, int]], pass_copies: list[int], progress: bool) -> float:
-    """Forward and backward the batch ``chunk`` images at a time, each replicated once per projection of a block
-    (``blocks``: ``[(first, end)]`` of the ``copies`` projections); returns the projections' scale.
+                     blocks: list[tuple[int, int]], shape: _PassShape, progress: bool) -> float:
+    """Forward the batch ``chunk`` images at a time, each replicated once per projection of a block (``blocks``:
+    ``[(first, end)]`` of the ``copies`` projections, every block at most as large as the first), and backward each
+    block through that one forward pass; returns the projections' scale.
 
-    ``_hooks`` records the scores (``pass_copies[0]``: the current block's size). The random ``signs (K, N, C)``
-    of the projections are drawn once for the whole batch (``_signs``), so the chunking changes no draw.
+    ``_hooks`` records the scores (``shape``: the replicas, and the current block's size). One forward pass
+    per chunk however many blocks its projections take (the graph is kept for the next block's backward pass):
+    where the budget holds one replica of an image, its four projections cost one forward and four backward passes,
+    not four of each. The random ``signs (K, N, C)`` of the projections are drawn once for the whole batch
+    (``_signs``), so the chunking changes no draw.
     """
     samples = inputs[0].shape[0]
+    replicas = blocks[0][1] - blocks[0][0]
     scale = 1.0
     with tqdm(total=samples, desc='HMC sensitivity scan (proxy, Fisher)', unit='img', disable=not progress) as bar:
         for start in range(0, samples, chunk):
             part = tuple(tensor[start:start + chunk] for tensor in inputs)
             n = part[0].shape[0]
-            for first, end in blocks:
-                pass_copies[0] = end - first
-                # Gradients are taken w.r.t. the input only: every activation is on that path, and no
-                # parameter gradient is computed (or left behind).
-                replicated = tuple(_replicate(tensor, end - first) for tensor in part)
-                with torch.enable_grad():
-                    logits = model(*replicated).flatten(1)
-                    chunk_signs = None if signs is None else signs[:, start:start + n]
-                    rows, scale = _projections(logits[:n], copies, chunk_signs)             # (K, N, C)
-                    rows = rows[first:end]
-                    loss = (logits * rows.reshape((end - first) * n, -1).to(logits.dtype)).sum()
-                    torch.autograd.grad(loss, [t for t in replicated if t.requires_grad])
-                del replicated, logits, loss
+            shape.replicas, shape.shared = replicas, len(blocks) > 1
+            # Gradients are taken w.r.t. the input only: every activation is on that path, and no
+            # parameter gradient is computed (or left behind).
+            replicated = tuple(_replicate(tensor, replicas) for tensor in part)
+            with torch.enable_grad():
+                logits = model(*replicated).flatten(1)
+                chunk_signs = None if signs is None else signs[:, start:start + n]
+                rows, scale = _projections(logits[:n], copies, chunk_signs)                 # (K, N, C)
+                targets = [t for t in replicated if t.requires_grad]
+                for index, (first, end) in enumerate(blocks):
+                    shape.projections = end - first
+                    block_rows = rows.new_zeros((replicas,) + tuple(rows.shape[1:])).to(logits.dtype)
+                    block_rows[:end - first] = rows[first:end]                               # zero past the block
+                    loss = (logits * block_rows.reshape(replicas * n, -1)).sum()
+                    torch.autograd.grad(loss, targets, retain_graph=index < len(blocks) - 1)
+                    del loss
+            del replicated, logits
             trim_heap()
             bar.update(n)
     return scale

@@ -1,6 +1,7 @@
 """Pruning with reconstruction and the data-aware fit of a pruned ResNet-56 trained on digits."""
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -68,7 +69,10 @@ def test_sequential_fit_beats_the_one_pass_fit(pruned):
         fitted = copy.deepcopy(plain)
         fit_to_data(model, fitted, list(calibration.split(128)), masks=masks, sequential=sequential)
         errors[sequential] = _errors(model, fitted, masks, ['fc'], held_out)['fc']
-    assert errors[True] < errors[False]
+    assert math.isfinite(errors[True]) and errors[True] < 0.5, errors
+    # the one-pass fit may diverge outright (every layer fitted to the unfitted model's inputs: the weights of layer3
+    # grow to a few hundred and the logits overflow on some machines' trained weights): NaN counts as worse
+    assert not errors[False] <= errors[True], errors
 
 
 def test_a_memory_budget_below_the_one_pass_fit_fits_layer_by_layer_alike(pruned, caplog):
