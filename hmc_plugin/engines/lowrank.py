@@ -549,38 +549,48 @@ def _channel_whitening(data: _Calibration, in_features: int) -> tuple[torch.Tens
     return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
 
 
-def _tucker2_input_candidates(data: _Calibration, kernel_size: tuple[int, int], ranks: tuple[int, int],
-                              input_factor: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """Two input factors (C_in, r_in): ``input_factor(B)`` (data-free HOOI's U_in), and ``S_c^{-1/2} U_in'`` with
-    ``U_in'`` the scans' HOOI input factor of the channel-whitened ``B x_1 S_c^{1/2}`` (orthonormalised; only
-    its span matters).
+class _Tucker2InputCandidates:
+    """The two input factors (C_in, r_in) a data-aware Tucker-2 fit tries, at any ranks up to ``max_ranks``:
+    data-free HOOI's U_in (``input_factor(B)``, or the scans' HOOI), and ``S_c^{-1/2} U_in'`` with ``U_in'`` the scans'
+    HOOI input factor of the channel-whitened ``B x_1 S_c^{1/2}`` (orthonormalised; only its span matters).
 
     ``B x = (B S_c^{1/2}) (S_c^{-1/2} x)`` with ``S_c^{-1/2} x`` of unit channel moment, so the whitened
-    projection ``U_in'^T S_c^{-1/2} x`` keeps the input directions that matter for the output.
+    projection ``U_in'^T S_c^{-1/2} x`` keeps the input directions that matter for the output. The whitening and
+    the truncated HOSVD bases (the HOOI starting points) are computed once, for every rank a scan asks for.
     """
-    out_features, features = data.target.shape
-    in_features = features // (kernel_size[0] * kernel_size[1])
-    tensor = data.target.reshape(out_features, in_features, *kernel_size)
-    root, inv_root = _channel_whitening(data, in_features)
-    whitened_input = _scan_tucker2_input(torch.einsum('ochw,cd->odhw', tensor, root), ranks)
-    return [input_factor(tensor), torch.linalg.qr(inv_root @ whitened_input).Q]
+
+    def __init__(self, data: _Calibration, kernel_size: tuple[int, int], max_ranks: tuple[int, int]):
+        out_features, features = data.target.shape
+        in_features = features // (kernel_size[0] * kernel_size[1])
+        self.tensor = data.target.reshape(out_features, in_features, *kernel_size)
+        root, self.inv_root = _channel_whitening(data, in_features)
+        self.whitened = torch.einsum('ochw,cd->odhw', self.tensor, root)
+        self.bases = {}
+        for key, tensor in (('plain', self.tensor), ('whitened', self.whitened)):
+            self.bases[key] = [_gram_svd(matrix, n_eigenvecs=size)[0]
+                               for matrix, size in zip(_mode_unfoldings(tensor, 'tucker2'), max_ranks)]
+
+    def __call__(self, ranks: tuple[int, int],
+                 input_factor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Both candidates at ``ranks``; ``input_factor`` (None: the scans' HOOI) gives the data-free one."""
+        plain = self._scan_input('plain', ranks) if input_factor is None else input_factor(self.tensor)
+        return [plain, torch.linalg.qr(self.inv_root @ self._scan_input('whitened', ranks)).Q]
+
+    def _scan_input(self, key: str, ranks: tuple[int, int]) -> torch.Tensor:
+        """U_in of the scans' cheap HOOI: the truncated HOSVD then ``SCAN_TUCKER_ITERATIONS`` sweeps."""
+        tensor = self.tensor if key == 'plain' else self.whitened
+        bases = [basis[:, :size] for basis, size in zip(self.bases[key], ranks)]
+        return _hooi_factors(tensor, bases, SCAN_TUCKER_ITERATIONS)[1]
 
 
 def _whitened_tucker2_factors(data: _Calibration, kernel_size: tuple[int, int], ranks: tuple[int, int],
-                              input_factor: Callable[[torch.Tensor], torch.Tensor]):
+                              candidates: list[torch.Tensor]):
     """core (r_out, r_in, kh, kw), U_out (C_out, r_out), U_in (C_in, r_in) minimising ``||(B - W~) S^{1/2}||_F``
-    over ``(core, U_out)`` for each candidate U_in (:func:`_tucker2_input_candidates`); the lower in-sample error
+    over ``(core, U_out)`` for each candidate U_in (:class:`_Tucker2InputCandidates`); the lower in-sample error
     wins, so the result is never worse in-sample than data-free HOOI at the same ranks (up to the ridge)."""
-    fits = [(_tucker2_given_input(data, kernel_size, u_in, ranks[0]), u_in)
-            for u_in in _tucker2_input_candidates(data, kernel_size, ranks, input_factor)]
+    fits = [(_tucker2_given_input(data, kernel_size, u_in, ranks[0]), u_in) for u_in in candidates]
     (core, u_out, _), u_in = min(fits, key=lambda fit: fit[0][2])
     return core, u_out, u_in
-
-
-def _scan_tucker2_input(tensor: torch.Tensor, ranks: tuple[int, int]) -> torch.Tensor:
-    """U_in (C_in, r_in) of the scans' cheap HOOI: truncated HOSVD then ``SCAN_TUCKER_ITERATIONS`` sweeps."""
-    bases = [_gram_svd(matrix, n_eigenvecs=size)[0] for matrix, size in zip(_mode_unfoldings(tensor, 'tucker2'), ranks)]
-    return _hooi_factors(tensor, bases, SCAN_TUCKER_ITERATIONS)[1]
 
 
 def _require_real_weight(module: nn.Module, layer_name: str, method: str) -> None:
@@ -673,8 +683,9 @@ class Tucker2Conv2d(_ConvLowRank):
     def _factors(cls, conv, ranks, data):
         if data is None:
             return _tucker2_factors(conv.weight, ranks)
+        candidates = _Tucker2InputCandidates(data, conv.kernel_size, ranks)
         return _whitened_tucker2_factors(data, conv.kernel_size, ranks,
-                                         lambda tensor: _tucker2_factors(tensor, ranks)[2])
+                                         candidates(ranks, lambda tensor: _tucker2_factors(tensor, ranks)[2]))
 
     @staticmethod
     def _reconstruct(factors):
@@ -938,8 +949,9 @@ def _data_aware_weights(module: nn.Module, resolved: list[tuple[int, ...]], meth
     if method == 'svd':
         basis = _whitened_svd_basis(data)
         return [basis[:, :rank] @ (basis[:, :rank].T @ data.target) for (rank,) in resolved]
-    return [Tucker2Conv2d._reconstruct(_whitened_tucker2_factors(
-        data, module.kernel_size, ranks, functools.partial(_scan_tucker2_input, ranks=ranks))) for ranks in resolved]
+    candidates = _Tucker2InputCandidates(data, module.kernel_size, tuple(max(sizes) for sizes in zip(*resolved)))
+    return [Tucker2Conv2d._reconstruct(_whitened_tucker2_factors(data, module.kernel_size, ranks, candidates(ranks)))
+            for ranks in resolved]
 
 
 def _hooi_factors(tensor: torch.Tensor, factors: list[torch.Tensor], iterations: int) -> list[torch.Tensor]:
