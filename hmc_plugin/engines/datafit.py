@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import HMCConfigError
+from ..errors import HMCConfigError, HMCError
 from ..utils.memory import budget_bytes, mib, trim_heap
 from .lowrank import decompose_module, symmetrise_
-from .moments import LayerMoments, MomentAccumulator, batch_inputs, collect_moments, output_rows
+from .moments import LayerMoments, MomentAccumulator, all_finite, batch_inputs, collect_moments, output_rows
 from .pruning import preserved_modes
 
 __all__ = ['DEFAULT_RIDGE', 'DataFit', 'ridge_fit', 'refit_layers', 'fit_to_data']
@@ -224,7 +224,28 @@ def fit_to_data(original: nn.Module, pruned: nn.Module, batches: Sequence[Any], 
         return report
     _fit_with_data(original, pruned, batches, needs_data, set(refit), fit_layer, sequential, memory_budget)
     trim_heap()  # the last layer's (D, D) moments and solves (each layer's fit trims before it starts)
+    _check_finite_outputs(pruned, batches, sequential)
     return report
+
+
+FINITE_CHECK_IMAGES = 8  # calibration images the fitted model is run on to check its outputs
+
+
+def _check_finite_outputs(pruned: nn.Module, batches: Sequence[Any], sequential: bool) -> None:
+    """Raise ``HMCError`` when ``pruned`` gives NaN/Inf outputs on the first ``FINITE_CHECK_IMAGES`` calibration
+    images after the fit: a diverged fit (weights growing layer after layer) names the settings that avoid it."""
+    sample = tuple(item[:FINITE_CHECK_IMAGES] if isinstance(item, torch.Tensor) and item.dim() > 0 else item
+                   for item in batch_inputs(batches[0]))
+    with _eval_mode(pruned):
+        output = pruned(*sample)
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    if all(all_finite(item) for item in outputs if isinstance(item, torch.Tensor)):
+        return
+    cause = ("with fit_order='one_pass' every layer is fitted to the inputs of the unfitted pruned model, and the "
+             "fits can diverge from layer to layer; use fit_order='sequential' (the default)") if not sequential else \
+        'give more calibration images (fit_batches), or turn the fit off (reconstruct=False, data_aware=False)'
+    raise HMCError(f'The data-aware fit left the compressed model with NaN/Inf outputs on the calibration images: '
+                   f'{cause}')
 
 
 def _refit_consumer(module: nn.Module, name: str, moments: LayerMoments, mask: dict[str, torch.Tensor] | None,
