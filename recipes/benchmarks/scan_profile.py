@@ -9,6 +9,7 @@ the moment passes it starts). Run it on two checkouts (``PYTHONPATH=CHECKOUT``) 
 the profiler's own overhead is a few seconds. ``--top N`` also prints the N functions of highest cumulative time.
 
     .venv/bin/python recipes/benchmarks/scan_profile.py --images 64 --threads 1
+    .venv/bin/python recipes/benchmarks/scan_profile.py --model resnet56 --classes 10 --image-size 32 --data-free
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ PHASES = [
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='torchvision:resnet50')
-    parser.add_argument('--images', type=int, default=64, help='calibration images (224x224)')
+    parser.add_argument('--images', type=int, default=64, help='calibration images')
+    parser.add_argument('--image-size', type=int, default=224, help='pixels a side (32 for the CIFAR ResNets)')
+    parser.add_argument('--classes', type=int, default=1000)
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--data-free', action='store_true', help='scan without the data-aware fits')
     parser.add_argument('--top', type=int, default=0, help='also print the N functions of highest cumulative time')
@@ -61,9 +64,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     steady_allocator()
     torch.manual_seed(0)
-    model = build_model(args.model, 1000, 3).eval()
-    calibration = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    dummy = torch.zeros(1, 3, 224, 224)
+    model = build_model(args.model, args.classes, 3).eval()
+    size = args.image_size
+    calibration = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    dummy = torch.zeros(1, 3, size, size)
     groups = find_pruning_groups(model, dummy)
     layers = [name for name, module in model.named_modules()
               if isinstance(module, torch.nn.Conv2d) and decomposable(module, name)]
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     profiler.disable()
     total = time.perf_counter() - started
     stats = pstats.Stats(profiler)
-    print(f'{args.model}, {args.images} images, {args.threads} thread(s), '
+    print(f'{args.model}, {args.images} images of {size}x{size}, {args.threads} thread(s), '
           f'{"data-free" if args.data_free else "data-aware"} proxy scan: {total:.1f} s')
     for label, seconds in phase_seconds(stats).items():
         print(f'  {label}: {seconds:.1f} s')
