@@ -556,7 +556,8 @@ class _Tucker2InputCandidates:
 
     ``B x = (B S_c^{1/2}) (S_c^{-1/2} x)`` with ``S_c^{-1/2} x`` of unit channel moment, so the whitened
     projection ``U_in'^T S_c^{-1/2} x`` keeps the input directions that matter for the output. The whitening and
-    the truncated HOSVD bases (the HOOI starting points) are computed once, for every rank a scan asks for.
+    the truncated HOSVD bases (the HOOI starting points, each on first use) are computed once, for every rank a scan
+    asks for.
     """
 
     def __init__(self, data: _Calibration, kernel_size: tuple[int, int], max_ranks: tuple[int, int]):
@@ -565,10 +566,8 @@ class _Tucker2InputCandidates:
         self.tensor = data.target.reshape(out_features, in_features, *kernel_size)
         root, self.inv_root = _channel_whitening(data, in_features)
         self.whitened = torch.einsum('ochw,cd->odhw', self.tensor, root)
-        self.bases = {}
-        for key, tensor in (('plain', self.tensor), ('whitened', self.whitened)):
-            self.bases[key] = [_gram_svd(matrix, n_eigenvecs=size)[0]
-                               for matrix, size in zip(_mode_unfoldings(tensor, 'tucker2'), max_ranks)]
+        self.max_ranks = max_ranks
+        self.bases: dict[str, list[torch.Tensor]] = {}
 
     def __call__(self, ranks: tuple[int, int],
                  input_factor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -579,6 +578,9 @@ class _Tucker2InputCandidates:
     def _scan_input(self, key: str, ranks: tuple[int, int]) -> torch.Tensor:
         """U_in of the scans' cheap HOOI: the truncated HOSVD then ``SCAN_TUCKER_ITERATIONS`` sweeps."""
         tensor = self.tensor if key == 'plain' else self.whitened
+        if key not in self.bases:  # apply's fit, given data-free HOOI's factor, never needs the plain tensor's
+            self.bases[key] = [_gram_svd(matrix, n_eigenvecs=size)[0]
+                               for matrix, size in zip(_mode_unfoldings(tensor, 'tucker2'), self.max_ranks)]
         bases = [basis[:, :size] for basis, size in zip(self.bases[key], ranks)]
         return _hooi_factors(tensor, bases, SCAN_TUCKER_ITERATIONS)[1]
 

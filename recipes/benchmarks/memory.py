@@ -141,7 +141,7 @@ def trace_phases(interval: float = 0.005) -> None:
             try:
                 return function(*args, **kwargs)
             finally:
-                windows[:] = [other for other in windows if other is not window]  # by identity: equal peaks are not the same call
+                windows[:] = [other for other in windows if other is not window]  # by identity, not equal peaks
                 PHASES[name] = max(PHASES.get(name, 0.0), round(window[0] / MIB, 1))
                 print(f'  [{name}] {before / MIB:.0f} -> peak {window[0] / MIB:.0f} -> end {current_rss() / MIB:.0f} '
                       f'MiB, {time.perf_counter() - started:.1f}s', flush=True)
