@@ -83,7 +83,8 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
     ``batch`` and ``threads`` in ``backend`` (``'torch'`` or ``'onnxruntime'``, ``LatencyModel``); the internal target is scaled by the miss. A timing within ``tolerance`` is
     taken again, and the plan accepted only if the mean of the two is within it. These timings are cached
     by compressed architecture (``LatencyModel.side_by_side_ms``), so planning the same budget again
-    measures nothing and returns the same plan. Returns ``(plan, latency)``
+    measures nothing and returns the same plan. Of the rounds, a plan within ``tolerance`` wins, then one that
+    meets the budget, then the closest (``_closer_to_budget``). Returns ``(plan, latency)``
     where ``latency`` holds ``original_ms``, ``predicted_ms``, ``measured_ms``, their fractions
     and ``prediction_error`` (predicted / measured - 1); ``plan.predicted`` / ``plan.measured`` get
     ``'latency'`` (fraction kept) and the FLOPs and parameters the plan keeps.
@@ -109,7 +110,7 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
         original_ms, measured_ms = latency.side_by_side_ms(
             model, compressed, dummy_input, confirm=lambda kept: abs(kept - target_latency) <= tolerance and not exhausted)
         measured = measured_ms / original_ms
-        if best is None or abs(measured - target_latency) < abs(best[1] - target_latency):
+        if best is None or _closer_to_budget(measured, best[1], target_latency, tolerance):
             best = (plan, measured, original_ms, measured_ms, compressed, exhausted)
         if abs(measured - target_latency) <= tolerance or exhausted:
             break
@@ -136,6 +137,18 @@ def plan_for_latency(table, model: nn.Module, dummy_input: Any, groups: Sequence
             target_latency=target_latency, batch=batch, threads=threads, rank_method=rank_method,
             latency_cache=latency_cache, backend=backend, tolerance=tolerance, max_rounds=max_rounds, **plan_kwargs))
     return plan, report
+
+
+def _closer_to_budget(measured: float, best: float, target: float, tolerance: float) -> bool:
+    """Whether a plan keeping ``measured`` of the time serves ``target`` better than one keeping ``best``.
+
+    A plan within ``tolerance`` of the target beats one outside it, then one that meets the budget (faster
+    than asked) beats one that misses it, then the closer one wins: on a noisy machine a round whose
+    correction overshoots to an uncompressed plan must not replace a plan that met the budget.
+    """
+    def rank(kept):
+        return (abs(kept - target) > tolerance, kept > target + tolerance, abs(kept - target))
+    return rank(measured) < rank(best)
 
 
 def _at_least_prune_only(plan: CompressionPlan, report: dict[str, float], table, model: nn.Module, dummy_input: Any,
