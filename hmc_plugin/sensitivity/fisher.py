@@ -233,9 +233,10 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
     The output change is linear in the weight change, so ``g . layer(x; dW) = dW . G`` with ``G = d(g . layer(x))
     / dW`` (in the layer's dtype, float32 for half types): one gradient per sample and projection prices every unit and
     level of the layer, where ``_unit_scores`` runs one convolution per unit and level (and again for every block
-    of projections). ``G (K, n, O, D)`` is built a few samples at a time, the unfolded input patches ``(n, D, R)``
-    times the output gradients ``(K, n, O, R)`` summed over the ``R`` output positions, within
-    ``WEIGHT_GRAD_BLOCK_BYTES``. ``unfolded`` (a dict kept across the backward passes of one forward pass) keeps the
+    of projections). ``G (n, K, O, D)`` is built a few samples at a time, one product per sample of the output
+    gradients ``(K*O, R)`` and the unfolded input patches ``(R, D)`` (summed over the ``R`` output positions),
+    within ``WEIGHT_GRAD_BLOCK_BYTES``; it meets every unit's change at every level in one product with their
+    stack ``(P, L)`` (a copy of the layer's changes for the call). ``unfolded`` (a dict kept across the backward passes of one forward pass) keeps the
     patches of each block for the next pass instead of unfolding the input again.
     """
     weight = module.weight
@@ -253,8 +254,14 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
     per_sample = WEIGHT_GRAD_BLOCK_BYTES // (4 * projections * weight.numel() + 4 * grads[:, :1].numel())
     if per_sample < 1:  # a weight too large for one sample's gradients (a huge Linear): one output change per level
         return None
-    scores = {unit: torch.empty(len(changes), projections, samples, dtype=torch.float64, device=grad.device)
+    # Every unit's weight change at every level as one column of ``(P, L)``: one product prices them all.
+    columns = [(unit, level) for unit, changes in unit_changes.items()
+               for level, change in enumerate(changes) if change is not None]
+    scores = {unit: torch.zeros(len(changes), projections, samples, dtype=torch.float64, device=grad.device)
               for unit, changes in unit_changes.items()}
+    if not columns:
+        return scores
+    stacked = torch.stack([unit_changes[unit][level].detach().reshape(-1).to(work) for unit, level in columns], 1)
     for start in range(0, samples, per_sample):
         stop = min(start + per_sample, samples)
         if unfolded is not None and start in unfolded:
@@ -264,16 +271,18 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
                              module.stride)
         else:
             block = patches[start:stop].to(work)
-        weight_grads = torch.matmul(grads[:, start:stop].to(work), block.transpose(1, 2).unsqueeze(0))  # (K, n, O, D)
-        weight_grads = weight_grads.flatten(2)                                               # (K, n, P)
         if unfolded is not None:
             unfolded[start] = block
-        del block
-        for unit, changes in unit_changes.items():
-            for level, change in enumerate(changes):
-                scores[unit][level, :, start:stop] = (0.0 if change is None else
-                                                      weight_grads @ change.detach().reshape(-1).to(work))
+        count = stop - start
+        # (n, K*O, R) @ (n, R, D): one product per sample for every projection, then (n*K, O*D) @ (P, L)
+        sample_grads = grads[:, start:stop].to(work).transpose(0, 1).reshape(count, projections * outputs, -1)
+        weight_grads = torch.bmm(sample_grads, block.transpose(1, 2)).reshape(count * projections, -1)  # (n*K, P)
+        del sample_grads, block
+        products = (weight_grads @ stacked).reshape(count, projections, len(columns))            # (n, K, L)
         del weight_grads
+        for column, (unit, level) in enumerate(columns):
+            scores[unit][level, :, start:stop] = products[:, :, column].T
+    return scores
     return scores
 
 
