@@ -26,7 +26,7 @@ COMPRESSOR_IMPORTANCES = tuple(name for name in IMPORTANCES if name != 'taylor')
 SENSITIVITIES = ('proxy', 'kl', 'evaluator')
 RANK_METHODS = ('auto', 'tucker2', 'cp', 'svd', 'best')
 FIT_ORDERS = ('sequential', 'one_pass')
-FINETUNE_SCHEDULES = ('constant', 'cosine')  # the fine-tuning learning rate: kept, or annealed to 0 per epoch
+FINETUNE_SCHEDULES = ('constant', 'cosine')  # the fine-tuning learning rate: kept, or annealed to 0 per step
 SPEEDUPS = ('nni', 'torch_pruning')
 DEFAULT_LEVELS = (0.2, 0.4, 0.6, 0.8)
 BUDGET_KEYS = ('target_flops', 'target_params', 'target_latency')

@@ -32,7 +32,7 @@ RUN_KEY_HELP = {
     'allow_chance_baseline': 'go on when the baseline is within 0.05 of chance accuracy (else an error)',
     'finetune_epochs': 'fine-tuning epochs of each compressed model',
     'finetune_lr': 'fine-tuning learning rate (SGD)',
-    'finetune_schedule': "fine-tuning learning rate over the epochs: 'constant' or 'cosine' (annealed to 0)",
+    'finetune_schedule': "fine-tuning learning rate: 'constant' or 'cosine' (annealed to 0 over the run's steps)",
     'batch_size': 'batch size of training and fine-tuning',
     'seed': 'seed of the initial weights, the data order and the calibration batch',
     'threads': 'torch threads for training and timing (also the latency budget\'s threads)',

@@ -64,12 +64,13 @@ def training_step(batch, model: nn.Module, *args, **kwargs) -> torch.Tensor:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable, loader: Iterable,
           lr_scheduler=None, max_steps: int | None = None, max_epochs: int | None = None,
           progress: bool = True, description: str = 'train',
-          on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> None:
+          on_epoch_end: Callable[[nn.Module, int], None] | None = None, scheduler_per_step: bool = False) -> None:
     """Run ``step_fn(batch, model) -> loss`` with ``optimizer`` for ``max_epochs`` epochs or ``max_steps`` steps.
 
     NNI's ``training_func`` signature minus the loader; one epoch when both limits are None. Batches move to the
-    model's device. ``on_epoch_end(model, epoch)`` (epoch counted from 1) runs after every complete epoch. A
-    loader with a ``DistributedSampler`` gets ``set_epoch(epoch)`` before each epoch (its shuffle changes per epoch).
+    model's device. ``lr_scheduler`` steps after every epoch, or after every batch with ``scheduler_per_step``.
+    ``on_epoch_end(model, epoch)`` (epoch counted from 1) runs after every complete epoch. A loader with a
+    ``DistributedSampler`` gets ``set_epoch(epoch)`` before each epoch (its shuffle changes per epoch).
     """
     epochs = max_epochs if max_epochs is not None else (1 if max_steps is None else 10 ** 9)
     steps = 0
@@ -84,11 +85,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable,
                 loss = step_fn(to_device(batch, device), model)
                 loss.backward()
                 optimizer.step()
+                if scheduler_per_step and lr_scheduler is not None:
+                    lr_scheduler.step()
                 steps += 1
                 bar.set_postfix(loss=f'{loss.item():.3f}')
                 if max_steps is not None and steps >= max_steps:
                     return
-        if lr_scheduler is not None:
+        if lr_scheduler is not None and not scheduler_per_step:
             lr_scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(model, epoch + 1)
@@ -185,9 +188,9 @@ def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: n
     """An NNI ``TorchEvaluator``: SGD (``nni.trace``d), cross-entropy steps on ``train_loader``,
     accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch.
 
-    ``schedule='cosine'`` anneals the rate from ``lr`` towards 0 over ``epochs`` epochs (``CosineAnnealingLR``,
-    stepped after each epoch, so the first epoch runs at ``lr`` and a run cut to fewer steps never steps it);
-    ``'constant'`` keeps ``lr``. ``data_parallel``: under ``torchrun``, every rank trains the model wrapped in
+    ``schedule='cosine'`` anneals the rate from ``lr`` to 0 over the run's ``epochs * len(train_loader)`` steps
+    (``CosineAnnealingLR``, stepped after each batch, as timm and most recipes do): a 1-epoch run ends at rate 0
+    as a 5-epoch run does, so each length is its own run; ``'constant'`` keeps ``lr``. ``data_parallel``: under ``torchrun``, every rank trains the model wrapped in
     ``DistributedDataParallel`` (``app.distributed.data_parallel``; give each rank its shard,
     ``distributed.shard_loader``).
     """
@@ -196,15 +199,19 @@ def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: n
     if schedule == 'cosine' and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise HMCConfigError(f"finetune_schedule='cosine' needs the number of fine-tuning epochs (an int >= 1), "
                              f'got finetune_epochs={epochs!r}')
+    if schedule == 'cosine' and not hasattr(train_loader, '__len__'):
+        raise HMCConfigError("finetune_schedule='cosine' needs a training loader with a length (its steps per "
+                             "epoch): pass a DataLoader or a list of batches, or use finetune_schedule='constant'")
 
     def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
         epoch_end = None if on_epoch_end is None else (lambda trained, epoch: on_epoch_end(model, epoch))
         with (distributed.data_parallel(model) if data_parallel else contextlib.nullcontext(model)) as trained:
             train(trained, optimizers, training_step, train_loader, lr_schedulers, max_steps, max_epochs,
-                  progress=progress, description='fine-tune', on_epoch_end=epoch_end)
+                  progress=progress, description='fine-tune', on_epoch_end=epoch_end,
+                  scheduler_per_step=schedule == 'cosine')
 
     optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, T_max=epochs) \
+    scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, T_max=epochs * len(train_loader)) \
         if schedule == 'cosine' else None
     return TorchEvaluator(training_func, optimizer, training_step, lr_schedulers=scheduler, dummy_input=dummy_input,
                           evaluating_func=lambda model: evaluate_accuracy(model, test_loader))

@@ -303,8 +303,8 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
     ``TorchEvaluator`` (``make_torch_evaluator``: SGD at ``settings.finetune_lr``, momentum 0.9, weight decay
     5e-4, ``settings.finetune_schedule``; a ``max_steps`` probe at the constant rate) and ``nni_api.finetune``,
     the path of every compressed model; batch order seeded by ``settings.seed``. ``on_epoch_end(model, epoch)``
-    runs after each epoch: the state after epoch k is the state a k-epoch fine-tune ends in at the constant rate,
-    and after epoch 1 under either schedule (the cosine steps after an epoch). Leaves the model in eval mode;
+    runs after each epoch: at the constant rate the state after epoch k is the state a k-epoch fine-tune ends in
+    (a cosine run anneals over all its epochs, so only its last epoch is). Leaves the model in eval mode;
     returns the seconds it took."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)

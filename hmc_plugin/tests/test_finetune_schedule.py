@@ -1,4 +1,4 @@
-"""The fine-tuning schedule: a cosine anneals the rate per epoch, exactly as plain SGD with the rate set by hand."""
+"""The fine-tuning schedule: a cosine anneals the rate per step to 0, exactly as plain SGD with the rate set by hand."""
 from __future__ import annotations
 
 import copy
@@ -38,40 +38,52 @@ def _tuned(loader, schedule: str, epochs: int, *, max_epochs: int | None = None,
 
 
 def _by_hand(loader, rates: list[float]) -> nn.Module:
-    """Plain SGD (momentum 0.9, weight decay 5e-4, as the evaluator) with epoch ``e``'s rate ``rates[e]``."""
+    """Plain SGD (momentum 0.9, weight decay 5e-4, as the evaluator) with step ``s``'s rate ``rates[s]``, over the
+    loader's batches in order, as many epochs as ``rates`` has steps."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=rates[0], momentum=0.9, weight_decay=5e-4)
-    for rate in rates:
+    batches = [batch for _ in range(len(rates) // len(loader)) for batch in loader]
+    for rate, (images, labels) in zip(rates, batches):
         for group in optimizer.param_groups:
             group['lr'] = rate
-        for images, labels in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), labels).backward()
-            optimizer.step()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
     return model
 
 
-def test_cosine_anneals_the_rate_after_each_epoch(loader):
+def _cosine(steps: int) -> list[float]:
+    return [LR * 0.5 * (1 + math.cos(math.pi * step / steps)) for step in range(steps)]
+
+
+def test_cosine_anneals_the_rate_after_each_step_to_zero_at_the_end_of_the_run(loader):
     tuned = _tuned(loader, 'cosine', 3, max_epochs=3)
-    rates = [LR * 0.5 * (1 + math.cos(math.pi * epoch / 3)) for epoch in range(3)]  # LR, 0.75 LR, 0.25 LR
-    expected = _by_hand(loader, rates)
+    expected = _by_hand(loader, _cosine(3 * len(loader)))  # 12 steps: LR, 0.98 LR, ..., 0.017 LR
     for name, tensor in tuned.state_dict().items():
         assert torch.allclose(tensor, expected.state_dict()[name], atol=1e-6), name
     constant = _tuned(loader, 'constant', 3, max_epochs=3)
     assert not torch.allclose(constant.weight, tuned.weight, atol=1e-4)
 
 
-def test_epoch_one_and_a_short_probe_run_at_the_plain_rate(loader):
-    one_epoch = _tuned(loader, 'constant', 1, max_epochs=1)
+def test_a_one_epoch_cosine_run_is_its_own_run_not_the_first_epoch_of_a_longer_one(loader):
+    one_epoch = _tuned(loader, 'cosine', 1, max_epochs=1)
+    expected = _by_hand(loader, _cosine(len(loader)))
+    assert torch.allclose(one_epoch.weight, expected.weight, atol=1e-6)
     after_first = {}
     model = _model()
     evaluator = make_torch_evaluator(loader, loader, model, lr=LR, schedule='cosine', epochs=5, progress=False,
                                      on_epoch_end=lambda tuned, epoch: after_first.setdefault(
                                          epoch, copy.deepcopy(tuned.state_dict())))
     finetune(model, evaluator, original=model, max_epochs=5)
-    for name, tensor in one_epoch.state_dict().items():
-        assert torch.equal(tensor, after_first[1][name]), name
-    assert torch.equal(_tuned(loader, 'cosine', 5, max_steps=3).weight, _tuned(loader, 'constant', 5, max_steps=3).weight)
+    assert not torch.allclose(after_first[1]['weight'], one_epoch.weight, atol=1e-4)
+    # at the constant rate the first epoch of a longer run is the 1-epoch run, bit for bit
+    constant_first = {}
+    model = _model()
+    evaluator = make_torch_evaluator(loader, loader, model, lr=LR, schedule='constant', epochs=5, progress=False,
+                                     on_epoch_end=lambda tuned, epoch: constant_first.setdefault(
+                                         epoch, copy.deepcopy(tuned.state_dict())))
+    finetune(model, evaluator, original=model, max_epochs=5)
+    assert torch.equal(constant_first[1]['weight'], _tuned(loader, 'constant', 1, max_epochs=1).weight)
 
 
 def test_a_wrong_schedule_is_refused_by_name():
@@ -81,6 +93,8 @@ def test_a_wrong_schedule_is_refused_by_name():
         make_torch_evaluator([], [], _model(), schedule='linear')
     with pytest.raises(HMCConfigError, match='finetune_epochs=0'):
         make_torch_evaluator([], [], _model(), schedule='cosine', epochs=0)
+    with pytest.raises(HMCConfigError, match="loader with a length.*finetune_schedule='constant'"):
+        make_torch_evaluator(iter([]), [], _model(), schedule='cosine', epochs=2)
 
 
 def test_the_schedule_is_a_flag():

@@ -2,12 +2,11 @@
 
 For each (model, data set, seed) the baseline is trained once and scanned once (proxy sensitivity, the quality
 suite's settings). Then, for each budget and method, the model is compressed, measured before fine-tuning
-(test accuracy, KL(original || compressed) per test image in nats) and fine-tuned ``max(--finetune-epochs)``
-epochs (SGD lr 0.01, momentum 0.9, the same batch order for every method of a seed; ``--finetune-schedule``
-``constant`` (default) or ``cosine``, annealed to 0 over ``max(--finetune-epochs)`` epochs, stepped per epoch),
-measured again after each epoch of ``--finetune-epochs``: the state after epoch 1 of that run is bit for bit the
-state a 1-epoch fine-tune ends in (``workflow.sgd_finetune``), so one run gives both columns. A cosine run may
-measure only epoch 1 and the last epoch (in between, the rate is not a shorter run's), and writes
+(test accuracy, KL(original || compressed) per test image in nats) and fine-tuned (SGD lr 0.01, momentum 0.9, the
+same batch order for every method of a seed). ``--finetune-schedule constant`` (default): one run of
+``max(--finetune-epochs)`` epochs, measured after each epoch of ``--finetune-epochs`` (the state after epoch k is
+bit for bit the state a k-epoch fine-tune ends in, ``workflow.sgd_finetune``). ``cosine``: one run per epoch count,
+each annealed to 0 over its own steps (a 1-epoch run is not the first epoch of a 5-epoch one); writes
 ``power_cosine.{json,md}``.
 
 Methods (every one gets the same calibration data: its pruned consumers refitted and its BatchNorm statistics
@@ -103,10 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.models, args.data, args.seeds, args.budgets = 'resnet20', 'digits', '0,1', 'flops:0.5'
         args.methods, args.train_epochs, args.finetune_epochs, args.probe_steps = 'hmc,prune,tp_l2', 1, '1', 2
-    epochs = sorted(int(epoch) for epoch in args.finetune_epochs.split(','))
-    if args.finetune_schedule == 'cosine' and not set(epochs) <= {1, max(epochs)}:
-        raise SystemExit(f'--finetune-epochs {args.finetune_epochs} with --finetune-schedule cosine: only epoch 1 and '
-                         f'the last are what a run of that length ends in; measure e.g. 1,{max(epochs)}')
     return args
 
 
@@ -188,8 +183,16 @@ def run_cell(model, splits, settings, method: str, table, reference, epochs: lis
             cell['acc'][str(epoch)] = evaluate_accuracy(tuned, test_loader)
             cell['kl'][str(epoch)] = output_kl(reference, tuned, images)
 
-    cell['finetune_seconds'] = sgd_finetune(compressed, splits, common.replace(settings, finetune_epochs=max(epochs)),
-                                            on_epoch_end=measure)
+    if settings.finetune_schedule == 'constant':  # one run: its epoch k is a k-epoch run
+        cell['finetune_seconds'] = sgd_finetune(compressed, splits,
+                                                common.replace(settings, finetune_epochs=max(epochs)),
+                                                on_epoch_end=measure)
+        return cell
+    cell['finetune_seconds'] = 0.0
+    for count in epochs:  # a scheduled run anneals over its own length: one run per epoch count
+        tuned = copy.deepcopy(compressed)
+        cell['finetune_seconds'] += sgd_finetune(tuned, splits, common.replace(settings, finetune_epochs=count))
+        measure(tuned, count)
     return cell
 
 
@@ -241,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cell_settings = common.replace(budget_settings, **VARIANTS.get(method, (None, {}))[1])
                         key = {'settings': common.settings_dict(cell_settings), 'method': method,
                                'baseline': model_fingerprint(model), 'scan': common.table_fingerprint(table),
-                               'epochs': epochs, 'quick': args.quick}
+                               'epochs': epochs, 'quick': args.quick,
+                               'runs': 'one per epoch count' if args.finetune_schedule != 'constant' else 'one'}
                         path = work / 'cells' / f'{kind}{target:g}_{method}.json'
                         head = f'{data} {model_name} seed {seed} {budget_label(kind, target)} {method}'
                         try:
@@ -261,7 +265,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings_out = {'models': args.models.split(','), 'data': args.data.split(','), 'seeds': seeds,
                     'budgets': [f'{kind}:{target:g}' for kind, target in budgets], 'methods': methods, 'epochs': epochs,
                     'train_epochs': args.train_epochs, 'train_lr': common.TRAIN_LR, 'finetune_lr': common.FINETUNE_LR,
-                    'finetune_schedule': args.finetune_schedule, 'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
+                    'finetune_schedule': args.finetune_schedule,
+                    'finetune_runs': 'one per epoch count' if args.finetune_schedule != 'constant' else 'one',
+                    'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
     suite = 'power' if args.finetune_schedule == 'constant' else f'power_{args.finetune_schedule}'
     report = {**common.header(suite, settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
               'cells': cells, 'missing': missing}
@@ -400,7 +406,9 @@ def cell_table(row: dict) -> str:
 def _schedule_words(settings: dict[str, Any]) -> str:
     if settings.get('finetune_schedule', 'constant') == 'constant':
         return 'no schedule'
-    return f'cosine to 0 over {max(settings["epochs"])} epochs, stepped per epoch'
+    if 'finetune_runs' not in settings:  # reports of the per-epoch cosine (before 2026-12-08): one run, its epoch 1
+        return f'cosine to 0 over {max(settings["epochs"])} epochs, stepped per epoch'
+    return 'cosine to 0 over each run\'s steps, one run per epoch count'
 
 
 def render_markdown(report: dict) -> str:
