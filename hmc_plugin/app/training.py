@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from ..errors import HMCConfigError
 from ..settings import FINETUNE_SCHEDULES
 from ..utils.device import model_device, to_device
+from ..utils.memory import mib, saved_activation_bytes, training_budget_bytes
 from . import distributed
 
-__all__ = ['evaluate_accuracy', 'correct_per_image', 'training_step', 'train', 'warmup_cosine', 'train_baseline',
-           'make_torch_evaluator']
+__all__ = ['evaluate_accuracy', 'correct_per_image', 'training_step', 'train', 'micro_batch_size', 'warmup_cosine',
+           'train_baseline', 'make_torch_evaluator']
 
 _logger = logging.getLogger(__name__)
 
@@ -64,26 +65,39 @@ def training_step(batch, model: nn.Module, *args, **kwargs) -> torch.Tensor:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable, loader: Iterable,
           lr_scheduler=None, max_steps: int | None = None, max_epochs: int | None = None,
           progress: bool = True, description: str = 'train',
-          on_epoch_end: Callable[[nn.Module, int], None] | None = None, scheduler_per_step: bool = False) -> None:
+          on_epoch_end: Callable[[nn.Module, int], None] | None = None, scheduler_per_step: bool = False,
+          activation_budget: int | None = None) -> None:
     """Run ``step_fn(batch, model) -> loss`` with ``optimizer`` for ``max_epochs`` epochs or ``max_steps`` steps.
 
     NNI's ``training_func`` signature minus the loader; one epoch when both limits are None. Batches move to the
     model's device. ``lr_scheduler`` steps after every epoch, or after every batch with ``scheduler_per_step``.
     ``on_epoch_end(model, epoch)`` (epoch counted from 1) runs after every complete epoch. A loader with a
     ``DistributedSampler`` gets ``set_epoch(epoch)`` before each epoch (its shuffle changes per epoch).
+
+    ``activation_budget`` (bytes): where a batch's saved activations would take more, each batch is split into
+    micro-batches that fit and their gradients accumulated (weighted by their share of the batch) before one
+    optimizer step (``micro_batch_size``, measured on the first batch): the same step as the whole batch's,
+    except that BatchNorm normalises each micro-batch.
     """
     epochs = max_epochs if max_epochs is not None else (1 if max_steps is None else 10 ** 9)
     steps = 0
     device = model_device(model)
     model.train()
+    micro = None  # images per micro-batch, sized on the first batch; None: whole batches
     for epoch in range(epochs):
         if hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
             loader.sampler.set_epoch(epoch)
         with tqdm(loader, desc=f'{description} epoch {epoch + 1}', disable=not progress, leave=False) as bar:
             for batch in bar:
+                batch = to_device(batch, device)
+                if activation_budget is not None and steps == 0:
+                    micro = micro_batch_size(model, step_fn, batch, activation_budget)
                 optimizer.zero_grad()
-                loss = step_fn(to_device(batch, device), model)
-                loss.backward()
+                if micro is None or _batch_length(batch) <= micro:
+                    loss = step_fn(batch, model)
+                    loss.backward()
+                else:
+                    loss = _accumulated_step(model, step_fn, batch, micro)
                 optimizer.step()
                 if scheduler_per_step and lr_scheduler is not None:
                     lr_scheduler.step()
@@ -95,6 +109,64 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable,
             lr_scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(model, epoch + 1)
+
+
+def _batch_length(batch) -> int | None:
+    """Images in ``batch`` (a tensor, or a tuple/list of tensors sharing their first dim); None for other shapes."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch) if isinstance(batch, (tuple, list)) else []
+    if not tensors or not all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in tensors):
+        return None
+    lengths = {len(item) for item in tensors}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def _split(batch, start: int, stop: int):
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    return type(batch)(item[start:stop] for item in batch)
+
+
+def micro_batch_size(model: nn.Module, step_fn: Callable, batch, activation_budget: int) -> int | None:
+    """Images per micro-batch whose saved activations fit ``activation_budget`` bytes, measured on the model's
+    forward pass of two images of ``batch`` (its inputs: the batch, or its first tensor;
+    ``utils.memory.saved_activation_bytes``; not through ``step_fn``, whose side effects, such as a distillation
+    term, belong to training steps); None when the whole batch fits or it cannot be split. Logs the split, and
+    warns when one image alone takes more than the budget."""
+    length = _batch_length(batch)
+    if length is None or length < 2:
+        return None
+    inputs = _split(batch, 0, 2)
+    inputs = inputs if isinstance(inputs, torch.Tensor) else inputs[0]
+    measured = getattr(model, 'module', model)  # past a DDP wrapper: a forward without its backward leaves no trace
+    per_image = saved_activation_bytes(measured, lambda: measured(inputs)) / 2
+    fitting = int(activation_budget // max(per_image, 1))
+    if fitting >= length:
+        return None
+    if fitting < 1:
+        _logger.warning('One training image saves about %d MiB of activations for its backward pass, more than the '
+                        '%d MiB memory budget: training one image at a time, which may still exceed it (raise '
+                        'memory_budget, or lower the input size)', mib(per_image), mib(activation_budget))
+    micro = max(1, fitting)
+    _logger.info('Training batches of %d images in micro-batches of %d (about %d MiB of saved activations per image, '
+                 'memory budget %d MiB; memory_budget sets it): gradients are accumulated into one step, BatchNorm '
+                 'normalises each micro-batch', length, micro, mib(per_image), mib(activation_budget))
+    return micro
+
+
+def _accumulated_step(model: nn.Module, step_fn: Callable, batch, micro: int) -> torch.Tensor:
+    """The batch's mean loss, its gradient accumulated over micro-batches of ``micro`` images (each loss weighted by
+    its share of the batch); a DDP model reduces its gradients once, on the last micro-batch."""
+    length = _batch_length(batch)
+    total = torch.zeros(())
+    for start in range(0, length, micro):
+        stop = min(start + micro, length)
+        last = stop == length
+        syncing = model.no_sync() if hasattr(model, 'no_sync') and not last else contextlib.nullcontext()
+        with syncing:
+            loss = step_fn(_split(batch, start, stop), model) * ((stop - start) / length)
+            loss.backward()
+        total = total + loss.detach().cpu()
+    return total
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -184,15 +256,17 @@ def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: n
                          momentum: float = 0.9, weight_decay: float = 5e-4, dummy_input=None,
                          progress: bool = True, schedule: str = 'constant', epochs: int | None = None,
                          on_epoch_end: Callable[[nn.Module, int], None] | None = None,
-                         data_parallel: bool = False) -> TorchEvaluator:
+                         data_parallel: bool = False, memory_budget: int | None = None) -> TorchEvaluator:
     """An NNI ``TorchEvaluator``: SGD (``nni.trace``d), cross-entropy steps on ``train_loader``,
     accuracy on ``test_loader`` as the metric; ``on_epoch_end(model, epoch)`` runs after each training epoch.
 
     ``schedule='cosine'`` anneals the rate from ``lr`` to 0 over the run's ``epochs * len(train_loader)`` steps
     (``CosineAnnealingLR``, stepped after each batch, as timm and most recipes do): a 1-epoch run ends at rate 0
-    as a 5-epoch run does, so each length is its own run; ``'constant'`` keeps ``lr``. ``data_parallel``: under ``torchrun``, every rank trains the model wrapped in
-    ``DistributedDataParallel`` (``app.distributed.data_parallel``; give each rank its shard,
-    ``distributed.shard_loader``).
+    as a 5-epoch run does, so each length is its own run; ``'constant'`` keeps ``lr``. ``data_parallel``: under
+    ``torchrun``, every rank trains the model wrapped in ``DistributedDataParallel``
+    (``app.distributed.data_parallel``; give each rank its shard, ``distributed.shard_loader``).
+    ``memory_budget`` (MiB; None: a quarter of the memory available): a batch whose saved activations would take
+    more is trained in micro-batches with their gradients accumulated (``train``'s ``activation_budget``).
     """
     if schedule not in FINETUNE_SCHEDULES:
         raise HMCConfigError(f'Got finetune_schedule={schedule!r} but expected one of {list(FINETUNE_SCHEDULES)}')
@@ -208,7 +282,8 @@ def make_torch_evaluator(train_loader: Iterable, test_loader: Iterable, model: n
         with (distributed.data_parallel(model) if data_parallel else contextlib.nullcontext(model)) as trained:
             train(trained, optimizers, training_step, train_loader, lr_schedulers, max_steps, max_epochs,
                   progress=progress, description='fine-tune', on_epoch_end=epoch_end,
-                  scheduler_per_step=schedule == 'cosine')
+                  scheduler_per_step=schedule == 'cosine',
+                  activation_budget=training_budget_bytes(memory_budget, model_device(model)))
 
     optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = nni.trace(torch.optim.lr_scheduler.CosineAnnealingLR)(optimizer, T_max=epochs * len(train_loader)) \

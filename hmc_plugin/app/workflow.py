@@ -129,7 +129,7 @@ def make_compressor(model: nn.Module, splits: DataSplits, settings: RunSettings,
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr,
                                      schedule=settings.finetune_schedule, epochs=max(1, settings.finetune_epochs),
                                      dummy_input=dummy_input, progress=progress, on_epoch_end=on_epoch_end,
-                                     data_parallel=data_parallel)
+                                     data_parallel=data_parallel, memory_budget=settings.memory_budget)
     entry: dict[str, Any] = {'op_types': list(settings.op_types)}
     if settings.exclude_op_names:
         entry['exclude_op_names'] = list(settings.exclude_op_names)
@@ -312,7 +312,7 @@ def sgd_finetune(model: nn.Module, splits: DataSplits, settings: RunSettings, ma
     schedule = settings.finetune_schedule if max_steps is None else 'constant'  # a probe runs at the plain rate
     evaluator = make_torch_evaluator(train_loader, test_loader, model, lr=settings.finetune_lr, progress=False,
                                      schedule=schedule, epochs=max(1, settings.finetune_epochs),
-                                     on_epoch_end=on_epoch_end)
+                                     on_epoch_end=on_epoch_end, memory_budget=settings.memory_budget)
     finetune(model, evaluator, original=model, max_steps=max_steps,
              max_epochs=None if max_steps is not None else settings.finetune_epochs)
     model.eval()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ['AUTO_BUDGET_MIB', 'MIN_AUTO_BUDGET_MIB', 'available_bytes', 'budget_bytes', 'activation_bytes', 'mib',
-           'release_memory', 'trim_heap']
+           'release_memory', 'trim_heap', 'training_budget_bytes', 'saved_activation_bytes']
 
 AUTO_BUDGET_MIB = 1024
 MIN_AUTO_BUDGET_MIB = 256
@@ -58,6 +58,41 @@ def budget_bytes(memory_budget: int | None, device: torch.device | str | None = 
     if available is not None:
         automatic = min(automatic, max(available // 4, MIN_AUTO_BUDGET_MIB * _MIB))
     return automatic
+
+
+def training_budget_bytes(memory_budget: int | None, device: torch.device | str | None = None) -> int | None:
+    """The bytes a training step's saved activations may take: ``memory_budget`` MiB, or a quarter of the memory
+    available on ``device`` (None where unknown). Unlike the calibration passes' budget, the automatic one is not
+    capped at ``AUTO_BUDGET_MIB``: a step that fits the machine is left whole."""
+    if memory_budget is not None:
+        return int(memory_budget) * _MIB
+    available = available_bytes(device)
+    return None if available is None else available // 4
+
+
+def saved_activation_bytes(model: nn.Module, step: Any) -> int:
+    """Bytes autograd saves for the backward pass of ``step()`` (a forward and loss on ``model``), parameters and
+    tensors saved twice counted once; ``step`` runs in a forked random state and ``model``'s buffers (BatchNorm's
+    running statistics) are put back, so the measurement leaves no trace on the training that follows."""
+    parameters = {param.data_ptr() for param in model.parameters()}
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.data_ptr()
+        if pointer not in parameters:
+            seen[(pointer, tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            step()
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+    return sum(seen.values())
 
 
 @torch.no_grad()
