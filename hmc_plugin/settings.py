@@ -146,8 +146,10 @@ class HMCSettings:
                                         "MiB the scan's Fisher pass may use for activations: it splits the calibration "
                                         'batch and the projections into chunks that fit (default: 1024, at most a '
                                         "quarter of the system's available memory); a budget too small for one image "
-                                        "is an error before the scan. It also sizes NNI's speedup batch and whether "
-                                        'the data-aware fit runs all layers in one pass')
+                                        "is an error before the scan. It also sizes NNI's speedup batch, whether "
+                                        'the data-aware fit runs all layers in one pass, and the micro-batches of a '
+                                        "fine-tuning step of make_torch_evaluator (the hmc command's) whose saved "
+                                        'activations exceed it (unset there: a quarter of the available memory)')
     distill: bool = setting(False, lambda v: isinstance(v, bool), 'True or False',
                             'fine-tune with knowledge distillation from the original model', optional=False)
     distill_alpha: float = setting(0.5, _fraction, 'a fraction in (0, 1]', 'weight of the distillation loss',
