@@ -65,25 +65,25 @@ def test_cosine_anneals_the_rate_after_each_step_to_zero_at_the_end_of_the_run(l
     assert not torch.allclose(constant.weight, tuned.weight, atol=1e-4)
 
 
+def _first_epoch_of(loader, schedule: str, epochs: int) -> dict[str, torch.Tensor]:
+    """The state after epoch 1 of a fine-tune of ``epochs`` epochs under ``schedule``."""
+    states = {}
+    model = _model()
+    evaluator = make_torch_evaluator(loader, loader, model, lr=LR, schedule=schedule, epochs=epochs, progress=False,
+                                     on_epoch_end=lambda tuned, epoch: states.setdefault(
+                                         epoch, copy.deepcopy(tuned.state_dict())))
+    finetune(model, evaluator, original=model, max_epochs=epochs)
+    return states[1]
+
+
 def test_a_one_epoch_cosine_run_is_its_own_run_not_the_first_epoch_of_a_longer_one(loader):
     one_epoch = _tuned(loader, 'cosine', 1, max_epochs=1)
     expected = _by_hand(loader, _cosine(len(loader)))
     assert torch.allclose(one_epoch.weight, expected.weight, atol=1e-6)
-    after_first = {}
-    model = _model()
-    evaluator = make_torch_evaluator(loader, loader, model, lr=LR, schedule='cosine', epochs=5, progress=False,
-                                     on_epoch_end=lambda tuned, epoch: after_first.setdefault(
-                                         epoch, copy.deepcopy(tuned.state_dict())))
-    finetune(model, evaluator, original=model, max_epochs=5)
-    assert not torch.allclose(after_first[1]['weight'], one_epoch.weight, atol=1e-4)
+    assert not torch.allclose(_first_epoch_of(loader, 'cosine', 5)['weight'], one_epoch.weight, atol=1e-4)
     # at the constant rate the first epoch of a longer run is the 1-epoch run, bit for bit
-    constant_first = {}
-    model = _model()
-    evaluator = make_torch_evaluator(loader, loader, model, lr=LR, schedule='constant', epochs=5, progress=False,
-                                     on_epoch_end=lambda tuned, epoch: constant_first.setdefault(
-                                         epoch, copy.deepcopy(tuned.state_dict())))
-    finetune(model, evaluator, original=model, max_epochs=5)
-    assert torch.equal(constant_first[1]['weight'], _tuned(loader, 'constant', 1, max_epochs=1).weight)
+    assert torch.equal(_first_epoch_of(loader, 'constant', 5)['weight'],
+                       _tuned(loader, 'constant', 1, max_epochs=1).weight)
 
 
 def test_a_wrong_schedule_is_refused_by_name():
