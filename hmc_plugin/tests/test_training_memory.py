@@ -76,3 +76,14 @@ def test_the_evaluator_splits_by_memory_budget_and_says_so(caplog):
         assert micro_batch_size(model, training_step, batches[0], 1024) == 1
     assert any('more than the' in record.getMessage() and 'raise memory_budget' in record.getMessage()
                for record in caplog.records)
+
+
+def test_the_measurement_is_not_seen_by_forward_hooks():
+    # a hook that counts training images (as app.distributed's sample counter) counts only the training steps
+    batches = _batches()
+    model = _model(batchnorm=True)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    _trained(model, batches, budget=10 ** 12)
+    handle.remove()
+    assert sum(seen) == 2 * 3 * 8 and model._forward_pre_hooks == {}

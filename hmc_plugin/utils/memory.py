@@ -7,11 +7,12 @@ inputs on a CUDA device) when that is less.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,10 +71,30 @@ def training_budget_bytes(memory_budget: int | None, device: torch.device | str 
     return None if available is None else available // 4
 
 
+_FORWARD_HOOKS = ('_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_forward_hooks', '_forward_hooks_with_kwargs',
+                  '_forward_hooks_always_called')
+
+
+@contextlib.contextmanager
+def _forward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """The forward (pre-)hooks of ``model``'s modules set aside while inside (a sample counter or a distillation
+    hook sees no pass that is not training), put back afterwards."""
+    kept = [(module, name, getattr(module, name)) for module in model.modules() for name in _FORWARD_HOOKS
+            if getattr(module, name, None)]
+    for module, name, hooks in kept:
+        setattr(module, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for module, name, hooks in kept:
+            setattr(module, name, hooks)
+
+
 def saved_activation_bytes(model: nn.Module, step: Any) -> int:
     """Bytes autograd saves for the backward pass of ``step()`` (a forward and loss on ``model``), parameters and
-    tensors saved twice counted once; ``step`` runs in a forked random state and ``model``'s buffers (BatchNorm's
-    running statistics) are put back, so the measurement leaves no trace on the training that follows."""
+    tensors saved twice counted once; ``step`` runs in a forked random state with the modules' forward hooks set
+    aside, and ``model``'s buffers (BatchNorm's running statistics) are put back, so the measurement leaves no
+    trace on the training that follows."""
     parameters = {param.data_ptr() for param in model.parameters()}
     seen: dict[tuple[int, int], int] = {}
 
@@ -86,7 +107,8 @@ def saved_activation_bytes(model: nn.Module, step: Any) -> int:
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        with torch.random.fork_rng(devices=devices), _forward_hooks_off(model), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             step()
     finally:
         with torch.no_grad():
