@@ -3,7 +3,8 @@
 ``memory_budget`` (MiB) bounds the working memory of the passes over calibration data (the Fisher pass of the
 ``proxy`` scan splits its batch and projections to stay under it); ``None`` picks ``AUTO_BUDGET_MIB``, or a
 quarter of the memory available where the pass runs (the system's, or the CUDA device's free memory for
-inputs on a CUDA device) when that is less.
+inputs on a CUDA device) when that is less. A training step's saved activations (``training_budget_bytes``,
+``saved_activation_bytes``) follow ``memory_budget`` too, unset a quarter of the available memory.
 """
 from __future__ import annotations
 
