@@ -91,7 +91,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable,
             for batch in bar:
                 batch = to_device(batch, device)
                 if activation_budget is not None and steps == 0:
-                    micro = micro_batch_size(model, step_fn, batch, activation_budget)
+                    micro = micro_batch_size(model, batch, activation_budget)
                 optimizer.zero_grad()
                 if micro is None or _batch_length(batch) <= micro:
                     loss = step_fn(batch, model)
@@ -126,11 +126,11 @@ def _split(batch, start: int, stop: int):
     return type(batch)(item[start:stop] for item in batch)
 
 
-def micro_batch_size(model: nn.Module, step_fn: Callable, batch, activation_budget: int) -> int | None:
+def micro_batch_size(model: nn.Module, batch, activation_budget: int) -> int | None:
     """Images per micro-batch whose saved activations fit ``activation_budget`` bytes, measured on the model's
     forward pass of two images of ``batch`` (its inputs: the batch, or its first tensor;
-    ``utils.memory.saved_activation_bytes``; not through ``step_fn``, whose side effects, such as a distillation
-    term, belong to training steps); None when the whole batch fits or it cannot be split. Logs the split, and
+    ``utils.memory.saved_activation_bytes``; not through the training step, whose side effects, such as a
+    distillation term, belong to training); None when the whole batch fits or it cannot be split. Logs the split, and
     warns when one image alone takes more than the budget."""
     length = _batch_length(batch)
     if length is None or length < 2:

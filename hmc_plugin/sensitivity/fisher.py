@@ -236,8 +236,9 @@ def _weight_grad_scores(module: nn.Module, layer_input: Tensor, grad: Tensor,
     of projections). ``G (n, K, O, D)`` is built a few samples at a time, one product per sample of the output
     gradients ``(K*O, R)`` and the unfolded input patches ``(R, D)`` (summed over the ``R`` output positions),
     within ``WEIGHT_GRAD_BLOCK_BYTES``; it meets every unit's change at every level in one product with their
-    stack ``(P, L)`` (a copy of the layer's changes for the call). ``unfolded`` (a dict kept across the backward passes of one forward pass) keeps the
-    patches of each block for the next pass instead of unfolding the input again.
+    stack ``(P, L)`` (a copy of the layer's changes for the call). ``unfolded`` (a dict kept across the backward
+    passes of one forward pass) keeps the patches of each block for the next pass instead of unfolding the input
+    again.
     """
     weight = module.weight
     projections, samples, outputs = grad.shape[0], grad.shape[1], weight.shape[0]

@@ -43,7 +43,7 @@ def test_micro_batches_take_the_whole_batch_step_without_batchnorm():
     assert per_image > 6 * 8 * 8 * 4  # at least the conv's output, per image
     whole = _trained(copy.deepcopy(model), batches, budget=None)
     split = _trained(copy.deepcopy(model), batches, budget=int(3 * per_image))  # micro-batches of 3, 3, 2
-    assert micro_batch_size(model, training_step, batches[0], int(3 * per_image)) == 3
+    assert micro_batch_size(model, batches[0], int(3 * per_image)) == 3
     for name, tensor in whole.state_dict().items():
         assert torch.allclose(tensor, split.state_dict()[name], atol=1e-6), name
 
@@ -73,7 +73,7 @@ def test_the_evaluator_splits_by_memory_budget_and_says_so(caplog):
     assert not torch.equal(tuned[0].weight, model[0].weight)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger='hmc_plugin.app.training'):
-        assert micro_batch_size(model, training_step, batches[0], 1024) == 1
+        assert micro_batch_size(model, batches[0], 1024) == 1
     assert any('more than the' in record.getMessage() and 'raise memory_budget' in record.getMessage()
                for record in caplog.records)
 

@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     budgets = parse_budgets(args.budgets)
     methods = args.methods.split(',')
     epochs = sorted(int(epoch) for epoch in args.finetune_epochs.split(','))
+    finetune_runs = 'one per epoch count' if args.finetune_schedule != 'constant' else 'one'  # see run_cell
     baselines, cells, missing = [], [], []
     for data in args.data.split(','):
         for model_name in args.models.split(','):
@@ -244,8 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cell_settings = common.replace(budget_settings, **VARIANTS.get(method, (None, {}))[1])
                         key = {'settings': common.settings_dict(cell_settings), 'method': method,
                                'baseline': model_fingerprint(model), 'scan': common.table_fingerprint(table),
-                               'epochs': epochs, 'quick': args.quick,
-                               'runs': 'one per epoch count' if args.finetune_schedule != 'constant' else 'one'}
+                               'epochs': epochs, 'quick': args.quick, 'runs': finetune_runs}
                         path = work / 'cells' / f'{kind}{target:g}_{method}.json'
                         head = f'{data} {model_name} seed {seed} {budget_label(kind, target)} {method}'
                         try:
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     'budgets': [f'{kind}:{target:g}' for kind, target in budgets], 'methods': methods, 'epochs': epochs,
                     'train_epochs': args.train_epochs, 'train_lr': common.TRAIN_LR, 'finetune_lr': common.FINETUNE_LR,
                     'finetune_schedule': args.finetune_schedule,
-                    'finetune_runs': 'one per epoch count' if args.finetune_schedule != 'constant' else 'one',
+                    'finetune_runs': finetune_runs,
                     'probe_steps': args.probe_steps, 'latency_batch': args.latency_batch, 'quick': args.quick}
     suite = 'power' if args.finetune_schedule == 'constant' else f'power_{args.finetune_schedule}'
     report = {**common.header(suite, settings_out), 'wall_seconds': progress.elapsed, 'baselines': baselines,
